@@ -1,0 +1,46 @@
+"""`midiforge` command line: a thin dispatcher over the modules that own each job.
+
+Every subcommand module exposes ``configure_parser(parser)`` and ``run(args) -> int``. Modules are imported
+lazily so that `midiforge prepare` never pays for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from midiforge.errors import UsageError
+
+COMMANDS = {
+    "prepare": ("midiforge.prepare", "extract MIDI files into compact JSON datasets"),
+    "train": ("midiforge.train", "train a Transformer on MIDI/JSON datasets (resumes automatically)"),
+    "generate": ("midiforge.generate", "generate music from a checkpoint"),
+    "plot": ("midiforge.plot", "redraw ckpt/training.png from ckpt/metrics.json"),
+    "demo-data": ("midiforge.demo", "build the embedded Bach chorale corpus (train/val MIDI)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="midiforge", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else argv
+    # Import only the module of the chosen command (help lists them all without importing).
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(module).configure_parser(p)
+    args = parser.parse_args(argv)
+    try:
+        return importlib.import_module(COMMANDS[args.command][0]).run(args)
+    except UsageError as e:
+        print(f"midiforge {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"midiforge {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
