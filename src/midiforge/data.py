@@ -1,0 +1,536 @@
+"""Training data: an on-disk token cache, a windowed dataset, a length-budget batch sampler and collate.
+
+Flow: files (MIDI or prepared JSON) → ``read_notes`` → ``tokenizer.encode_notes(notes, transpose=t)`` → ids
+cached on disk (memory-mapped) → pieces ``[BOS] + ids + [EOS]`` cut into windows of at most
+``max_sequence_length`` predictions at onset boundaries → batches whose ``sum(L ** 2)`` stays under a budget.
+
+Lengths are always counted in model tokens: a window of ``L + 1`` tokens gives ``L`` inputs and ``L`` labels,
+and ``L`` is what ``dataset.lengths``, ``min_sequence_length`` and ``max_sequence_length`` refer to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import multiprocessing as mp
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from midiforge.midi import MidiReadError, atomic_write_bytes, file_sha256, find_files, read_notes
+
+DEFAULT_CACHE_DIR = ".midiforge-cache"
+DATA_SUFFIXES = (".mid", ".midi", ".json")
+IGNORE_INDEX = -100  # label value at padding; what torch's cross_entropy ignores by default
+_PACK_TOKENS = 1 << 24  # flush a cache pack every ~16M tokens so building never holds the corpus in memory
+_MIN_FILES_FOR_POOL = 16  # below this, starting worker processes costs more than it saves
+
+
+# --------------------------------------------------------------------------------------------- token cache
+
+
+class TokenCache:
+    """Encoded pieces on disk, keyed by file content hash (sha256) and tokenizer fingerprint.
+
+    The cache is a folder of immutable *packs*. A pack is ``pack-KEY.npy`` (all ids of its pieces, one flat
+    uint16/int32 array, memory-mapped when read) and ``pack-KEY.index.npz`` (per file hash: offset and
+    length of each transposition, plus the reasons of files that could not be read). Packs are written
+    once, atomically (ids first, index last, so an index never points at a missing array), and never
+    modified: a later run that meets new files adds a pack, and concurrent builders at worst write the
+    same pack twice.
+    """
+
+    def __init__(self, root: str | os.PathLike, fingerprint: str, vocab_size: int):
+        self.fingerprint = fingerprint
+        self.dir = Path(root) / f"tokens-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}"
+        self.dtype = np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.int32)
+        self.packs: list[Path] = []  # ids file of each pack
+        self._entries: dict[
+            str, list[tuple[int, dict[int, tuple[int, int]]]]
+        ] = {}  # sha → [(pack, t → (off, len))]
+        self.failures: dict[str, str] = {}  # sha → reason the file is unusable
+        self._mmaps: dict[int, np.ndarray] = {}
+        if self.dir.is_dir():
+            for index_path in sorted(self.dir.glob("pack-*.index.npz")):
+                self._load_index(index_path)
+
+    def _load_index(self, index_path: Path) -> None:
+        ids_path = index_path.with_name(index_path.name.replace(".index.npz", ".npy"))
+        try:
+            with np.load(index_path, allow_pickle=False) as z:
+                if str(z["fingerprint"]) != self.fingerprint or not ids_path.is_file():
+                    return
+                transposes = z["transpose"].tolist()
+                shas, offsets, lengths = z["sha"], z["offset"], z["length"]
+                fail_sha, fail_reason = z["fail_sha"], z["fail_reason"]
+        except Exception as e:  # a damaged index only costs a re-encode
+            warnings.warn(f"ignoring unreadable token cache index {index_path}: {e}", stacklevel=3)
+            return
+        pack = len(self.packs)
+        self.packs.append(ids_path)
+        for sha, offs, lens in zip(shas.tolist(), offsets.tolist(), lengths.tolist(), strict=True):
+            locs = {t: (o, n) for t, o, n in zip(transposes, offs, lens, strict=True)}
+            self._entries.setdefault(sha, []).append((pack, locs))
+        self.failures.update(zip(fail_sha.tolist(), fail_reason.tolist(), strict=True))
+
+    def lookup(self, sha: str, transposes: Sequence[int]) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """(pack, offsets, lengths) with one offset/length per transposition, or None if not all cached."""
+        for pack, locs in self._entries.get(sha, ()):
+            if all(t in locs for t in transposes):
+                offs, lens = zip(*(locs[t] for t in transposes), strict=True)
+                return pack, np.asarray(offs, np.int64), np.asarray(lens, np.int64)
+        return None
+
+    def write_pack(
+        self, transposes: Sequence[int], encoded: dict[str, list[np.ndarray]], failures: dict[str, str]
+    ) -> None:
+        """Store one pack: ``encoded`` maps file hash → ids of each transposition (in ``transposes`` order)."""
+        shas = sorted(encoded)
+        key = hashlib.sha256(
+            "\n".join([self.fingerprint, repr(list(transposes)), *shas, *sorted(failures)]).encode()
+        ).hexdigest()[:24]
+        arrays = [a for sha in shas for a in encoded[sha]]
+        lengths = np.asarray([len(a) for a in arrays], np.int64).reshape(len(shas), len(transposes))
+        offsets = (np.cumsum(lengths.ravel()) - lengths.ravel()).reshape(lengths.shape)
+        ids = np.concatenate(arrays).astype(self.dtype) if arrays else np.zeros(0, self.dtype)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ids_path = self.dir / f"pack-{key}.npy"
+        buf = io.BytesIO()
+        np.save(buf, ids)
+        atomic_write_bytes(ids_path, buf.getvalue())
+        buf = io.BytesIO()
+        fail_sha = sorted(failures)
+        np.savez(
+            buf,
+            fingerprint=np.asarray(self.fingerprint),
+            transpose=np.asarray(list(transposes), np.int64),
+            sha=np.asarray(shas, dtype="U64"),
+            offset=offsets,
+            length=lengths,
+            fail_sha=np.asarray(fail_sha, dtype="U64"),
+            fail_reason=np.asarray([failures[s] for s in fail_sha], dtype=str),
+        )
+        atomic_write_bytes(self.dir / f"pack-{key}.index.npz", buf.getvalue())
+        self._load_index(self.dir / f"pack-{key}.index.npz")
+
+    def ids(self, pack: int) -> np.ndarray:
+        """The memory-mapped ids array of a pack (opened once per process)."""
+        m = self._mmaps.get(pack)
+        if m is None:
+            m = self._mmaps[pack] = np.load(self.packs[pack], mmap_mode="r")
+        return m
+
+    def __getstate__(self):
+        # DataLoader workers get a copy: pickling a memmap would copy its whole content, so reopen instead.
+        state = self.__dict__.copy()
+        state["_mmaps"] = {}
+        return state
+
+
+# -------------------------------------------------------------------------------------------- encoding
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+    torch.set_num_threads(1)
+
+
+def _encode_file(job: tuple[str, str, tuple[int, ...]]):
+    """Encode one file in every transposition: (sha, list of ids | None, reason | None, reason is cacheable)."""
+    sha, path, transposes = job
+    try:
+        notes = read_notes(path)
+    except MidiReadError as e:
+        return sha, None, str(e), True
+    except Exception as e:  # e.g. a permission error: worth retrying next run, so not cached
+        return sha, None, f"unreadable: {type(e).__name__}: {e}", False
+    try:
+        ids = [np.asarray(_worker_tokenizer.encode_notes(notes, transpose=t), np.int64) for t in transposes]
+    except Exception as e:  # one file must never stop the build; report it instead
+        return sha, None, f"tokenizer failed: {type(e).__name__}: {e}", False
+    return sha, ids, None, True
+
+
+def _encode_all(jobs: list, tokenizer, num_workers: int) -> Iterator:
+    if num_workers <= 1 or len(jobs) < _MIN_FILES_FOR_POOL:
+        _init_worker(tokenizer)
+        yield from map(_encode_file, jobs)
+        return
+    # forkserver: forking a parent that may already run torch/tokenizers threads can deadlock.
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    workers = min(num_workers, len(jobs))
+    chunk = max(1, min(32, len(jobs) // (workers * 8)))
+    with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+        yield from pool.imap_unordered(_encode_file, jobs, chunksize=chunk)
+
+
+# --------------------------------------------------------------------------------------------- dataset
+
+
+def window_starts(word_starts: np.ndarray, num_ids: int, max_length: int) -> np.ndarray:
+    """Start positions (in ``[BOS] + ids + [EOS]`` coordinates) of the windows that cover a piece.
+
+    Window k spans tokens ``starts[k] .. starts[k+1]`` inclusive (the next window's first token is this one's
+    last label), so every token is predicted exactly once. Each cut is the last onset start at or before the
+    length limit; a hard cut only when a single onset is longer than the limit.
+    """
+    safe = np.flatnonzero(np.asarray(word_starts, bool)) + 1  # +1: BOS shifts ids by one
+    last = num_ids + 1  # index of EOS
+    starts = [0]
+    while last - starts[-1] > max_length:
+        s = starts[-1]
+        j = int(np.searchsorted(safe, s + max_length, side="right")) - 1
+        starts.append(int(safe[j]) if j >= 0 and safe[j] > s else s + max_length)
+    return np.asarray(starts, np.int64)
+
+
+class MidiDataset(torch.utils.data.Dataset):
+    """Windows of tokenized pieces; ``dataset[i] = (inputs, labels)``, LongTensors of length ``lengths[i]``.
+
+    ``paths``: files and/or folders of ``.mid``/``.midi`` and prepared ``.json`` files, searched recursively.
+    Unusable files land in ``skipped`` (path → reason), as do pieces shorter than ``min_sequence_length``;
+    nothing is dropped silently. A piece longer than ``max_sequence_length`` becomes several windows cut at
+    onset boundaries; only a real piece start has BOS and only a real end has EOS. With a sampler budget
+    ``B`` (``sum(L ** 2) <= B``), pass ``max_sequence_length <= math.isqrt(B)`` so every window fits a batch.
+
+    With ``augment``, every transposition in ``[-transpose_range, transpose_range]`` (pitched notes only) is
+    encoded and cached once; ``set_epoch(e)`` picks one per piece from ``(seed, e, piece index)`` and
+    recomputes the windows, so ``len(dataset)`` and ``lengths`` may change between epochs.
+
+    DataLoader workers hold a copy of the dataset: do not use ``persistent_workers=True`` (they would keep
+    the windows of an old epoch).
+    """
+
+    def __init__(
+        self,
+        paths: Iterable[str | os.PathLike],
+        tokenizer,
+        min_sequence_length: int = 32,
+        max_sequence_length: int = 1536,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        augment: bool = True,
+        transpose_range: int = 3,
+        seed: int = 0,
+        num_workers: int | None = None,
+    ):
+        if min_sequence_length < 1 or max_sequence_length < 1:
+            raise ValueError("sequence lengths must be at least 1")
+        if transpose_range < 0:
+            raise ValueError(f"transpose_range must be >= 0, got {transpose_range}")
+        self.tokenizer = tokenizer
+        self.min_sequence_length = int(min_sequence_length)
+        self.max_sequence_length = int(max_sequence_length)
+        self.augment = augment
+        self.seed = seed
+        r = transpose_range if augment else 0
+        self.transposes = np.arange(-r, r + 1, dtype=np.int64)  # all transpositions cached per piece
+        self._t0 = r  # column of transposition 0
+        self.cache = TokenCache(
+            DEFAULT_CACHE_DIR if cache_dir is None else cache_dir, tokenizer.fingerprint, len(tokenizer)
+        )
+        self.skipped: dict[str, str] = {}
+        self.num_encoded = 0  # files encoded by this construction (0 when everything came from the cache)
+
+        files = [str(f) for f in find_files(paths, suffixes=DATA_SUFFIXES)]
+        shas: dict[str, str] = {}
+        for f in files:
+            try:
+                shas[f] = file_sha256(f)
+            except OSError as e:
+                self.skipped[f] = f"unreadable: {e}"
+        self._build_cache(files, shas, tokenizer, os.cpu_count() if num_workers is None else num_workers)
+
+        pieces, packs, offsets, lengths = [], [], [], []
+        for f in files:
+            if f in self.skipped:
+                continue
+            sha = shas[f]
+            if sha in self.cache.failures:
+                self.skipped[f] = self.cache.failures[sha]
+                continue
+            found = self.cache.lookup(sha, self.transposes.tolist())
+            if found is None:  # encoding failed this run with a reason not worth caching
+                self.skipped[f] = self._uncached_failures[sha]
+                continue
+            pack, offs, lens = found
+            if lens[self._t0] + 1 < self.min_sequence_length:
+                self.skipped[f] = f"too short: {lens[self._t0] + 1} tokens < {self.min_sequence_length}"
+                continue
+            pieces.append(f)
+            packs.append(pack)
+            offsets.append(offs)
+            lengths.append(lens)
+        del self._uncached_failures
+        self.files = pieces  # path of each piece, in piece-index order
+        nt = len(self.transposes)
+        self._pack = np.asarray(packs, np.int64)
+        self._offset = np.asarray(offsets, np.int64).reshape(-1, nt)
+        self._length = np.asarray(lengths, np.int64).reshape(-1, nt)
+        self._cuts: dict[tuple[int, int], np.ndarray] = {}  # (piece, transposition column) → window starts
+        self.set_epoch(0)
+
+    def _build_cache(self, files: list[str], shas: dict[str, str], tokenizer, num_workers: int) -> None:
+        todo: dict[str, str] = {}  # sha → one path with that content
+        transposes = tuple(self.transposes.tolist())
+        for f, sha in shas.items():
+            if sha not in self.cache.failures and self.cache.lookup(sha, transposes) is None:
+                todo.setdefault(sha, f)
+        self._uncached_failures: dict[str, str] = {}
+        if not todo:
+            return
+        jobs = [(sha, f, transposes) for sha, f in todo.items()]
+        encoded: dict[str, list[np.ndarray]] = {}
+        failures: dict[str, str] = {}
+        num_tokens = 0
+        for sha, ids, reason, cacheable in _encode_all(jobs, tokenizer, min(num_workers, 8)):
+            self.num_encoded += 1
+            if ids is None:
+                (failures if cacheable else self._uncached_failures)[sha] = reason
+                continue
+            encoded[sha] = ids
+            num_tokens += sum(len(a) for a in ids)
+            if num_tokens >= _PACK_TOKENS:
+                self.cache.write_pack(transposes, encoded, failures)
+                encoded, failures, num_tokens = {}, {}, 0
+        if encoded or failures:
+            self.cache.write_pack(transposes, encoded, failures)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    @property
+    def num_pieces(self) -> int:
+        return len(self.files)
+
+    def piece_ids(self, piece: int, transpose: int | None = None) -> np.ndarray:
+        """Content ids (no BOS/EOS) of a piece, in this epoch's transposition unless one is given."""
+        col = self._tcol[piece] if transpose is None else int(transpose) + self._t0
+        if not 0 <= col < len(self.transposes):
+            raise ValueError(f"transposition {transpose} was not cached (range ±{self._t0})")
+        off, n = self._offset[piece, col], self._length[piece, col]
+        return self.cache.ids(int(self._pack[piece]))[off : off + n]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose each piece's transposition for this epoch and recompute the windows and ``lengths``."""
+        self.epoch = epoch
+        n = len(self.files)
+        if len(self.transposes) > 1:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._tcol = rng.integers(0, len(self.transposes), size=n)
+        else:
+            self._tcol = np.zeros(n, np.int64)
+        self.transpositions = self.transposes[self._tcol]  # semitones per piece this epoch
+        num_ids = self._length[np.arange(n), self._tcol]
+        long = np.flatnonzero(num_ids + 1 > self.max_sequence_length)
+        win_piece, win_start, win_stop = [np.arange(n)], [np.zeros(n, np.int64)], [num_ids + 2]
+        if len(long):
+            keep = np.ones(n, bool)
+            keep[long] = False
+            win_piece, win_start, win_stop = [win_piece[0][keep]], [win_start[0][keep]], [win_stop[0][keep]]
+            for p in long.tolist():
+                starts = self._window_starts(p)
+                win_piece.append(np.full(len(starts), p))
+                win_start.append(starts)
+                win_stop.append(np.append(starts[1:] + 1, num_ids[p] + 2))
+        piece, start, stop = (np.concatenate(a).astype(np.int64) for a in (win_piece, win_start, win_stop))
+        order = np.lexsort((start, piece))  # windows grouped by piece, in reading order
+        self._win_piece, self._win_start, self._win_stop = piece[order], start[order], stop[order]
+        self.lengths = self._win_stop - self._win_start - 1
+
+    def _window_starts(self, piece: int) -> np.ndarray:
+        key = (piece, int(self._tcol[piece]))
+        starts = self._cuts.get(key)
+        if starts is None:
+            ids = self.piece_ids(piece)
+            ws = self.tokenizer.word_starts(np.asarray(ids, np.int64))
+            starts = self._cuts[key] = window_starts(ws, len(ids), self.max_sequence_length)
+        return starts
+
+    def __len__(self) -> int:
+        return len(self._win_piece)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        p, a, b = int(self._win_piece[i]), int(self._win_start[i]), int(self._win_stop[i])
+        ids = self.piece_ids(p)
+        n = len(ids)
+        # Window = tokens a..b-1 of [BOS] + ids + [EOS]; ids[k] sits at position k + 1.
+        w = np.empty(b - a, np.int64)
+        body = ids[max(a, 1) - 1 : min(b, n + 1) - 1]
+        lo = 1 if a == 0 else 0
+        if a == 0:
+            w[0] = self.tokenizer.bos_id
+        w[lo : lo + len(body)] = body
+        if b == n + 2:
+            w[-1] = self.tokenizer.eos_id
+        w = torch.from_numpy(w)
+        return w[:-1], w[1:]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cuts"] = {}  # workers only read windows; the memo can be large
+        return state
+
+
+# --------------------------------------------------------------------------------------------- batching
+
+
+def collate(
+    batch: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad a list of (inputs, labels) to (B, T): inputs with ``pad_id``, labels with -100."""
+    t = max(len(x) for x, _ in batch)
+    inputs = torch.full((len(batch), t), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), t), IGNORE_INDEX, dtype=torch.long)
+    for row, (x, y) in enumerate(batch):
+        inputs[row, : len(x)] = x
+        labels[row, : len(y)] = y
+    return inputs, labels
+
+
+def padding_fraction(lengths: np.ndarray, batches: Iterable[Sequence[int]]) -> float:
+    """Share of padded positions when each batch is right-padded to its longest sample."""
+    real = padded = 0
+    for batch in batches:
+        lens = np.asarray(lengths)[np.asarray(batch, np.int64)]
+        real += int(lens.sum())
+        padded += len(lens) * int(lens.max())
+    return 1.0 - real / padded if padded else 0.0
+
+
+def plan_batches(
+    lengths: np.ndarray, order: np.ndarray, max_batch_size: int, max_tokens: int | None = None
+) -> tuple[list[np.ndarray], int]:
+    """Cut ``order`` (sample indices, sorted by length) into consecutive batches with ``sum(L ** 2)`` within
+    the budget (and at most ``max_tokens`` padded tokens). A batch is closed *before* a sample that would
+    overshoot. A sample that cannot fit any batch goes alone. Returns (batches, number of such samples)."""
+    batches: list[np.ndarray] = []
+    current: list[int] = []
+    cost = longest = 0
+    num_oversized = 0
+    for i, length in zip(order.tolist(), np.asarray(lengths)[order].tolist(), strict=True):
+        c = length * length
+        if c > max_batch_size or (max_tokens is not None and length > max_tokens):
+            num_oversized += 1
+            batches.append(np.asarray([i], np.int64))
+            continue
+        m = max(longest, length)
+        if current and (cost + c > max_batch_size or (max_tokens and (len(current) + 1) * m > max_tokens)):
+            batches.append(np.asarray(current, np.int64))
+            current, cost, m = [], 0, length
+        current.append(i)
+        cost += c
+        longest = m
+    if current:
+        batches.append(np.asarray(current, np.int64))
+    return batches, num_oversized
+
+
+class MidiDatasetSampler(torch.utils.data.Sampler):
+    """Batches of sample indices with ``sum(L ** 2) <= max_batch_size`` (use as a DataLoader batch_sampler).
+
+    Each epoch: samples sorted by length (seeded random tie-breaks), packed greedily under the budget, batch
+    order shuffled with a generator seeded by ``(seed, epoch)``. Every rank computes the same plan; it is
+    padded by repeating batches to a multiple of ``world_size`` and rank r takes batches r, r+W, ...
+    ``max_tokens`` optionally also caps ``batch_size * longest`` (short samples otherwise make huge batches).
+
+    ``len(sampler)`` is the number of batches of a whole epoch on this rank; after ``load_state_dict`` the
+    next iteration yields only the ``len - position`` batches that were left.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        max_batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        max_tokens: int | None = None,
+    ):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.dataset = dataset
+        self.max_batch_size = int(max_batch_size)
+        self.max_tokens = max_tokens
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to an epoch (also the dataset's: its windows depend on the epoch) and start it from batch 0."""
+        self.epoch = epoch
+        self.dataset.set_epoch(epoch)
+        self.position = 0  # batches of this epoch already yielded on this rank
+        self._start = 0
+        self._plan = None
+
+    def global_plan(self) -> list[np.ndarray]:
+        """All ranks' batches of the current epoch, in order, padded to a multiple of ``world_size``."""
+        lengths = np.asarray(self.dataset.lengths, np.int64)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.shuffle:
+            order = np.lexsort((rng.random(len(lengths)), lengths))
+        else:
+            order = np.argsort(lengths, kind="stable")
+        batches, num_oversized = plan_batches(lengths, order, self.max_batch_size, self.max_tokens)
+        if num_oversized:
+            warnings.warn(
+                f"{num_oversized} samples are longer than the batch budget allows (L**2 > {self.max_batch_size}"
+                f"{f' or L > {self.max_tokens} tokens' if self.max_tokens else ''}); each goes alone in a batch."
+                " Use max_sequence_length <= isqrt(max_batch_size).",
+                stacklevel=2,
+            )
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        if batches and len(batches) % self.world_size:
+            extra = self.world_size - len(batches) % self.world_size
+            batches += [batches[i % len(batches)] for i in range(extra)]
+        return batches
+
+    def _rank_plan(self) -> list[np.ndarray]:
+        if self._plan is None:
+            self._plan = self.global_plan()[self.rank :: self.world_size]
+        return self._plan
+
+    def __len__(self) -> int:
+        return len(self._rank_plan())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        plan = self._rank_plan()
+        start, self._start = self._start, 0
+        self.position = start
+        for batch in plan[start:]:
+            self.position += 1
+            yield batch.tolist()
+
+    def padding_fraction(self) -> float:
+        """Share of padded positions in this rank's batches of the current epoch."""
+        return padding_fraction(self.dataset.lengths, self._rank_plan())
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: the next iteration continues the saved epoch's plan after ``position`` batches."""
+        if state["seed"] != self.seed:
+            warnings.warn(
+                f"sampler seed {self.seed} replaced by the checkpoint's {state['seed']}", stacklevel=2
+            )
+            self.seed = state["seed"]
+        self.set_epoch(state["epoch"])
+        self.position = self._start = int(state["position"])
