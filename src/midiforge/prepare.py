@@ -147,69 +147,65 @@ def map_isolated(
         # Keep up to two batches queued at each worker, so it never waits for the parent between batches.
         while pending and len(w.inflight) <= batch_size:
             batch = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
+            try:
+                w.conn.send([(i, tasks[i]) for i in batch])
+            except OSError:  # it just died: the batch goes back, the death is handled by the main loop
+                pending.extendleft(reversed(batch))
+                return
             if not w.inflight:
                 w.since = time.monotonic()
             w.inflight.extend(batch)
-            w.conn.send([(i, tasks[i]) for i in batch])
 
+    def drain(w: _Worker) -> Iterator[tuple[int, bool, object]]:
+        nonlocal remaining
+        while w.conn.poll():
+            i, ok, value = w.conn.recv()
+            w.inflight.remove(i)
+            w.since = time.monotonic()
+            remaining -= 1
+            yield i, ok, value
+
+    finished = False
     try:
         workers = [_Worker(ctx, fn) for _ in range(jobs)]
         for w in workers:
             refill(w)
         while remaining:
-            objs = {}
-            for w in workers:
-                objs[w.conn] = w
-                objs[w.proc.sentinel] = w
-            ready = wait(list(objs), timeout=1.0 if timeout else None)
-            dead: list[tuple[_Worker, str | None]] = []
-            for obj in ready:
-                w = objs[obj]
-                if obj is w.proc.sentinel or any(d is w for d, _ in dead):
-                    continue
+            by_handle = {h: w for w in workers for h in (w.conn, w.proc.sentinel)}
+            ready = wait(list(by_handle), timeout=1.0 if timeout else None)
+            for w in {id(by_handle[h]): by_handle[h] for h in ready}.values():
                 try:
-                    while w.conn.poll():
-                        i, ok, value = w.conn.recv()
-                        w.inflight.remove(i)
-                        w.since = time.monotonic()
-                        remaining -= 1
-                        yield i, ok, value
+                    yield from drain(w)
                 except (EOFError, OSError):
-                    dead.append((w, None))
-                    continue
+                    continue  # died: handled below
                 refill(w)
             now = time.monotonic()
-            for w in workers:
-                if any(d is w for d, _ in dead):
-                    continue
-                if not w.proc.is_alive():
-                    dead.append((w, None))
-                elif timeout and w.inflight and now - w.since > timeout:
-                    dead.append((w, f"parser timed out (> {timeout:g} s)"))
-            for w, why in dead:
-                # Answers sent before the worker died are still in the pipe: collect them first.
-                try:
-                    while w.conn.poll():
-                        i, ok, value = w.conn.recv()
-                        w.inflight.remove(i)
-                        remaining -= 1
-                        yield i, ok, value
-                except (EOFError, OSError):
-                    pass
+            for w in list(workers):
+                if w.proc.is_alive():
+                    if not (timeout and w.inflight and now - w.since > timeout):
+                        continue
+                    why = f"parser timed out (> {timeout:g} s)"
+                else:
+                    why = None
+                    try:  # answers sent before it died are still in the pipe
+                        yield from drain(w)
+                    except Exception:  # EOF, or a message cut short by the crash
+                        pass
                 w.stop(kill=True)
                 workers.remove(w)
                 if w.inflight:
+                    # Answers come in task order, so the first unanswered task is the one it died on.
                     culprit = w.inflight.popleft()
                     pending.extendleft(reversed(w.inflight))
                     remaining -= 1
                     yield culprit, False, why or _death_reason(w.proc.exitcode)
-                if pending or (remaining and not workers):
-                    nw = _Worker(ctx, fn)
-                    workers.append(nw)
-                    refill(nw)
+                if pending:
+                    workers.append(_Worker(ctx, fn))
+                    refill(workers[-1])
+        finished = True
     finally:
         for w in workers:
-            w.stop()
+            w.stop(kill=not finished)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -242,6 +238,9 @@ def prepare_file(path: str, sha256: str, out_path: str) -> tuple[str | None, int
         return str(e), 0
     except OSError as e:
         return f"unreadable: {e.strerror or e}", 0
+    # The same checks as midi.read_notes, so that every file written here reads back.
+    if table.tpq <= 0:
+        return f"invalid ticks per quarter note ({table.tpq})", 0
     if len(table) == 0:
         return "no notes", 0
     doc = {"schema": JSON_SCHEMA, "source": path, "sha256": sha256, **table.to_json_dict()}
