@@ -1,0 +1,195 @@
+"""`midiforge demo-data`: the Bach chorales bundled with music21, converted once to MIDI and split train/val.
+
+The chorales are music21's Bach corpus files (MusicXML, a few Humdrum ``.krn``); where a chorale exists in two
+formats the MusicXML one is used. Each becomes ``OUT/{train,val}/<name>.mid`` (a tempo, one track per part,
+as music21 writes them). The split is a stable hash of the chorale name (~80/20), so it never depends on
+which chorales were converted, in what order, or with ``--limit``. Files already there are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from midiforge.errors import UsageError
+from midiforge.midi import MidiReadError, atomic_write_bytes, load_score, score_to_notes
+from midiforge.prepare import ERRORS_FILE, map_isolated, parse_jobs
+
+SPLITS = ("train", "val")
+VAL_PERCENT = 20
+# Preferred source format when a chorale is bundled twice (bwv277, bwv281 and bwv366 are also .krn files).
+_FORMAT_RANK = {".mxl": 0, ".xml": 1, ".krn": 2}
+# Bach files in music21's corpus that are not chorales: bwv846 is the C major prelude of the WTC, for piano.
+NOT_CHORALES = frozenset({"bwv846"})
+CONVERT_TIMEOUT_S = 300.0  # music21 takes ~0.2 s a chorale; this only catches a hung conversion
+
+
+def _natural_key(name: str) -> tuple:
+    """``bwv2.6`` before ``bwv10.7``: numbers compare as numbers."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
+def list_chorales() -> list[tuple[str, Path]]:
+    """``(name, source file)`` for each Bach chorale in music21's corpus, in a stable (natural) order.
+
+    Raises UsageError when music21 is not installed.
+    """
+    try:
+        from music21 import corpus
+    except ImportError:
+        raise UsageError(
+            "the demo corpus needs music21: pip install music21 (or pip install 'midiforge[demo]')"
+        ) from None
+    best: dict[str, Path] = {}
+    for p in corpus.getComposer("bach", fileExtensions=tuple(e[1:] for e in _FORMAT_RANK)):
+        p = Path(p)
+        name = p.name[: -len(p.suffix)]
+        if name in NOT_CHORALES:
+            continue
+        if name not in best or _FORMAT_RANK[p.suffix] < _FORMAT_RANK[best[name].suffix]:
+            best[name] = p
+    return sorted(best.items(), key=lambda kv: _natural_key(kv[0]))
+
+
+def split_of(name: str) -> str:
+    """``"val"`` for ~VAL_PERCENT % of names, ``"train"`` otherwise, decided by a hash of the name alone."""
+    h = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big")
+    return "val" if h % 100 < VAL_PERCENT else "train"
+
+
+def convert_chorale(src: str, out_path: str) -> str | None:
+    """Convert one corpus file to MIDI at ``out_path``; None on success, else the reason it failed.
+
+    The MIDI is checked with the same reader training uses, so every file written is usable.
+    """
+    from music21 import converter
+    from music21.midi.translate import streamToMidiFile
+
+    try:
+        # forceSource: parse the file itself, without reading or writing music21's pickle cache.
+        stream = converter.parse(src, forceSource=True)
+        data = bytes(streamToMidiFile(stream).writestr())
+    except Exception as e:  # music21 raises many types (e.g. ExpanderException on bad repeats)
+        return f"music21 could not convert it: {type(e).__name__}: {str(e).strip()[:200]}"
+    try:
+        table = score_to_notes(load_score(data))
+    except MidiReadError as e:
+        return f"music21 wrote a bad MIDI file: {e}"
+    if len(table) == 0:
+        return "music21 wrote a MIDI file without notes"
+    atomic_write_bytes(out_path, data)
+    return None
+
+
+@dataclass
+class DemoSummary:
+    out_dir: Path
+    num_chorales: int = 0
+    num_converted: int = 0
+    num_reused: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # chorale name → reason
+    train: list[Path] = field(default_factory=list)
+    val: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        return (
+            f"{self.num_chorales} chorales: {self.num_converted} converted, {self.num_reused} reused, "
+            f"{len(self.failed)} failed; {len(self.train)} train / {len(self.val)} val in "
+            f"{self.out_dir / 'train'}, {self.out_dir / 'val'} ({self.seconds:.1f} s)"
+        )
+
+
+def build_demo_corpus(
+    out_dir: str | os.PathLike, limit: int | None = None, jobs: int | None = None, progress: bool = True
+) -> DemoSummary:
+    """Convert the chorales (the first ``limit`` in natural order) into ``out_dir/{train,val}/<name>.mid``.
+
+    Existing outputs are reused; failures are listed in ``out_dir/errors.jsonl`` (rewritten by every run).
+    """
+    t0 = time.perf_counter()
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1 (got {limit})")
+    if jobs is not None and jobs < 1:
+        raise UsageError(f"JOBS must be at least 1 (got {jobs})")
+    chorales = list_chorales()
+    if not chorales:
+        raise UsageError("music21's corpus has no Bach chorales (is music21 installed completely?)")
+    chorales = chorales[:limit]
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output is not a directory: {out}")
+    for split in SPLITS:
+        (out / split).mkdir(parents=True, exist_ok=True)
+
+    summary = DemoSummary(out_dir=out, num_chorales=len(chorales))
+    done: list[tuple[str, Path]] = []
+    todo: list[tuple[str, str]] = []
+    names: list[str] = []
+    sources = dict(chorales)
+    for name, src in chorales:
+        target = out / split_of(name) / f"{name}.mid"
+        if target.is_file():
+            done.append((name, target))
+        else:
+            todo.append((str(src), str(target)))
+            names.append(name)
+    summary.num_reused = len(done)
+
+    bar = tqdm(
+        total=len(todo), desc="demo-data", unit="chorale", disable=not progress or not todo, file=sys.stderr
+    )
+    # ok is False only for a crashed/hung worker; either way ``reason`` is None on success or a string.
+    for i, _ok, reason in map_isolated(convert_chorale, todo, jobs, timeout=CONVERT_TIMEOUT_S, batch_size=1):
+        if reason is None:
+            summary.num_converted += 1
+            done.append((names[i], Path(todo[i][1])))
+        else:
+            summary.failed[names[i]] = reason
+        bar.update()
+    bar.close()
+
+    for _name, path in sorted(done, key=lambda kv: _natural_key(kv[0])):
+        (summary.val if path.parent.name == "val" else summary.train).append(path)
+    lines = [
+        json.dumps({"path": str(sources[n]), "reason": r}, ensure_ascii=False) + "\n"
+        for n, r in sorted(summary.failed.items(), key=lambda kv: _natural_key(kv[0]))
+    ]
+    atomic_write_bytes(out / ERRORS_FILE, "".join(lines).encode("utf-8"))
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", nargs="?", metavar="OUT", help="folder for train/ and val/ MIDI files")
+    p.add_argument("--limit", metavar="N", help="convert only the first N chorales (natural order of names)")
+    p.add_argument("-j", "--jobs", metavar="JOBS", help="worker processes (default: number of CPUs)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    # Arguments are checked here rather than by argparse so that every mistake is one line and exit code 2.
+    if not args.out:
+        raise UsageError("give the output folder OUT")
+    limit = None
+    if args.limit is not None:
+        try:
+            limit = int(args.limit)
+        except ValueError:
+            raise UsageError(f"--limit must be a whole number (got {args.limit!r})") from None
+    summary = build_demo_corpus(args.out, limit=limit, jobs=parse_jobs(args.jobs), progress=not args.quiet)
+    for name, reason in summary.failed.items():
+        print(f"midiforge demo-data: skipped {name}: {reason}", file=sys.stderr)
+    print(f"midiforge demo-data: {summary.line()}")
+    if not summary.train and not summary.val:
+        raise UsageError(f"no chorale could be converted (see {summary.out_dir / ERRORS_FILE})")
+    return 0
