@@ -1,0 +1,268 @@
+"""MidiDataset on real files: skipping, windows, token cache, JSON inputs, augmentation, DataLoader use."""
+
+import functools
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import symusic
+import torch
+
+from midiforge.data import IGNORE_INDEX, MidiDataset, MidiDatasetSampler, collate, window_starts
+from midiforge.midi import JSON_SCHEMA, read_notes
+from midiforge.tokenizer import MidiTokenizer, TokenizerConfig
+
+CORRUPTED = Path("/work/shared/corpus/edge/symusic_tests/MIDIs_corrupted")
+POP909 = Path("/work/shared/corpus/pop909")
+
+
+def write_midi(path, num_notes=300, seed=0, drums=False):
+    """A piece with a melody, chords every other beat and optionally a drum track."""
+    rng = np.random.default_rng(seed)
+    score = symusic.Score(480)
+    piano = symusic.Track(name="piano", program=0, is_drum=False)
+    for i in range(num_notes):
+        piano.notes.append(symusic.Note(i * 240, 240, int(rng.integers(55, 80)), int(rng.integers(40, 120))))
+        if i % 4 == 0:
+            piano.notes.append(symusic.Note(i * 240, 960, int(rng.integers(45, 55)), 70))
+    score.tracks.append(piano)
+    if drums:
+        kit = symusic.Track(name="drums", program=0, is_drum=True)
+        for i in range(num_notes // 2):
+            kit.notes.append(symusic.Note(i * 480, 120, 36 if i % 2 == 0 else 38, 100))
+        score.tracks.append(kit)
+    score.dump_midi(str(path))
+    return Path(path)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return MidiTokenizer()
+
+
+def full_sequence(tok, path, transpose=0):
+    ids = tok.encode_notes(read_notes(path), transpose=transpose).tolist()
+    return [tok.bos_id, *ids, tok.eos_id]
+
+
+def piece_windows(ds, piece):
+    return [ds[i] for i in np.flatnonzero(ds._win_piece == piece)]
+
+
+def test_bad_files_are_skipped_with_reasons(tmp_path, tok):
+    data = tmp_path / "data"
+    data.mkdir()
+    good = [write_midi(data / f"good{i}.mid", num_notes=100, seed=i) for i in range(2)]
+    (data / "empty.mid").write_bytes(b"")
+    (data / "random.midi").write_bytes(np.random.default_rng(0).bytes(2000))
+    raw = good[0].read_bytes()
+    (data / "truncated.mid").write_bytes(raw[: len(raw) // 2])
+    (data / "garbage.json").write_text("{not json")
+    (data / "other.json").write_text(json.dumps({"schema": "something/else"}))
+    (data / "notes.txt").write_text("ignored: not a MIDI suffix")
+    corrupted = []
+    if CORRUPTED.is_dir():
+        for f in CORRUPTED.iterdir():
+            shutil.copy(f, data / f.name)
+            corrupted.append(data / f.name)
+
+    ds = MidiDataset([data], tok, 4, 512, cache_dir=tmp_path / "cache", augment=False)
+    bad = ["empty.mid", "random.midi", "truncated.mid", "garbage.json", "other.json"]
+    assert {Path(f).name for f in ds.skipped} >= set(bad)
+    assert "empty" in ds.skipped[str(data / "empty.mid")]
+    assert "schema" in ds.skipped[str(data / "other.json")]
+    assert all(reason for reason in ds.skipped.values())
+    # every file is accounted for: a piece or a skip
+    assert sorted(ds.files + list(ds.skipped)) == sorted(str(p) for p in data.iterdir() if p.suffix != ".txt")
+    assert {str(g) for g in good} <= set(ds.files)
+    assert ds.num_skipped == len(ds.skipped) >= len(bad)
+
+    # the cache remembers unreadable files: the second build reads none of them again
+    again = MidiDataset([data], tok, 4, 512, cache_dir=tmp_path / "cache", augment=False)
+    assert again.num_encoded == 0
+    assert again.skipped == ds.skipped and again.files == ds.files
+
+
+def test_window_starts_rules():
+    # cut at the last word start at or before the limit; +1 because of BOS
+    ws = np.zeros(20, bool)
+    ws[[0, 3, 7, 12, 18]] = True
+    starts = window_starts(ws, num_ids=20, max_length=10)
+    assert starts.tolist() == [0, 8, 13]  # 8 = ids[7] (≤ 10), 13 = ids[12] (≤ 18); 21 - 13 ≤ 10
+    # no word start in range: hard cut at the limit
+    assert window_starts(np.zeros(20, bool), 20, 6).tolist() == [0, 6, 12, 18]
+    # short piece: one window
+    assert window_starts(ws, 5, 10).tolist() == [0]
+
+
+def test_long_piece_windows_reconstruct_piece(tmp_path, tok):
+    path = write_midi(tmp_path / "long.mid", num_notes=400)
+    full = full_sequence(tok, path)
+    max_len = 100
+    ds = MidiDataset([path], tok, 4, max_len, cache_dir=tmp_path / "cache", augment=False)
+    assert ds.num_pieces == 1 and len(ds) > 3
+    windows = piece_windows(ds, 0)
+    assert len(windows) == len(ds)
+    rebuilt = [t for x, _ in windows for t in x.tolist()] + [windows[-1][1][-1].item()]
+    assert rebuilt == full
+    for k, (x, y) in enumerate(windows):
+        assert x.dtype == y.dtype == torch.long
+        assert len(x) == len(y) == ds.lengths[k] <= max_len
+        assert x[1:].tolist() == y[:-1].tolist()
+        assert (x[0].item() == tok.bos_id) == (k == 0)
+        assert tok.bos_id not in x[1:].tolist()
+        assert (tok.eos_id in y.tolist()) == (k == len(windows) - 1)
+        if k > 0:  # every later window starts at an onset (this piece has plenty of them)
+            assert tok.word_starts(x[:1].numpy())[0]
+    # windows are cut as late as allowed: most use nearly the full length
+    assert np.median(ds.lengths[:-1]) > 0.8 * max_len
+
+
+def test_min_length_drops_short_pieces(tmp_path, tok):
+    short = write_midi(tmp_path / "short.mid", num_notes=3)
+    long = write_midi(tmp_path / "long.mid", num_notes=200)
+    n_short = len(full_sequence(tok, short)) - 1
+    ds = MidiDataset([tmp_path], tok, n_short + 1, 4096, cache_dir=tmp_path / "cache", augment=False)
+    assert ds.files == [str(long)]
+    assert "too short" in ds.skipped[str(short)]
+    ds = MidiDataset([tmp_path], tok, n_short, 4096, cache_dir=tmp_path / "cache", augment=False)
+    assert ds.files == [str(long), str(short)] and ds.num_skipped == 0
+    assert sorted(ds.lengths.tolist())[0] == n_short
+
+
+def test_cache_avoids_reencoding_and_gives_identical_samples(tmp_path, tok, monkeypatch):
+    for i in range(3):
+        write_midi(tmp_path / f"p{i}.mid", num_notes=150, seed=i, drums=i == 1)
+    calls = []
+    real = MidiTokenizer.encode_notes
+
+    def counting(self, notes, transpose=0):
+        calls.append(transpose)
+        return real(self, notes, transpose)
+
+    monkeypatch.setattr(MidiTokenizer, "encode_notes", counting)
+    kwargs = dict(cache_dir=tmp_path / "cache", transpose_range=2, seed=1)
+    first = MidiDataset([tmp_path], tok, 4, 64, **kwargs)
+    assert sorted(calls) == sorted([-2, -1, 0, 1, 2] * 3)
+    assert first.num_encoded == 3
+    calls.clear()
+    second = MidiDataset([tmp_path], tok, 4, 64, **kwargs)
+    assert calls == [] and second.num_encoded == 0
+    assert isinstance(second.cache.ids(0), np.memmap)
+    for epoch in (0, 1):
+        first.set_epoch(epoch)
+        second.set_epoch(epoch)
+        assert len(first) == len(second)
+        for i in range(len(first)):
+            assert all(torch.equal(a, b) for a, b in zip(first[i], second[i], strict=True))
+    # augment=False needs only t=0, which the cache already has
+    MidiDataset([tmp_path], tok, 4, 64, cache_dir=tmp_path / "cache", augment=False)
+    assert calls == []
+    # another tokenizer configuration has another fingerprint: encoded again, in its own cache
+    other = MidiTokenizer(TokenizerConfig(velocity_bins=8))
+    MidiDataset([tmp_path], other, 4, 64, cache_dir=tmp_path / "cache", augment=False)
+    assert calls == [0, 0, 0]
+    # a new file is encoded alone; the others still come from the cache
+    calls.clear()
+    write_midi(tmp_path / "p3.mid", num_notes=50, seed=3)
+    third = MidiDataset([tmp_path], tok, 4, 64, **kwargs)
+    assert third.num_encoded == 1 and len(calls) == 5 and third.num_pieces == 4
+
+
+def test_json_input_gives_same_ids_as_midi(tmp_path, tok):
+    (tmp_path / "mid").mkdir()
+    mid = write_midi(tmp_path / "mid" / "a.mid", num_notes=120, drums=True)
+    doc = {"schema": JSON_SCHEMA, "source": "a.mid", **read_notes(mid).to_json_dict()}
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "a.json").write_text(json.dumps(doc))
+    kw = dict(cache_dir=tmp_path / "cache", transpose_range=1)
+    a = MidiDataset([tmp_path / "mid"], tok, 4, 80, **kw)
+    b = MidiDataset([tmp_path / "json" / "a.json"], tok, 4, 80, **kw)
+    for epoch in range(3):
+        a.set_epoch(epoch)
+        b.set_epoch(epoch)
+        assert len(a) == len(b) > 1
+        assert all(torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1]) for i in range(len(a)))
+
+
+def decoded_notes(tok, ds, piece=0):
+    """(pitched, drum) sorted pitch lists of a piece in the dataset's current epoch."""
+    x, y = ds[int(np.flatnonzero(ds._win_piece == piece)[0])]
+    assert len(piece_windows(ds, piece)) == 1
+    score = tok.decode(torch.cat([x, y[-1:]]).numpy())
+    pitched = sorted(n.pitch for t in score.tracks if not t.is_drum for n in t.notes)
+    drums = sorted(n.pitch for t in score.tracks if t.is_drum for n in t.notes)
+    return pitched, drums
+
+
+def test_augmentation_transposes_pitched_notes_only(tmp_path, tok):
+    write_midi(tmp_path / "a.mid", num_notes=60, drums=True)
+    write_midi(tmp_path / "b.mid", num_notes=40, seed=1)
+    kw = dict(cache_dir=tmp_path / "cache", transpose_range=3, seed=7)
+    ds = MidiDataset([tmp_path], tok, 4, 4096, **kw)
+    plain = MidiDataset([tmp_path], tok, 4, 4096, cache_dir=tmp_path / "cache", augment=False)
+    assert plain.transposes.tolist() == [0]
+    base_pitched, base_drums = decoded_notes(tok, plain)
+    seen = set()
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        t = int(ds.transpositions[0])
+        seen.add(t)
+        assert -3 <= t <= 3
+        pitched, drums = decoded_notes(tok, ds)
+        assert pitched == [p + t for p in base_pitched]
+        assert drums == base_drums
+        plain.set_epoch(epoch)
+        assert plain.transpositions.tolist() == [0, 0]
+    assert len(seen) > 2  # the transposition really changes between epochs
+    # deterministic for a seed, different for another seed
+    twin = MidiDataset([tmp_path], tok, 4, 4096, **kw)
+    other = MidiDataset([tmp_path], tok, 4, 4096, **{**kw, "seed": 8})
+    picks = {s: [] for s in ("ds", "twin", "other")}
+    for epoch in range(8):
+        for name, d in (("ds", ds), ("twin", twin), ("other", other)):
+            d.set_epoch(epoch)
+            picks[name].append(d.transpositions.tolist())
+    assert picks["ds"] == picks["twin"] != picks["other"]
+
+
+def test_dataloader_with_sampler_and_pickled_dataset(tmp_path, tok):
+    for i in range(4):
+        write_midi(tmp_path / f"p{i}.mid", num_notes=100 + 40 * i, seed=i)
+    ds = MidiDataset([tmp_path], tok, 4, 128, cache_dir=tmp_path / "cache")
+    blob = pickle.dumps(ds)
+    assert len(blob) < 200_000  # the memory-mapped ids are not copied into the pickle
+    clone = pickle.loads(blob)
+    assert all(torch.equal(ds[i][0], clone[i][0]) for i in range(len(ds)))
+
+    sampler = MidiDatasetSampler(ds, 4 * 128**2, seed=0)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_id=tok.pad_id)
+    )
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        total = padded = 0
+        for inputs, labels in loader:
+            assert inputs.shape == labels.shape
+            total += labels.numel()
+            padded += int((labels == IGNORE_INDEX).sum())
+            assert int((inputs == tok.pad_id).sum()) == int((labels == IGNORE_INDEX).sum())
+        assert total - padded == int(ds.lengths.sum())
+        assert padded / total == pytest.approx(sampler.padding_fraction())
+
+
+@pytest.mark.skipif(not POP909.is_dir(), reason="POP909 sample corpus not available")
+def test_parallel_build_matches_sequential(tmp_path, tok):
+    files = sorted(POP909.glob("*.mid"))[:20]
+    bad = tmp_path / "bad.mid"
+    bad.write_bytes(b"MThd garbage")
+    paths = [*files, bad]
+    seq = MidiDataset(paths, tok, 32, 1024, cache_dir=tmp_path / "c1", augment=False, num_workers=1)
+    par = MidiDataset(paths, tok, 32, 1024, cache_dir=tmp_path / "c2", augment=False, num_workers=2)
+    assert list(par.skipped) == [str(bad)] and seq.skipped == par.skipped
+    assert seq.files == par.files and np.array_equal(seq.lengths, par.lengths)
+    for i in range(0, len(seq), 7):
+        assert torch.equal(seq[i][0], par[i][0])
