@@ -62,7 +62,10 @@ class NoteTable:
             # Columns as little-endian int32 (5 × num_notes), base64: ~10× faster to load than lists of ints.
             "notes_columns": list(self._INT_COLUMNS),
             "notes_b64": base64.b64encode(notes.astype("<i4").tobytes()).decode("ascii"),
-            "tempos": {"time": self.tempo_time.tolist(), "qpm": [round(q, 6) for q in self.tempo_qpm.tolist()]},
+            "tempos": {
+                "time": self.tempo_time.tolist(),
+                "qpm": [round(q, 6) for q in self.tempo_qpm.tolist()],
+            },
             "time_signatures": {
                 "time": self.ts_time.tolist(),
                 "numerator": self.ts_numerator.tolist(),
@@ -73,7 +76,9 @@ class NoteTable:
     @classmethod
     def from_json_dict(cls, d: dict) -> NoteTable:
         n = int(d["num_notes"])
-        cols = np.frombuffer(base64.b64decode(d["notes_b64"]), dtype="<i4").reshape(len(d["notes_columns"]), n)
+        cols = np.frombuffer(base64.b64decode(d["notes_b64"]), dtype="<i4").reshape(
+            len(d["notes_columns"]), n
+        )
         c = dict(zip(d["notes_columns"], cols, strict=True))
         ts = d["time_signatures"]
         return cls(
@@ -112,8 +117,6 @@ def load_score(src: str | os.PathLike | bytes | symusic.Score) -> symusic.Score:
     except Exception as e:  # symusic raises RuntimeError/ValueError with its own message
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MidiReadError(f"unparsable MIDI: {msg}") from e
-    if score.ticks_per_quarter <= 0:
-        raise MidiReadError(f"invalid ticks per quarter note ({score.ticks_per_quarter})")
     return score
 
 
@@ -172,6 +175,8 @@ def read_notes(path: str | os.PathLike) -> NoteTable:
             raise MidiReadError(f"unreadable JSON: {type(e).__name__}: {e}") from e
     else:
         table = score_to_notes(load_score(path))
+    if table.tpq <= 0:
+        raise MidiReadError(f"invalid ticks per quarter note ({table.tpq})")
     if len(table) == 0:
         raise MidiReadError("no notes")
     return table
