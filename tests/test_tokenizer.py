@@ -78,7 +78,7 @@ def test_fidelity_on_real_corpus():
 def test_decode_is_total_on_random_ids():
     tok = MidiTokenizer()
     rng = np.random.default_rng(0)
-    for trial in range(50):
+    for _ in range(50):
         ids = rng.integers(0, len(tok), size=int(rng.integers(0, 400)))
         score, num_events, skipped = tok.decode_with_stats(ids)
         assert isinstance(score, symusic.Score)
