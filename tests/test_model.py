@@ -6,6 +6,15 @@ import torch
 from midiforge.model import PRESETS, ModelConfig, Transformer
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models are dominated by per-op overhead: extra threads only contend with other test processes.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_config(**kw) -> ModelConfig:
     base = dict(vocab_size=50, n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=64)
     base.update(kw)

@@ -1,0 +1,271 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import symusic
+import torch
+
+from midiforge.cli import main
+from midiforge.generate import clip_seconds, generate, output_paths, sample
+from midiforge.model import ModelConfig, Transformer
+from midiforge.tokenizer import MidiTokenizer
+
+POP909 = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus" / "pop909" / "001.mid"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models are dominated by per-op overhead: extra threads only contend with other test processes.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok() -> MidiTokenizer:
+    return MidiTokenizer()
+
+
+def tiny_model(tok, max_seq_len=64, seed=0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=len(tok), n_layer=1, n_head=2, d_model=32, d_ff=64, max_seq_len=max_seq_len)
+    return Transformer(cfg).eval()
+
+
+def melody(num_bars=4, tpq=480) -> symusic.Score:
+    s = symusic.Score(tpq)
+    s.tempos.append(symusic.Tempo(0, 100.0))
+    s.time_signatures.append(symusic.TimeSignature(0, 3, 4))
+    t = symusic.Track("lead", program=40)
+    for i in range(num_bars * 3):
+        t.notes.append(symusic.Note(i * tpq, tpq // 2, 60 + (i * 5) % 12, 80))
+    s.tracks.append(t)
+    return s
+
+
+def note_arrays(track) -> np.ndarray:
+    a = track.notes.numpy()
+    return np.stack([a["time"], a["duration"], a["pitch"], a["velocity"]], axis=1)
+
+
+# --- sample ----------------------------------------------------------------------------------------------
+
+
+def test_sample_filters():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]]).repeat(500, 1)
+    assert (sample(logits, top_k=1, generator=g) == 1).all()
+    assert (sample(logits, top_p=0.01, generator=g) == 1).all()
+    drawn = sample(logits, top_k=2, generator=g)
+    assert set(drawn.tolist()) == {1, 3}
+    drawn = sample(logits, temperature=100.0, generator=g)  # nearly uniform
+    assert set(drawn.tolist()) == {0, 1, 2, 3}
+    banned = logits.clone()
+    banned[:, 1] = float("-inf")
+    assert not (sample(banned, generator=g) == 1).any()
+
+
+def test_sample_frequencies_follow_probabilities():
+    g = torch.Generator().manual_seed(1)
+    probs = torch.tensor([0.1, 0.6, 0.3])
+    drawn = sample(probs.log().repeat(20000, 1), generator=g)
+    freq = torch.bincount(drawn, minlength=3).float() / 20000
+    torch.testing.assert_close(freq, probs, atol=0.02, rtol=0)
+
+
+# --- generate --------------------------------------------------------------------------------------------
+
+
+def test_seeded_determinism(tok):
+    model = tiny_model(tok)
+    a = generate(model, tok, max_new_tokens=40, seed=7, num_samples=2, ignore_eos=True)
+    b = generate(model, tok, max_new_tokens=40, seed=7, num_samples=2, ignore_eos=True)
+    c = generate(model, tok, max_new_tokens=40, seed=8, num_samples=2, ignore_eos=True)
+    assert [r.ids for r in a] == [r.ids for r in b]
+    assert [r.ids for r in a] != [r.ids for r in c]
+    assert a[0].ids != a[1].ids  # samples of a batch differ
+    assert all(r.num_new_tokens == 40 and r.stop_reason == "max_tokens" for r in a)
+
+
+def test_kv_cache_matches_full_recomputation_with_sliding_window(tok):
+    model = tiny_model(tok, max_seq_len=24)
+    kw = dict(
+        prompt=melody(), max_new_tokens=60, seed=3, num_samples=3, temperature=1.3, top_k=50, top_p=0.95
+    )
+    cached = generate(model, tok, use_kv_cache=True, **kw)
+    full = generate(model, tok, use_kv_cache=False, **kw)
+    assert [r.ids for r in cached] == [r.ids for r in full]
+
+
+def test_sliding_window_beyond_max_seq_len(tok):
+    model = tiny_model(tok, max_seq_len=16)
+    prompt = melody(num_bars=8)
+    (r,) = generate(model, tok, prompt, max_new_tokens=70, seed=0, ignore_eos=True)
+    assert r.num_prompt_tokens > 16  # even the prompt alone is longer than the window
+    assert r.num_new_tokens == 70
+
+
+def test_prompt_notes_come_back_unchanged(tok):
+    prompt = symusic.Score(str(POP909)) if POP909.is_file() else melody(num_bars=8)
+    model = tiny_model(tok)
+    results = generate(model, tok, prompt, prompt_bars=4, max_new_tokens=30, seed=1, num_samples=2)
+    ts = prompt.time_signatures[0] if len(prompt.time_signatures) else None
+    bar = prompt.ticks_per_quarter * 4 * (ts.numerator / ts.denominator if ts else 1)
+    expected = tok.decode(tok.encode(prompt.clip(0, int(4 * bar))))
+    assert expected.note_num() > 0
+    for r in results:
+        out = {(t.program, t.is_drum): t for t in r.score.tracks}
+        for t in expected.tracks:
+            got = note_arrays(out[(t.program, t.is_drum)])
+            np.testing.assert_array_equal(got[: len(t.notes)], note_arrays(t))
+
+
+def test_max_seconds_clips_and_stops(tok):
+    model = tiny_model(tok)
+    results = generate(
+        model, tok, max_new_tokens=400, max_seconds=3.0, seed=2, num_samples=2, ignore_eos=True
+    )
+    for r in results:
+        assert r.stop_reason == "max_seconds"
+        assert r.score.to("second").end() <= 3.0 + 1e-3
+
+
+def test_clip_seconds_follows_tempo_map():
+    s = melody(num_bars=4)  # 100 qpm: a quarter is 0.6 s
+    clipped = clip_seconds(s, 1.5)  # notes at 0, 0.6, 1.2 s; the third shortened from 0.3 to 0.3 (fits)
+    assert clipped.note_num() == 3
+    assert clipped.to("second").end() == pytest.approx(1.5, abs=1e-3)
+
+
+class EosModel(torch.nn.Module):
+    """Stands in for a Transformer: row 0 wants EOS after 3 new tokens, other rows never do."""
+
+    def __init__(self, vocab_size, eos_id, prompt_len):
+        super().__init__()
+        self.config = ModelConfig(
+            vocab_size=vocab_size, n_layer=1, n_head=1, d_model=2, d_ff=2, max_seq_len=64
+        )
+        self.eos_id, self.prompt_len, self.seen = eos_id, prompt_len, 0
+
+    def new_kv_cache(self, batch_size):
+        return None
+
+    def forward(self, idx, kv_cache=None, last_only=False):
+        self.seen = idx.size(1) if self.seen == 0 else self.seen + 1
+        logits = torch.zeros(idx.size(0), 1, self.config.vocab_size)
+        logits[:, :, self.eos_id] = -100.0
+        if self.seen >= self.prompt_len + 3:
+            logits[0, :, self.eos_id] = 100.0
+        return logits
+
+
+def test_per_sample_eos_stopping(tok):
+    model = EosModel(len(tok), tok.eos_id, prompt_len=1)
+    r0, r1 = generate(model, tok, max_new_tokens=20, num_samples=2, seed=0)
+    assert r0.stop_reason == "eos" and r0.ids[-1] == tok.eos_id and r0.num_new_tokens == 4
+    assert r1.stop_reason == "max_tokens" and r1.num_new_tokens == 20
+    assert tok.pad_id not in r1.ids and tok.eos_id not in r1.ids
+
+
+def test_bad_settings_raise_value_error(tok):
+    model = tiny_model(tok)
+    with pytest.raises(ValueError, match="temperature.*top-p"):
+        generate(model, tok, temperature=0, top_p=2.0)
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tok) -> Path:
+    d = tmp_path_factory.mktemp("ckpt")
+    model = tiny_model(tok)
+    (d / "config.json").write_text(json.dumps({"model": model.config.to_dict(), "train": {}}))
+    torch.save(model.state_dict(), d / "model.pth")
+    tok.save(d / "tokenizer.json")
+    return d
+
+
+def test_cli_writes_midi_wav_and_pianoroll(ckpt, tmp_path, capsys):
+    prompt = tmp_path / "prompt.mid"
+    melody().dump_midi(str(prompt))
+    out = tmp_path / "song.mid"
+    argv = ["generate", str(ckpt), "-o", str(out), "--prompt", str(prompt), "--prompt-bars", "2"]
+    argv += [
+        "--max-tokens",
+        "40",
+        "--max-seconds",
+        "6",
+        "--seed",
+        "5",
+        "-n",
+        "2",
+        "--wav",
+        "--pianoroll",
+        "--top-k",
+        "20",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for i in (1, 2):
+        path = tmp_path / f"song_{i}.mid"
+        score = symusic.Score(str(path))
+        assert score.note_num() >= 6  # at least the 2 prompt bars
+        assert score.to("second").end() <= 6.0 + 1e-2
+        assert (tmp_path / f"song_{i}.wav").stat().st_size > 44
+        assert (tmp_path / f"song_{i}.png").stat().st_size > 0
+        assert str(path) in printed
+    assert "skipped-invalid" in printed
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_cli_no_kv_cache_gives_same_file(ckpt, tmp_path):
+    args = ["--max-tokens", "30", "--seed", "9", "--ignore-eos"]
+    assert main(["generate", str(ckpt), "-o", str(tmp_path / "a.mid"), *args]) == 0
+    assert main(["generate", str(ckpt), "-o", str(tmp_path / "b.mid"), "--no-kv-cache", *args]) == 0
+    assert (tmp_path / "a.mid").read_bytes() == (tmp_path / "b.mid").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--temperature", "0"],
+        ["--top-p", "1.5"],
+        ["--top-p", "0"],
+        ["--top-k", "0"],
+        ["--max-tokens", "0"],
+        ["--max-seconds", "-1"],
+        ["-n", "0"],
+        ["--prompt-bars", "2"],  # without --prompt
+        ["--prompt", "/nonexistent.mid"],
+        ["--device", "nonsense"],
+    ],
+)
+def test_cli_bad_arguments_exit_2(ckpt, tmp_path, extra, capsys):
+    assert main(["generate", str(ckpt), "-o", str(tmp_path / "x.mid"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("midiforge generate: error:") and err.count("\n") == 1
+    assert not (tmp_path / "x.mid").exists()
+
+
+def test_cli_bad_checkpoints_exit_2(tmp_path, tok, ckpt):
+    assert main(["generate", str(tmp_path / "missing"), "-o", str(tmp_path / "x.mid")]) == 2
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("model.pth", "tokenizer.json"):
+        (bad / name).write_bytes((ckpt / name).read_bytes())
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["model"]["vocab_size"] += 1  # does not fit the tokenizer
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert main(["generate", str(bad), "-o", str(tmp_path / "x.mid")]) == 2
+    corrupt = tmp_path / "prompt.mid"
+    corrupt.write_bytes(b"MThd garbage")
+    assert main(["generate", str(ckpt), "-o", str(tmp_path / "x.mid"), "--prompt", str(corrupt)]) == 2
+
+
+def test_output_paths():
+    assert output_paths("out.mid", 1) == [Path("out.mid")]
+    assert output_paths("d/out.mid", 2) == [Path("d/out_1.mid"), Path("d/out_2.mid")]
+    assert output_paths("out", 1) == [Path("out.mid")]
