@@ -1,0 +1,108 @@
+"""Training curves: ``ckpt/training.png`` from ``ckpt/metrics.json`` (also `midiforge plot CKPT`).
+
+Losses on the left axis, perplexities on a log-scaled right axis, one x-axis in epochs: an epoch's values sit
+at x = its number (1..N, the end of that epoch), and the per-step training loss is a light red line at
+fractional epochs, so validation and training points of the same epoch line up.
+
+Drawn with the Agg canvas directly (no pyplot): it never opens a window, never blocks and holds no global
+figure state, so the training loop can call it after every epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+from pathlib import Path
+
+from midiforge.errors import UsageError
+
+# The seed's styles: train loss red solid, val loss blue dotted, train ppl green dashed, val ppl blue dashed.
+STYLES = {
+    "train_loss": {"color": "tab:red", "linestyle": "-", "label": "train loss"},
+    "val_loss": {"color": "tab:blue", "linestyle": ":", "label": "validation loss"},
+    "train_perplexity": {"color": "tab:green", "linestyle": "--", "label": "train perplexity"},
+    "val_perplexity": {"color": "tab:blue", "linestyle": "--", "label": "validation perplexity"},
+}
+
+
+def _series(epochs: list[dict], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for e in epochs:
+        v = e.get(key)
+        if v is not None:
+            xs.append(float(e["epoch"]))
+            ys.append(float(v))
+    return xs, ys
+
+
+def render_png(metrics: dict) -> bytes:
+    """The PNG bytes of the training curves for a metrics.json dict."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    epochs = metrics.get("epochs", [])
+    steps = metrics.get("steps", [])
+    fig = Figure(figsize=(9, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax2 = ax.twinx()
+    lines = []
+    if steps:
+        sx, sy = zip(*steps, strict=True)
+        lines += ax.plot(sx, sy, color="tab:red", alpha=0.25, linewidth=0.8, label="train loss (per step)")
+    for key in ("train_loss", "val_loss"):
+        xs, ys = _series(epochs, key)
+        if xs:
+            lines += ax.plot(xs, ys, marker="o", markersize=3, **STYLES[key])
+    for key in ("train_perplexity", "val_perplexity"):
+        xs, ys = _series(epochs, key)
+        if xs:
+            lines += ax2.plot(xs, ys, marker="s", markersize=3, **STYLES[key])
+    if ax2.lines:
+        ax2.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (cross-entropy, nats/token)")
+    ax2.set_ylabel("perplexity (log scale)")
+    ax.set_xlim(left=0)
+    ax.grid(True, alpha=0.3)
+    if lines:
+        ax.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize=8)
+    ax.set_title("training curves" if epochs or steps else "training curves (no data yet)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def plot_metrics(metrics: dict, out_path: str | os.PathLike) -> None:
+    """Draw the curves and write them atomically to ``out_path``."""
+    from midiforge.midi import atomic_write_bytes
+
+    atomic_write_bytes(out_path, render_png(metrics))
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt_path", type=Path, help="checkpoint directory holding metrics.json")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        help="where to write the PNG (default: CKPT_PATH/training.png)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from midiforge.checkpoint import METRICS_FILE, PLOT_FILE, read_json
+
+    path = Path(args.ckpt_path) / METRICS_FILE
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file (train first)")
+    metrics = read_json(path)
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("epochs", []), list):
+        raise UsageError(f"{path}: not a midiforge metrics file")
+    out = args.output or Path(args.ckpt_path) / PLOT_FILE
+    plot_metrics(metrics, out)
+    print(f"wrote {out}")
+    return 0
