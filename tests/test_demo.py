@@ -1,0 +1,86 @@
+import json
+import time
+
+import pytest
+
+from midiforge.cli import main
+from midiforge.midi import read_notes
+
+pytest.importorskip("music21")
+
+from midiforge.demo import build_demo_corpus, list_chorales, split_of  # noqa: E402
+
+
+def test_chorale_list_is_stable_and_split_is_about_80_20():
+    chorales = list_chorales()
+    names = [n for n, _ in chorales]
+    assert 400 <= len(names) <= 420 and len(set(names)) == len(names)
+    assert names[:3] == ["bwv1.6", "bwv2.6", "bwv3.6"]  # numbers sort as numbers
+    assert "bwv846" not in names  # a piano prelude, not a chorale
+    assert dict(chorales)["bwv277"].suffix == ".mxl"  # MusicXML preferred over the unparsable bwv277.krn
+    num_val = sum(split_of(n) == "val" for n in names)
+    assert 0.12 < num_val / len(names) < 0.28
+    assert [split_of(n) for n in names] == [split_of(n) for n in names]
+
+
+def test_demo_data_limit_converts_splits_and_reuses(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo-data", str(out), "--limit", "4", "-j", "2", "-q"]) == 0
+    assert "4 chorales: 4 converted, 0 reused, 0 failed" in capsys.readouterr().out
+    files = sorted(out.glob("*/*.mid"))
+    expected = [n for n, _ in list_chorales()[:4]]
+    assert sorted(f.stem for f in files) == sorted(expected)
+    for f in files:
+        assert f.parent.name == split_of(f.stem)
+        notes = read_notes(f)
+        assert len(notes) > 50 and len(set(notes.program.tolist())) >= 1
+    assert (out / "errors.jsonl").read_text() == ""
+
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+    t0 = time.monotonic()
+    s = build_demo_corpus(out, limit=4, progress=False)
+    assert time.monotonic() - t0 < 3
+    assert (s.num_converted, s.num_reused, len(s.train) + len(s.val)) == (0, 4, 4)
+    assert {f: f.stat().st_mtime_ns for f in files} == mtimes
+
+
+def test_demo_chorale_has_tempo_and_one_track_per_part(tmp_path):
+    import symusic
+
+    s = build_demo_corpus(tmp_path, limit=1, jobs=1, progress=False)
+    (path,) = s.train + s.val
+    score = symusic.Score(str(path))
+    assert len(score.tempos) >= 1
+    assert len([t for t in score.tracks if len(t.notes)]) >= 4  # soprano, alto, tenor, bass (+ instruments)
+
+
+@pytest.mark.parametrize(
+    "argv", [["demo-data"], ["demo-data", "OUT", "--limit", "0"], ["demo-data", "OUT", "-j", "x"]]
+)
+def test_demo_bad_arguments(argv, tmp_path, capsys):
+    argv = [str(tmp_path / "o") if a == "OUT" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("midiforge demo-data: error: ")
+
+
+def test_errors_jsonl_lists_failures(tmp_path, monkeypatch):
+    # A chorale that cannot be converted is reported, not fatal: simulate one with the known-bad bwv277.krn.
+    from midiforge import demo
+
+    real = demo.list_chorales()
+    krn = real[0][1].parent / "bwv277.krn"
+    monkeypatch.setattr(demo, "list_chorales", lambda: [("bwv277", krn), real[0]])
+    s = demo.build_demo_corpus(tmp_path, progress=False)
+    assert list(s.failed) == ["bwv277"] and "music21 could not convert it" in s.failed["bwv277"]
+    (entry,) = [json.loads(line) for line in (tmp_path / "errors.jsonl").read_text().splitlines()]
+    assert entry["path"].endswith("bwv277.krn") and entry["reason"] == s.failed["bwv277"]
+    assert len(s.train) + len(s.val) == 1
+
+
+def test_without_music21_says_how_to_install(monkeypatch, tmp_path, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "music21", None)  # makes `import music21` fail
+    assert main(["demo-data", str(tmp_path)]) == 2
+    assert "pip install music21" in capsys.readouterr().err
