@@ -1,0 +1,136 @@
+"""Process-group plumbing for data-parallel training: who am I, rank-0 output, sums across ranks, spawning.
+
+Two ways in: ``torchrun`` (or any launcher) sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT and we
+join that group; a plain ``python train.py`` on a machine with several GPUs calls :func:`spawn` to start one
+worker per GPU itself. One process with no such variables is world size 1 and never touches
+``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def from_env() -> DistInfo:
+    """The process's place in the job, from the launcher's environment variables (defaults: alone)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return DistInfo(
+        rank=int(os.environ.get("RANK", "0")),
+        local_rank=int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))),
+        world_size=world,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+    )
+
+
+def env_problems() -> list[str]:
+    """What is wrong with the launcher's variables (empty when alone or when they are complete)."""
+    info = from_env()
+    if info.world_size <= 1:
+        return []
+    problems = [f"{v} is not set" for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if not 0 <= info.rank < info.world_size:
+        problems.append(f"RANK={info.rank} is not in 0..{info.world_size - 1}")
+    return problems
+
+
+def init(info: DistInfo, device: torch.device) -> None:
+    """Join the process group (NCCL for CUDA, gloo for CPU) when the job has more than one process."""
+    if not info.enabled or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", rank=info.rank, world_size=info.world_size, device_id=device)
+    else:
+        dist.init_process_group("gloo", rank=info.rank, world_size=info.world_size)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (no-op alone)."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
+_INFO = DistInfo()
+
+
+def set_current(info: DistInfo) -> None:
+    global _INFO
+    _INFO = info
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only: one voice for the whole job."""
+    if _INFO.is_main:
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+def note0(msg: str) -> None:
+    """A one-line note/warning for the user on stderr, rank 0 only."""
+    print0(f"note: {msg}", file=sys.stderr)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_entry(index: int, fn, nprocs: int, port: int, fn_args: tuple) -> None:
+    os.environ.update(
+        RANK=str(index),
+        LOCAL_RANK=str(index),
+        WORLD_SIZE=str(nprocs),
+        LOCAL_WORLD_SIZE=str(nprocs),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    code = fn(*fn_args)
+    if code:
+        sys.exit(code)
+
+
+def spawn(fn, nprocs: int, fn_args: tuple = ()) -> None:
+    """Run ``fn(*fn_args)`` in ``nprocs`` local processes that form one job (ranks 0..nprocs-1)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_spawn_entry, args=(fn, nprocs, free_port(), fn_args), nprocs=nprocs, join=True)

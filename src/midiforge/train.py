@@ -1,0 +1,940 @@
+"""`midiforge train` / `python train.py`: train a Transformer on MIDI/JSON datasets, resuming automatically.
+
+The pieces: :func:`validate` turns the command line into a :class:`Plan` (every problem reported at once,
+nothing written); :class:`Trainer` owns the model, AdamW, the warmup+cosine schedule, AMP and one optimizer
+step; :func:`evaluate` is the one loop that measures a dataset; :func:`fit` runs epochs, records metrics and
+writes checkpoints through :mod:`midiforge.checkpoint`. Data-parallel plumbing is in
+:mod:`midiforge.distributed`.
+
+Loss is token-weighted cross-entropy over non-padding positions, summed over every rank's tokens and divided
+by their total; perplexity is exp(mean token loss), never a mean of exponentials.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # respects taskset/cgroup limits, unlike os.cpu_count()
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# OpenMP/MKL size their thread pools when torch is first imported, so this must run before `import torch`.
+# Processes sharing the machine (DDP workers) split the cores. A value the user set wins.
+_LOCAL_PROCS = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")) or 1))
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, str(max(1, _cpu_cores() // _LOCAL_PROCS)))
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from midiforge import checkpoint as ckpt_io  # noqa: E402
+from midiforge import distributed as dist  # noqa: E402
+from midiforge.errors import UsageError  # noqa: E402
+
+DATA_SUFFIXES = (".mid", ".midi", ".json")
+SHAPE_FIELDS = ("n_layer", "n_head", "d_model", "d_ff")
+DEFAULT_PRESET = "small"
+DEFAULT_MIN_LEN = 8
+DEFAULT_MAX_LEN = 2**17
+DEFAULT_BATCH = 8 * 1536**2
+DEFAULT_LR = 1e-3
+DEFAULT_WD = 0.01
+DEFAULT_VOCAB = 2048
+DEFAULT_DROPOUT = 0.1
+MAX_BAD_STEPS = 20  # consecutive non-finite steps before giving up
+STOP_ENV = "MIDIFORGE_STOP_AFTER_STEPS"  # test hook: checkpoint and exit after this many optimizer steps
+IGNORE_INDEX = -100
+OOM = torch.OutOfMemoryError
+
+
+class TrainingDiverged(UsageError):
+    """The loss stayed non-finite: stop without touching the last good checkpoint."""
+
+    exit_code = 1
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a run; saved as ``config.json["train"]`` beside every checkpoint."""
+
+    num_epochs: int
+    learning_rate: float
+    weight_decay: float
+    min_sequence_length: int
+    max_sequence_length: int
+    max_batch_size: int
+    window: (
+        int  # min(max_sequence_length, isqrt(max_batch_size)): the longest sample, the model's max_seq_len
+    )
+    seed: int
+    amp: str  # resolved: off, fp16 or bf16
+    augment: bool
+    vocab_size: int
+    train_dataset: list[str]
+    val_dataset: list[str]
+    world_size: int = 1
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # the cosine decays to this fraction of the peak learning rate
+    grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.95)
+
+
+# ------------------------------------------------------------------------------------------ command line
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    p.add_argument("num_epochs", type=int, help="total epochs (a larger number than before extends a run)")
+    p.add_argument("ckpt_path", type=Path, help="checkpoint directory; re-running the same command resumes")
+    p.add_argument(
+        "-t",
+        "--train-dataset",
+        action="extend",
+        nargs="+",
+        required=True,
+        type=Path,
+        help="training files/directories (.mid/.midi and prepared .json, mixed); may repeat",
+    )
+    p.add_argument(
+        "-v",
+        "--val-dataset",
+        action="extend",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="validation files/directories; may repeat",
+    )
+    p.add_argument(
+        "-m",
+        "--min-sequence-length",
+        type=int,
+        default=DEFAULT_MIN_LEN,
+        help="skip pieces shorter than this many tokens (the seed's 2**32 would skip every piece)",
+    )
+    p.add_argument(
+        "-e",
+        "--max-sequence-length",
+        type=int,
+        default=DEFAULT_MAX_LEN,
+        help="longest training window in tokens; longer pieces are cut into windows at note onsets;"
+        " lowered to isqrt(-b) when larger, so that every window fits a batch",
+    )
+    p.add_argument(
+        "-b",
+        "--max-batch-size",
+        type=int,
+        default=DEFAULT_BATCH,
+        help="batch budget: sum of squared sample lengths (tokens) per batch",
+    )
+    p.add_argument(
+        "-l",
+        "--learning-rate",
+        type=float,
+        default=DEFAULT_LR,
+        help="peak AdamW learning rate (warmup, then cosine decay to 10%%); overrides a checkpoint's."
+        " The seed's 0.01 diverged/plateaued on the tiny preset (see docs), so the default is 1e-3",
+    )
+    p.add_argument(
+        "-w",
+        "--weight-decay",
+        type=float,
+        default=DEFAULT_WD,
+        help="AdamW weight decay (not on norms, biases, embeddings); overrides a checkpoint's",
+    )
+    g = p.add_argument_group("model shape (a new run; a checkpoint keeps its own shape)")
+    g.add_argument(
+        "--preset",
+        choices=("tiny", "small", "base", "large"),
+        default=None,
+        help=f"model size preset (default for a new run: {DEFAULT_PRESET})",
+    )
+    for name in SHAPE_FIELDS:
+        g.add_argument(
+            f"--{name.replace('_', '-')}", type=int, default=None, help=f"override the preset's {name}"
+        )
+    g.add_argument(
+        "--dropout",
+        type=float,
+        default=None,
+        help=f"dropout rate (default for a new run: {DEFAULT_DROPOUT}; may change on resume)",
+    )
+    g.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help=f"BPE vocabulary size when the checkpoint has no tokenizer.json yet (default"
+        f" {DEFAULT_VOCAB}; fewer when the data has no more merges to offer)",
+    )
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=0, help="seed of model init, data order and augmentation")
+    r.add_argument(
+        "--amp",
+        choices=("auto", "off", "fp16", "bf16"),
+        default="auto",
+        help="mixed precision: auto = bf16 on CUDA when supported, else fp16 with loss scaling; fp32 on CPU",
+    )
+    r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    r.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        help="no random transposition of the training pieces",
+    )
+    r.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="DataLoader worker processes (default: 0 on CPU, where workers steal compute cores;"
+        " up to 4 per GPU)",
+    )
+    r.add_argument(
+        "--save-every-minutes",
+        type=float,
+        default=10.0,
+        help="also checkpoint mid-epoch this often (epoch ends always save)",
+    )
+
+
+@dataclass
+class Plan:
+    """A validated command: everything the run needs to know before it writes anything."""
+
+    args: argparse.Namespace
+    ckpt_dir: Path
+    train_files: list[Path]
+    val_files: list[Path]
+    window: int
+    device: torch.device
+    amp: str
+    num_workers: int
+    shape: dict  # n_layer/n_head/d_model/d_ff for a new run (ignored when resuming)
+    ckpt_config: dict | None = None  # the checkpoint's config.json when resuming
+    counters: dict = field(default_factory=dict)  # the checkpoint's counters when resuming
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def resume(self) -> bool:
+        return self.ckpt_config is not None and bool(self.counters)
+
+
+def _dataset_files(paths, what: str, errors: list[str]) -> list[Path]:
+    from midiforge.midi import find_files
+
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        errors.append(f"{what}: no such file or directory: {', '.join(missing)}")
+        return []
+    files = find_files(paths, suffixes=DATA_SUFFIXES)
+    if not files:
+        errors.append(f"{what}: no .mid/.midi/.json file in {', '.join(map(str, paths))}")
+    return files
+
+
+def validate(args: argparse.Namespace) -> Plan:
+    """Check every argument (and the checkpoint) before anything is written; one UsageError lists all."""
+    from midiforge.model import PRESETS, ModelConfig
+    from midiforge.tokenizer import MidiTokenizer
+
+    errors: list[str] = []
+    notes: list[str] = []
+    positive = {
+        "num_epochs": args.num_epochs,
+        "-m/--min-sequence-length": args.min_sequence_length,
+        "-e/--max-sequence-length": args.max_sequence_length,
+        "-b/--max-batch-size": args.max_batch_size,
+        "-l/--learning-rate": args.learning_rate,
+        "--save-every-minutes": args.save_every_minutes,
+    }
+    positive.update({f"--{n.replace('_', '-')}": getattr(args, n) for n in SHAPE_FIELDS})
+    errors += [f"{k} must be positive, got {v}" for k, v in positive.items() if v is not None and not v > 0]
+    if not args.weight_decay >= 0:
+        errors.append(f"-w/--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        errors.append(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.num_workers is not None and args.num_workers < 0:
+        errors.append(f"--num-workers must be >= 0, got {args.num_workers}")
+    base_vocab = len(MidiTokenizer())
+    if args.vocab_size is not None and args.vocab_size < base_vocab:
+        errors.append(
+            f"--vocab-size must be at least the base vocabulary ({base_vocab}), got {args.vocab_size}"
+        )
+    window = args.max_sequence_length
+    if args.max_batch_size > 0 and args.max_sequence_length > 0:
+        window = min(args.max_sequence_length, math.isqrt(args.max_batch_size))
+        if window < args.max_sequence_length:
+            notes.append(
+                f"-e lowered from {args.max_sequence_length} to isqrt(-b) = {window} tokens so that"
+                " every window fits a batch"
+            )
+        if args.min_sequence_length > window:
+            errors.append(
+                f"-m/--min-sequence-length ({args.min_sequence_length}) exceeds the window ({window})"
+            )
+    train_files = _dataset_files(args.train_dataset, "-t/--train-dataset", errors)
+    val_files = _dataset_files(args.val_dataset, "-v/--val-dataset", errors) if args.val_dataset else []
+    errors += [f"distributed launch: {p}" for p in dist.env_problems()]
+    device, amp = _resolve_device(args, errors)
+
+    # Model shape: a checkpoint's own, or a preset plus overrides for a new run.
+    asked = dict(PRESETS[args.preset]) if args.preset else {}
+    asked.update({n: getattr(args, n) for n in SHAPE_FIELDS if getattr(args, n) is not None})
+    ckpt_dir = Path(args.ckpt_path)
+    ckpt_config, counters = None, {}
+    shape = dict(PRESETS[DEFAULT_PRESET], **asked)
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+        errors.append(f"{ckpt_dir}: exists and is not a directory")
+    elif ckpt_dir.is_dir():
+        try:
+            if ckpt_io.has_checkpoint(ckpt_dir):
+                ckpt_config = ckpt_io.read_config(ckpt_dir)
+                state = ckpt_io.load_torch(ckpt_dir / ckpt_io.STATE_FILE)
+                counters = dict(state.get("counters", {})) if isinstance(state, dict) else {}
+                if not counters:
+                    errors.append(f"{ckpt_dir / ckpt_io.STATE_FILE}: no training counters")
+        except UsageError as e:
+            errors.append(str(e))
+    if ckpt_config is not None:
+        have = ckpt_config["model"]
+        diff = [f"{k}={have.get(k)} (asked {v})" for k, v in asked.items() if have.get(k) != v]
+        if diff:
+            errors.append(
+                f"{ckpt_dir} holds a model of another shape: {', '.join(diff)}; omit the shape options"
+                " to continue it, or use a new checkpoint directory"
+            )
+        if args.vocab_size is not None:
+            notes.append("--vocab-size ignored: the checkpoint already has its tokenizer")
+    elif not any("must be positive" in e for e in errors):
+        try:
+            ModelConfig(vocab_size=base_vocab, **shape)
+        except ValueError as e:
+            errors.append(str(e))
+    if errors:
+        raise UsageError("; ".join(errors))
+    num_workers = args.num_workers
+    if num_workers is None:
+        num_workers = 0 if device.type == "cpu" else min(4, max(0, _cpu_cores() // _LOCAL_PROCS - 1))
+    return Plan(
+        args,
+        ckpt_dir,
+        train_files,
+        val_files,
+        window,
+        device,
+        amp,
+        num_workers,
+        shape,
+        ckpt_config,
+        counters,
+        notes,
+    )
+
+
+def _resolve_device(args, errors: list[str]) -> tuple[torch.device, str]:
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, ValueError) as e:
+        errors.append(f"--device {args.device!r}: {e}")
+        return torch.device("cpu"), "off"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            errors.append(f"--device {args.device}: CUDA is not available")
+            return torch.device("cpu"), "off"
+        if device.index is None:
+            device = torch.device("cuda", dist.from_env().local_rank)
+    elif device.type != "cpu":
+        errors.append(f"--device {args.device!r}: only cpu and cuda are supported")
+    amp = args.amp
+    if amp == "auto":
+        amp = "off" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if amp == "fp16" and device.type != "cuda":
+        errors.append("--amp fp16 needs a CUDA device (use bf16 or off on CPU)")
+    return device, amp
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the repository's ``train.py`` (same messages and exit codes as `midiforge train`)."""
+    parser = argparse.ArgumentParser(prog="midiforge train", description=__doc__.splitlines()[0])
+    configure_parser(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"midiforge train: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("midiforge train: interrupted", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = validate(args)
+    info = dist.from_env()
+    dist.set_current(info)
+    if plan.resume and plan.counters.get("epoch", 0) >= args.num_epochs and not plan.counters.get("batch"):
+        dist.print0(
+            f"{plan.ckpt_dir}: already trained {plan.counters['epoch']} epochs (asked {args.num_epochs});"
+            " nothing to do. Pass a larger num_epochs to train further."
+        )
+        return 0
+    n_gpu = torch.cuda.device_count() if plan.device.type == "cuda" else 0
+    if not info.enabled and args.device is None and n_gpu > 1:
+        dist.print0(f"starting {n_gpu} data-parallel workers, one per GPU")
+        import torch.multiprocessing as mp
+
+        try:
+            dist.spawn(_spawned_worker, n_gpu, (args,))
+        except mp.ProcessExitedException as e:
+            return e.exit_code or 1
+        return 0
+    return train(plan)
+
+
+def _spawned_worker(args: argparse.Namespace) -> int:
+    try:
+        return train(validate(args))
+    except UsageError as e:
+        print(f"midiforge train: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+# ---------------------------------------------------------------------------------------------- training
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every global RNG, as plain tensors/lists (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total_steps`` (constant after it)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def token_loss_sum(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of cross-entropy over the non-padding positions (labels != -100)."""
+    logits = model(inputs)  # (B, T, V)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+class Trainer:
+    """Model + AdamW + warmup/cosine LambdaLR + AMP (autocast, GradScaler) + one optimizer step."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device, info: dist.DistInfo):
+        self.cfg, self.device, self.info = cfg, device, info
+        self.raw = model.to(device)
+        self.model = self.raw
+        if info.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(
+                self.raw, device_ids=[device] if device.type == "cuda" else None
+            )
+        # Weight decay only on matrices of the blocks: not norms, biases or the (tied) embedding.
+        decay, no_decay = [], []
+        for name, p in self.raw.named_parameters():
+            (no_decay if p.ndim < 2 or name.startswith("tok_emb") else decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.learning_rate,
+            betas=cfg.betas,
+        )
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.amp)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.scheduler = None
+        self.pieces = 1  # how many pieces a batch is split into after an out-of-memory error
+
+    def autocast(self):
+        return torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None
+        )
+
+    def set_hyperparameters(self, step: int, total_steps: int) -> None:
+        """(Re)build the schedule at ``step`` of ``total_steps`` with the configured lr and weight decay.
+
+        Called after loading a checkpoint's optimizer state, so that the command line's values win.
+        """
+        for group, wd in zip(self.optimizer.param_groups, (self.cfg.weight_decay, 0.0), strict=True):
+            group["initial_lr"] = self.cfg.learning_rate
+            group["weight_decay"] = wd
+        c = self.cfg
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, total_steps, c.warmup_steps, c.min_lr_ratio),
+            last_epoch=step - 1,
+        )
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _forward_backward(self, inputs, labels, norm: float) -> torch.Tensor:
+        total = torch.zeros((), device=self.device)
+        for x, y in _split(inputs, labels, self.pieces):
+            with self.autocast():
+                loss = token_loss_sum(self.model, x, y)
+            self.scaler.scale(loss / norm).backward()
+            total += loss.detach()
+        return total
+
+    def train_step(
+        self, inputs: torch.Tensor, labels: torch.Tensor, norm: float
+    ) -> tuple[torch.Tensor, bool]:
+        """One optimizer step on a batch; ``norm`` = tokens of the whole step / world size (DDP averages
+        gradients over ranks, so this makes the gradient that of the token-weighted mean over all ranks).
+        Returns (this rank's loss sum, whether the step was applied)."""
+        while True:
+            try:
+                loss_sum = self._forward_backward(inputs, labels, norm)
+                break
+            except OOM as e:
+                self.optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache() if self.device.type == "cuda" else None
+                if self.info.enabled or self.pieces >= inputs.size(0):
+                    raise UsageError(
+                        f"out of memory on a batch of {tuple(inputs.shape)} tokens; lower -b/--max-batch-size"
+                    ) from e
+                self.pieces *= 2
+                dist.note0(
+                    f"out of memory: splitting batches into {self.pieces} pieces (consider lowering -b)"
+                )
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
+        # Identical on every rank (gradients are all-reduced), so every rank takes the same decision.
+        ok = bool(torch.isfinite(grad_norm))
+        if ok or self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # the scaler skips the step itself on inf/nan gradients
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss_sum, ok and bool(torch.isfinite(loss_sum))
+
+
+def _split(inputs, labels, pieces: int):
+    """The batch in ``pieces`` row chunks, each trimmed of columns that are padding in all its rows."""
+    if pieces == 1:
+        yield inputs, labels
+        return
+    for x, y in zip(inputs.tensor_split(pieces), labels.tensor_split(pieces), strict=True):
+        if x.size(0):
+            real = (y != IGNORE_INDEX).any(0).nonzero()
+            t = int(real.max()) + 1 if len(real) else 1
+            yield x[:, :t], y[:, :t]
+
+
+@torch.no_grad()
+def evaluate(trainer: Trainer, loader) -> tuple[float | None, int]:
+    """Token-weighted mean loss over a loader (all ranks together) and the number of tokens."""
+    model = trainer.raw  # not the DDP wrapper: ranks may hold different numbers of batches
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=trainer.device)
+    for inputs, labels in loader:
+        inputs, labels = inputs.to(trainer.device), labels.to(trainer.device)
+        with trainer.autocast():
+            sums[0] += token_loss_sum(model, inputs, labels).double()
+        sums[1] += (labels != IGNORE_INDEX).sum()
+    model.train()
+    dist.all_reduce_sum(sums)
+    loss, n = sums.tolist()
+    return (loss / n if n else None), int(n)
+
+
+def perplexity(loss: float | None) -> float | None:
+    return None if loss is None else math.exp(min(loss, 700.0))
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def train(plan: Plan) -> int:
+    """Train per a validated plan in this process (one rank of a job when launched by torchrun/spawn)."""
+    info = dist.from_env()
+    dist.set_current(info)
+    torch.set_num_threads(max(1, _cpu_cores() // max(_LOCAL_PROCS, info.local_world_size)))
+    if plan.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    for note in plan.notes:
+        dist.note0(note)
+    dist.init(info, plan.device)
+    created = not plan.ckpt_dir.exists()
+    try:
+        try:
+            tokenizer = _tokenizer(plan, info)
+            train_ds, val_ds = _datasets(plan, tokenizer, info)
+        except UsageError:
+            if created and info.is_main:  # a failed start leaves nothing behind
+                shutil.rmtree(plan.ckpt_dir, ignore_errors=True)
+            raise
+        return fit(plan, tokenizer, train_ds, val_ds, info)
+    finally:
+        dist.shutdown()
+
+
+def _tokenizer(plan: Plan, info: dist.DistInfo):
+    """The checkpoint's tokenizer; a new run without one trains BPE on the training set (rank 0) first."""
+    from midiforge.tokenizer import MidiTokenizer
+
+    tok = ckpt_io.load_tokenizer(plan.ckpt_dir)
+    if tok is not None:
+        return tok
+    if plan.resume:
+        raise UsageError(f"{plan.ckpt_dir}: the checkpoint has no {ckpt_io.TOKENIZER_FILE}")
+    if info.is_main:
+        size = plan.args.vocab_size or DEFAULT_VOCAB
+        dist.print0(f"training a BPE tokenizer of up to {size} tokens on {len(plan.train_files)} files")
+        tok = MidiTokenizer()
+        tok.train_bpe([str(f) for f in plan.train_files], size)
+        plan.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        tok.save(plan.ckpt_dir / ckpt_io.TOKENIZER_FILE)
+        dist.print0(f"tokenizer: {len(tok)} tokens, saved to {plan.ckpt_dir / ckpt_io.TOKENIZER_FILE}")
+    dist.barrier()
+    return tok or ckpt_io.load_tokenizer(plan.ckpt_dir)
+
+
+def _datasets(plan: Plan, tok, info: dist.DistInfo):
+    from midiforge.data import MidiDataset
+
+    a = plan.args
+
+    def build(files, augment: bool) -> MidiDataset:
+        return MidiDataset(
+            files,
+            tok,
+            a.min_sequence_length,
+            plan.window,
+            cache_dir=plan.ckpt_dir / "cache",
+            augment=augment,
+            seed=a.seed,
+        )
+
+    if not info.is_main:
+        dist.barrier()  # rank 0 fills the token cache first; the others then read it
+    train_ds = build(plan.train_files, a.augment)
+    val_ds = build(plan.val_files, False) if plan.val_files else None
+    if info.is_main:
+        dist.barrier()
+    for name, ds in (("training", train_ds), ("validation", val_ds)):
+        if ds is None:
+            continue
+        first = next(iter(ds.skipped.items()), None)
+        example = f" (e.g. {first[0]}: {first[1]})" if first else ""
+        if len(ds) == 0:
+            raise UsageError(f"no usable piece in the {name} set: {ds.num_skipped} files skipped{example}")
+        if ds.num_skipped:
+            dist.note0(f"{ds.num_skipped} {name} files skipped{example}")
+        dist.print0(f"{name} data: {ds.num_pieces} pieces, {len(ds)} windows, {int(ds.lengths.sum())} tokens")
+    return train_ds, val_ds
+
+
+def _model_config(plan: Plan, tok):
+    from midiforge.model import ModelConfig
+
+    a = plan.args
+    if plan.ckpt_config is None:
+        d = dict(
+            plan.shape,
+            vocab_size=len(tok),
+            max_seq_len=plan.window,
+            dropout=DEFAULT_DROPOUT if a.dropout is None else a.dropout,
+        )
+        return ModelConfig.from_dict(d)
+    d = dict(plan.ckpt_config["model"])
+    if d.get("vocab_size") != len(tok):
+        raise UsageError(
+            f"{plan.ckpt_dir}: tokenizer.json has {len(tok)} tokens but the model was built for"
+            f" {d.get('vocab_size')}"
+        )
+    if d.get("max_seq_len") != plan.window:
+        dist.note0(f"training window changes from {d.get('max_seq_len')} to {plan.window} tokens")
+    d["max_seq_len"] = plan.window  # rotary positions: the weights do not depend on it
+    if a.dropout is not None:
+        d["dropout"] = a.dropout
+    try:
+        return ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{plan.ckpt_dir / ckpt_io.CONFIG_FILE}: bad model config ({e})") from e
+
+
+def _loader(dataset, batch_sampler, tok, plan: Plan, seed: int):
+    from functools import partial
+
+    from midiforge.data import collate
+
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=partial(collate, pad_id=tok.pad_id),
+        num_workers=plan.num_workers,
+        pin_memory=plan.device.type == "cuda",
+        # An explicit generator: creating the iterator must not draw from the global RNG (exact resume).
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def _fresh_epoch_counters() -> dict:
+    return {"batch": 0, "loss_sum": 0.0, "loss_tokens": 0, "seconds": 0.0, "win_loss": 0.0, "win_tokens": 0}
+
+
+def fit(plan: Plan, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
+    from tqdm import tqdm
+
+    from midiforge.data import MidiDatasetSampler
+    from midiforge.model import Transformer
+    from midiforge.plot import plot_metrics
+
+    a, device = plan.args, plan.device
+    cfg = TrainConfig(
+        num_epochs=a.num_epochs,
+        learning_rate=a.learning_rate,
+        weight_decay=a.weight_decay,
+        min_sequence_length=a.min_sequence_length,
+        max_sequence_length=a.max_sequence_length,
+        max_batch_size=a.max_batch_size,
+        window=plan.window,
+        seed=a.seed,
+        amp=plan.amp,
+        augment=a.augment,
+        vocab_size=len(tok),
+        train_dataset=[str(p) for p in a.train_dataset],
+        val_dataset=[str(p) for p in a.val_dataset or []],
+        world_size=info.world_size,
+    )
+    model_cfg = _model_config(plan, tok)
+    seed_everything(a.seed)
+    model = Transformer(model_cfg)
+    if info.enabled:
+        torch.manual_seed(a.seed + 1_000_003 * info.rank)  # the same init everywhere, different dropout masks
+    trainer = Trainer(model, cfg, device, info)
+    sampler = MidiDatasetSampler(
+        train_ds, a.max_batch_size, shuffle=True, seed=a.seed, rank=info.rank, world_size=info.world_size
+    )
+    batches_per_epoch = len(sampler)
+    data_sig = {
+        "files": [str(f) for f in plan.train_files],
+        "window": plan.window,
+        "augment": a.augment,
+        "min": a.min_sequence_length,
+        "budget": a.max_batch_size,
+        "seed": a.seed,
+        "world_size": info.world_size,
+        "tokenizer": tok.fingerprint,
+    }
+    counters = {"epoch": 0, "step": 0, "tokens": 0, "bad": 0, **_fresh_epoch_counters()}
+    metrics: dict = {"epochs": [], "steps": []}
+    if plan.resume:
+        ck = ckpt_io.load(plan.ckpt_dir)
+        try:
+            trainer.raw.load_state_dict(ck.model)
+            trainer.optimizer.load_state_dict(ck.optimizer)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UsageError(
+                f"{plan.ckpt_dir}: model/optimizer state does not fit config.json"
+                f" ({str(e).strip().splitlines()[0]})"
+            ) from e
+        if ck.state.get("scaler") and trainer.scaler.is_enabled():
+            trainer.scaler.load_state_dict(ck.state["scaler"])
+        counters.update(ck.state["counters"])
+        metrics = ck.metrics
+        set_rng_state(ck.state["rng"])
+        old = ck.config.get("train", {})
+        for key, flag in (("learning_rate", "-l"), ("weight_decay", "-w")):
+            if key in old and old[key] != getattr(cfg, key):
+                dist.note0(
+                    f"{flag} {getattr(cfg, key)} from the command line replaces the checkpoint's {old[key]}"
+                )
+        if old.get("num_epochs", a.num_epochs) != a.num_epochs:
+            dist.note0(
+                f"num_epochs {old['num_epochs']} -> {a.num_epochs}: the cosine schedule is rebuilt for"
+                f" {a.num_epochs * batches_per_epoch} steps (the learning rate continues from that curve)"
+            )
+        if counters["batch"]:
+            if ck.state.get("data") == data_sig:
+                sampler.load_state_dict(dict(ck.state["sampler"], position=counters["batch"]))
+            else:
+                dist.note0(
+                    f"data settings changed since the checkpoint: epoch {counters['epoch'] + 1} restarts"
+                )
+                counters.update(_fresh_epoch_counters())
+                metrics["steps"] = [s for s in metrics["steps"] if s[0] <= counters["epoch"]]
+        dist.print0(
+            f"resuming {plan.ckpt_dir} at epoch {counters['epoch'] + 1}, batch {counters['batch']},"
+            f" step {counters['step']}"
+        )
+    trainer.set_hyperparameters(counters["step"], a.num_epochs * batches_per_epoch)
+    dist.print0(
+        f"model: {trainer.raw.num_parameters() / 1e6:.2f}M parameters ({model_cfg.n_layer} layers,"
+        f" d_model {model_cfg.d_model}), window {plan.window} tokens, device {device}, amp {plan.amp},"
+        f" {info.world_size} process(es), {batches_per_epoch} batches/epoch/process"
+    )
+
+    val_loader = None
+    if val_ds is not None:
+        val_batches = list(MidiDatasetSampler(val_ds, a.max_batch_size, shuffle=False, seed=a.seed))
+        val_loader = _loader(val_ds, val_batches[info.rank :: info.world_size], tok, plan, a.seed)
+
+    def save() -> None:
+        if info.is_main:
+            state = {
+                "scheduler": trainer.scheduler.state_dict(),
+                "scaler": trainer.scaler.state_dict(),
+                "sampler": dict(sampler.state_dict(), position=counters["batch"]),
+                "rng": rng_state(),
+                "counters": dict(counters),
+                "data": data_sig,
+            }
+            ckpt_io.save(
+                plan.ckpt_dir,
+                model=trainer.raw.state_dict(),
+                optimizer=trainer.optimizer.state_dict(),
+                state=state,
+                metrics=metrics,
+                config={"model": model_cfg.to_dict(), "train": asdict(cfg)},
+            )
+
+    stop_after = int(os.environ.get(STOP_ENV) or 0)
+    start_step = counters["step"]
+    last_save = time.monotonic()
+    for epoch in range(counters["epoch"], a.num_epochs):
+        if counters["batch"] == 0:
+            sampler.set_epoch(epoch)
+        n_batches = len(sampler)
+        record_every = max(1, n_batches // 200)  # about 200 points per epoch for the plot
+        loader = _loader(train_ds, sampler, tok, plan, a.seed + epoch)
+        bar = tqdm(
+            total=n_batches,
+            initial=counters["batch"],
+            desc=f"epoch {epoch + 1}/{a.num_epochs}",
+            unit="batch",
+            disable=not info.is_main,
+            dynamic_ncols=True,
+        )
+        t_epoch = time.monotonic() - counters["seconds"]
+        t_session, session_tokens = time.monotonic(), 0
+        stopping = False
+        for inputs, labels in loader:
+            n_local = int((labels != IGNORE_INDEX).sum())
+            inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            due = info.is_main and time.monotonic() - last_save >= a.save_every_minutes * 60
+            flags = dist.all_reduce_sum(
+                torch.tensor([n_local, float(due)], dtype=torch.float64, device=device)
+            )
+            n_total, save_now = int(flags[0]), bool(flags[1] > 0)
+            loss_sum, ok = trainer.train_step(inputs, labels, max(1.0, n_total / info.world_size))
+            out = dist.all_reduce_sum(
+                torch.stack([loss_sum.double(), torch.tensor(float(ok), device=device, dtype=torch.float64)])
+            )
+            ok = int(out[1]) == info.world_size
+            counters["step"] += 1
+            counters["batch"] += 1
+            if ok:
+                loss = float(out[0])
+                counters["loss_sum"] += loss
+                counters["loss_tokens"] += n_total
+                counters["win_loss"] += loss
+                counters["win_tokens"] += n_total
+                counters["tokens"] += n_total
+                counters["bad"] = 0
+                session_tokens += n_total
+                mean = counters["loss_sum"] / max(1, counters["loss_tokens"])
+                rate = session_tokens / max(1e-9, time.monotonic() - t_session)
+                bar.set_postfix_str(
+                    f"loss {mean:.3f} ppl {perplexity(mean):.1f} {rate:,.0f} tok/s", refresh=False
+                )
+            else:
+                counters["bad"] += 1
+                dist.note0(f"step {counters['step']}: non-finite loss or gradients, step skipped")
+                if counters["bad"] >= MAX_BAD_STEPS:
+                    raise TrainingDiverged(
+                        f"{counters['bad']} consecutive non-finite steps: training diverged;"
+                        f" the last good checkpoint in {plan.ckpt_dir} is kept. Lower -l"
+                    )
+            if counters["win_tokens"] and (
+                counters["batch"] % record_every == 0 or counters["batch"] == n_batches
+            ):
+                x = round(epoch + counters["batch"] / n_batches, 6)
+                metrics["steps"].append([x, counters["win_loss"] / counters["win_tokens"]])
+                counters["win_loss"], counters["win_tokens"] = 0.0, 0
+            bar.update(1)
+            stopping = stop_after and start_step < stop_after <= counters["step"]
+            if counters["batch"] < n_batches and (save_now or stopping):
+                counters["seconds"] = time.monotonic() - t_epoch
+                save()
+                last_save = time.monotonic()
+                if stopping:
+                    bar.close()
+                    dist.print0(f"stopped after {counters['step']} steps ({STOP_ENV}); checkpoint saved")
+                    return 0
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # training activations out, validation batches in
+        train_loss = counters["loss_sum"] / counters["loss_tokens"] if counters["loss_tokens"] else None
+        val_loss, _ = evaluate(trainer, val_loader) if val_loader is not None else (None, 0)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        seconds = time.monotonic() - t_epoch
+        metrics["epochs"].append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                "train_perplexity": perplexity(train_loss),
+                "val_loss": val_loss,
+                "val_perplexity": perplexity(val_loss),
+                "tokens": counters["loss_tokens"],
+                "seconds": round(seconds, 3),
+                "lr": trainer.lr,
+            }
+        )
+        counters.update(epoch=epoch + 1, **_fresh_epoch_counters())
+        save()
+        last_save = time.monotonic()
+        if info.is_main:
+            try:
+                plot_metrics(metrics, plan.ckpt_dir / ckpt_io.PLOT_FILE)
+            except Exception as e:  # a plotting problem must never stop training
+                dist.note0(f"could not draw {ckpt_io.PLOT_FILE}: {type(e).__name__}: {e}")
+        val = f", val loss {val_loss:.4f} (ppl {perplexity(val_loss):.2f})" if val_loss is not None else ""
+        tl = f"{train_loss:.4f} (ppl {perplexity(train_loss):.2f})" if train_loss is not None else "n/a"
+        dist.print0(
+            f"epoch {epoch + 1}/{a.num_epochs}: train loss {tl}{val}, {seconds:.1f} s, lr {trainer.lr:.3g}"
+        )
+        if stopping and epoch + 1 < a.num_epochs:
+            dist.print0(f"stopped after {counters['step']} steps ({STOP_ENV}); checkpoint saved")
+            return 0
+    dist.print0(f"done: {a.num_epochs} epochs; checkpoint in {plan.ckpt_dir}")
+    return 0
