@@ -49,11 +49,19 @@ def test_budget_coverage_and_len():
 def test_batches_are_full_no_premature_close():
     # Sorted packing: every batch but the last (in sorted order) could not take its successor's first sample.
     ds = FakeDataset()
-    sampler = MidiDatasetSampler(ds, BUDGET, shuffle=False)
+    sampler = MidiDatasetSampler(ds, BUDGET, shuffle=False, max_tokens=None)
     batches = list(sampler)
     for b, nxt in zip(batches, batches[1:], strict=False):
         cost = sum(int(ds.lengths[i]) ** 2 for i in b)
         assert cost + int(ds.lengths[nxt[0]]) ** 2 > BUDGET
+    # with the default token cap, a batch closes when either limit would be passed
+    sampler = MidiDatasetSampler(ds, BUDGET, shuffle=False)
+    cap = BUDGET // int(ds.lengths.max())
+    batches = list(sampler)
+    for b, nxt in zip(batches, batches[1:], strict=False):
+        cost = sum(int(ds.lengths[i]) ** 2 for i in b)
+        nxt_len = int(ds.lengths[nxt[0]])
+        assert cost + nxt_len**2 > BUDGET or (len(b) + 1) * nxt_len > cap
 
 
 def test_order_differs_between_epochs_and_repeats_with_seed():
@@ -82,13 +90,18 @@ def test_oversized_sample_alone_with_warning():
     assert sorted(i for b in batches for i in b) == list(range(50))
 
 
-def test_max_tokens_caps_padded_tokens():
+@pytest.mark.parametrize("max_tokens", [256, "auto"])
+def test_max_tokens_caps_padded_tokens(max_tokens):
     ds = FakeDataset(n=300, max_len=64)
-    sampler = MidiDatasetSampler(ds, BUDGET, max_tokens=256)
+    sampler = MidiDatasetSampler(ds, BUDGET, max_tokens=max_tokens)
+    cap = 256 if max_tokens == 256 else BUDGET // int(ds.lengths.max())
     batches = list(sampler)
     assert sorted(i for b in batches for i in b) == list(range(300))
     for b in batches:
-        assert len(b) * max(int(ds.lengths[i]) for i in b) <= 256
+        assert len(b) * max(int(ds.lengths[i]) for i in b) <= cap
+    # without the cap, the shortest samples share one huge batch
+    uncapped = MidiDatasetSampler(ds, BUDGET, max_tokens=None)
+    assert max(len(b) for b in uncapped) > max(len(b) for b in batches)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -171,3 +184,5 @@ def test_invalid_arguments():
         MidiDatasetSampler(FakeDataset(), 0)
     with pytest.raises(ValueError):
         MidiDatasetSampler(FakeDataset(), BUDGET, rank=2, world_size=2)
+    with pytest.raises(ValueError):
+        MidiDatasetSampler(FakeDataset(), BUDGET, max_tokens=0)

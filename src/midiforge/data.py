@@ -441,7 +441,12 @@ class MidiDatasetSampler(torch.utils.data.Sampler):
     Each epoch: samples sorted by length (seeded random tie-breaks), packed greedily under the budget, batch
     order shuffled with a generator seeded by ``(seed, epoch)``. Every rank computes the same plan; it is
     padded by repeating batches to a multiple of ``world_size`` and rank r takes batches r, r+W, ...
-    ``max_tokens`` optionally also caps ``batch_size * longest`` (short samples otherwise make huge batches).
+
+    ``max_tokens`` also caps ``batch_size * longest`` (padded tokens). Without it, ``sum(L ** 2)`` lets short
+    samples form huge batches (budget 8×1536² holds 1887 samples of 100 tokens: 15× the tokens, so the
+    logits' memory, of a batch of 1536-token samples) that also mix very different lengths (padding).
+    ``"auto"`` (default) uses ``max_batch_size // longest``, the tokens of a batch of the longest samples
+    (of those that fit the budget) of the epoch; ``None`` keeps only the ``sum(L ** 2)`` rule.
 
     ``len(sampler)`` is the number of batches of a whole epoch on this rank; after ``load_state_dict`` the
     next iteration yields only the ``len - position`` batches that were left.
@@ -456,12 +461,16 @@ class MidiDatasetSampler(torch.utils.data.Sampler):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        max_tokens: int | None = None,
+        max_tokens: int | str | None = "auto",
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        if not (
+            max_tokens is None or max_tokens == "auto" or (isinstance(max_tokens, int) and max_tokens > 0)
+        ):
+            raise ValueError(f"max_tokens must be a positive int, 'auto' or None, got {max_tokens!r}")
         self.dataset = dataset
         self.max_batch_size = int(max_batch_size)
         self.max_tokens = max_tokens
@@ -487,11 +496,15 @@ class MidiDatasetSampler(torch.utils.data.Sampler):
             order = np.lexsort((rng.random(len(lengths)), lengths))
         else:
             order = np.argsort(lengths, kind="stable")
-        batches, num_oversized = plan_batches(lengths, order, self.max_batch_size, self.max_tokens)
+        max_tokens = self.max_tokens
+        if max_tokens == "auto":
+            fitting = lengths[lengths * lengths <= self.max_batch_size]
+            max_tokens = self.max_batch_size // max(int(fitting.max()), 1) if len(fitting) else None
+        batches, num_oversized = plan_batches(lengths, order, self.max_batch_size, max_tokens)
         if num_oversized:
             warnings.warn(
                 f"{num_oversized} samples are longer than the batch budget allows (L**2 > {self.max_batch_size}"
-                f"{f' or L > {self.max_tokens} tokens' if self.max_tokens else ''}); each goes alone in a batch."
+                f"{f' or L > {max_tokens} tokens' if max_tokens else ''}); each goes alone in a batch."
                 " Use max_sequence_length <= isqrt(max_batch_size).",
                 stacklevel=2,
             )
