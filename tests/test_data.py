@@ -266,3 +266,17 @@ def test_parallel_build_matches_sequential(tmp_path, tok):
     assert seq.files == par.files and np.array_equal(seq.lengths, par.lengths)
     for i in range(0, len(seq), 7):
         assert torch.equal(seq[i][0], par[i][0])
+
+
+def test_damaged_cache_is_ignored_and_rebuilt(tmp_path, tok):
+    write_midi(tmp_path / "a.mid", num_notes=80)
+    cache = tmp_path / "cache"
+    first = MidiDataset([tmp_path / "a.mid"], tok, 4, 64, cache_dir=cache, augment=False)
+    assert first.cache.dtype == np.uint16  # small vocabulary: 2 bytes per token on disk
+    (index,) = cache.rglob("*.index.npz")
+    index.write_bytes(b"not an npz")
+    with pytest.warns(UserWarning, match="unreadable token cache index"):
+        again = MidiDataset([tmp_path / "a.mid"], tok, 4, 64, cache_dir=cache, augment=False)
+    assert again.num_encoded == 1
+    assert all(torch.equal(first[i][0], again[i][0]) for i in range(len(first)))
+    assert not list(cache.rglob("*.tmp*"))  # atomic writes leave no temporary files
