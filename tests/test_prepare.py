@@ -68,6 +68,7 @@ def test_prepare_mixed_folder(mixed, tmp_path):
     out = tmp_path / "out"
     s = prepare([src], out, jobs=2, progress=False)
     assert (s.num_found, s.num_written, s.num_present, s.num_duplicates, s.num_skipped) == (9, 3, 0, 1, 5)
+    assert s.num_notes == 3 * 24
     errors = [json.loads(line) for line in (out / ERRORS_FILE).read_text(encoding="utf-8").splitlines()]
     reasons = {Path(e["path"]).name: e["reason"] for e in errors}
     assert reasons.keys() == {

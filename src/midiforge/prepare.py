@@ -262,6 +262,7 @@ class PrepareSummary:
     num_written: int = 0
     num_present: int = 0  # already prepared by an earlier run
     num_duplicates: int = 0  # same content as another file of this run
+    num_notes: int = 0  # in the files written by this run
     skipped: dict[str, str] = field(default_factory=dict)  # path → reason
     outputs: list[Path] = field(default_factory=list)
     seconds: float = 0.0
@@ -344,9 +345,10 @@ def prepare(
     failed: dict[str, str] = {}  # sha → reason, for the duplicates of a failed file
     for i, ok, value in map_isolated(prepare_file, todo, jobs, timeout=timeout):
         path, sha, out_path = todo[i]
-        reason = value[0] if ok else value
+        reason, num_notes = value if ok else (value, 0)
         if reason is None:
             summary.num_written += 1
+            summary.num_notes += num_notes
             summary.outputs.append(Path(out_path))
         else:
             summary.skipped[path] = reason
