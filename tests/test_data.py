@@ -254,9 +254,11 @@ def test_dataloader_with_sampler_and_pickled_dataset(tmp_path, tok):
         assert padded / total == pytest.approx(sampler.padding_fraction())
 
 
+@pytest.mark.slow  # starting the worker processes imports torch in them (seconds)
 @pytest.mark.skipif(not POP909.is_dir(), reason="POP909 sample corpus not available")
-def test_parallel_build_matches_sequential(tmp_path, tok):
-    files = sorted(POP909.glob("*.mid"))[:20]
+def test_parallel_build_matches_sequential(tmp_path, tok, monkeypatch):
+    monkeypatch.setattr("midiforge.data._MIN_FILES_FOR_POOL", 2)
+    files = sorted(POP909.glob("*.mid"))[:6]
     bad = tmp_path / "bad.mid"
     bad.write_bytes(b"MThd garbage")
     paths = [*files, bad]
