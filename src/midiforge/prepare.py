@@ -72,6 +72,12 @@ def _worker_main(conn, fn: Callable) -> None:
     the first one of the batch without an answer.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    try:  # a parser crash is an expected event here: no core dump in the user's folder for it
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    except (ImportError, ValueError, OSError):
+        pass
     while True:
         try:
             batch = conn.recv()
