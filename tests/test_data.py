@@ -282,3 +282,23 @@ def test_damaged_cache_is_ignored_and_rebuilt(tmp_path, tok):
     assert again.num_encoded == 1
     assert all(torch.equal(first[i][0], again[i][0]) for i in range(len(first)))
     assert not list(cache.rglob("*.tmp*"))  # atomic writes leave no temporary files
+
+
+def test_tokenizer_error_skips_file_without_caching_the_failure(tmp_path, tok, monkeypatch):
+    write_midi(tmp_path / "a.mid", num_notes=50)
+    write_midi(tmp_path / "b.mid", num_notes=70, seed=1)
+    real = MidiTokenizer.encode_notes
+
+    def flaky(self, notes, transpose=0):
+        if len(notes) > 80:  # only b.mid (70 melody + 18 chord notes)
+            raise RuntimeError("boom")
+        return real(self, notes, transpose)
+
+    monkeypatch.setattr(MidiTokenizer, "encode_notes", flaky)
+    kw = dict(cache_dir=tmp_path / "cache", augment=False)
+    ds = MidiDataset([tmp_path], tok, 4, 64, **kw)
+    assert ds.files == [str(tmp_path / "a.mid")]
+    assert ds.skipped == {str(tmp_path / "b.mid"): "tokenizer failed: RuntimeError: boom"}
+    monkeypatch.setattr(MidiTokenizer, "encode_notes", real)
+    again = MidiDataset([tmp_path], tok, 4, 64, **kw)
+    assert again.num_encoded == 1 and again.num_pieces == 2 and again.num_skipped == 0

@@ -28,6 +28,8 @@ DATA_SUFFIXES = (".mid", ".midi", ".json")
 IGNORE_INDEX = -100  # label value at padding; what torch's cross_entropy ignores by default
 _PACK_TOKENS = 1 << 24  # flush a cache pack every ~16M tokens so building never holds the corpus in memory
 _MIN_FILES_FOR_POOL = 16  # below this, starting worker processes costs more than it saves
+# Dataset and sampler usually get the same seed: separate streams keep transpositions and order independent.
+_TRANSPOSE_STREAM, _ORDER_STREAM = 1, 2
 
 
 # --------------------------------------------------------------------------------------------- token cache
@@ -247,7 +249,7 @@ class MidiDataset(torch.utils.data.Dataset):
                 shas[f] = file_sha256(f)
             except OSError as e:
                 self.skipped[f] = f"unreadable: {e}"
-        self._build_cache(files, shas, tokenizer, os.cpu_count() if num_workers is None else num_workers)
+        transient = self._build_cache(shas, tokenizer, os.cpu_count() if num_workers is None else num_workers)
 
         pieces, packs, offsets, lengths = [], [], [], []
         for f in files:
@@ -259,7 +261,7 @@ class MidiDataset(torch.utils.data.Dataset):
                 continue
             found = self.cache.lookup(sha, self.transposes.tolist())
             if found is None:  # encoding failed this run with a reason not worth caching
-                self.skipped[f] = self._uncached_failures[sha]
+                self.skipped[f] = transient[sha]
                 continue
             pack, offs, lens = found
             if lens[self._t0] + 1 < self.min_sequence_length:
@@ -269,7 +271,6 @@ class MidiDataset(torch.utils.data.Dataset):
             packs.append(pack)
             offsets.append(offs)
             lengths.append(lens)
-        del self._uncached_failures
         self.files = pieces  # path of each piece, in piece-index order
         nt = len(self.transposes)
         self._pack = np.asarray(packs, np.int64)
@@ -278,15 +279,16 @@ class MidiDataset(torch.utils.data.Dataset):
         self._cuts: dict[tuple[int, int], np.ndarray] = {}  # (piece, transposition column) → window starts
         self.set_epoch(0)
 
-    def _build_cache(self, files: list[str], shas: dict[str, str], tokenizer, num_workers: int) -> None:
+    def _build_cache(self, shas: dict[str, str], tokenizer, num_workers: int) -> dict[str, str]:
+        """Encode the files (path → sha) the cache lacks. Returns sha → reason for failures not cached."""
         todo: dict[str, str] = {}  # sha → one path with that content
         transposes = tuple(self.transposes.tolist())
         for f, sha in shas.items():
             if sha not in self.cache.failures and self.cache.lookup(sha, transposes) is None:
                 todo.setdefault(sha, f)
-        self._uncached_failures: dict[str, str] = {}
+        transient: dict[str, str] = {}
         if not todo:
-            return
+            return transient
         jobs = [(sha, f, transposes) for sha, f in todo.items()]
         encoded: dict[str, list[np.ndarray]] = {}
         failures: dict[str, str] = {}
@@ -294,7 +296,7 @@ class MidiDataset(torch.utils.data.Dataset):
         for sha, ids, reason, cacheable in _encode_all(jobs, tokenizer, min(num_workers, 8)):
             self.num_encoded += 1
             if ids is None:
-                (failures if cacheable else self._uncached_failures)[sha] = reason
+                (failures if cacheable else transient)[sha] = reason
                 continue
             encoded[sha] = ids
             num_tokens += sum(len(a) for a in ids)
@@ -303,6 +305,7 @@ class MidiDataset(torch.utils.data.Dataset):
                 encoded, failures, num_tokens = {}, {}, 0
         if encoded or failures:
             self.cache.write_pack(transposes, encoded, failures)
+        return transient
 
     @property
     def num_skipped(self) -> int:
@@ -325,7 +328,7 @@ class MidiDataset(torch.utils.data.Dataset):
         self.epoch = epoch
         n = len(self.files)
         if len(self.transposes) > 1:
-            rng = np.random.default_rng([self.seed, epoch])
+            rng = np.random.default_rng([self.seed, epoch, _TRANSPOSE_STREAM])
             self._tcol = rng.integers(0, len(self.transposes), size=n)
         else:
             self._tcol = np.zeros(n, np.int64)
@@ -491,7 +494,7 @@ class MidiDatasetSampler(torch.utils.data.Sampler):
     def global_plan(self) -> list[np.ndarray]:
         """All ranks' batches of the current epoch, in order, padded to a multiple of ``world_size``."""
         lengths = np.asarray(self.dataset.lengths, np.int64)
-        rng = np.random.default_rng([self.seed, self.epoch])
+        rng = np.random.default_rng([self.seed, self.epoch, _ORDER_STREAM])
         if self.shuffle:
             order = np.lexsort((rng.random(len(lengths)), lengths))
         else:
