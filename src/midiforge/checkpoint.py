@@ -218,7 +218,10 @@ def load(ckpt_dir: str | os.PathLike, map_location="cpu") -> Checkpoint:
     missing = [n for n in SAVE_FILES if not (ckpt_dir / n).is_file()]
     if missing:
         raise UsageError(f"{ckpt_dir}: incomplete checkpoint, missing {', '.join(missing)}")
+    # Unpickle everything (weights_only) before anything else, so a code-carrying file is always refused as such.
     state = load_torch(ckpt_dir / STATE_FILE, map_location)
+    model = load_torch(ckpt_dir / MODEL_FILE, map_location)
+    optimizer = load_torch(ckpt_dir / OPTIMIZER_FILE, map_location)
     if not isinstance(state, dict) or not isinstance(state.get("files"), dict):
         raise UsageError(f"{ckpt_dir / STATE_FILE}: not a midiforge training state")
     for name, digest in state["files"].items():
@@ -227,9 +230,11 @@ def load(ckpt_dir: str | os.PathLike, map_location="cpu") -> Checkpoint:
                 f"{ckpt_dir}: inconsistent checkpoint: {name} does not belong to the save recorded in "
                 f"{STATE_FILE} (was a file replaced by hand?)"
             )
+    if not isinstance(model, dict):
+        raise UsageError(f"{ckpt_dir / MODEL_FILE}: not a state_dict")
     return Checkpoint(
-        model=strip_prefixes(load_torch(ckpt_dir / MODEL_FILE, map_location)),
-        optimizer=load_torch(ckpt_dir / OPTIMIZER_FILE, map_location),
+        model=strip_prefixes(model),
+        optimizer=optimizer,
         state=state,
         metrics=read_json(ckpt_dir / METRICS_FILE),
         config=read_config(ckpt_dir),
@@ -275,7 +280,10 @@ def load_inference(ckpt_dir: str | os.PathLike, device="cpu"):
             f"{config.vocab_size}: the files do not belong together"
         )
     model = Transformer(config)
-    state_dict = strip_prefixes(load_torch(ckpt_dir / MODEL_FILE, map_location="cpu"))
+    state_dict = load_torch(ckpt_dir / MODEL_FILE, map_location="cpu")
+    if not isinstance(state_dict, dict):
+        raise UsageError(f"{ckpt_dir / MODEL_FILE}: not a state_dict")
+    state_dict = strip_prefixes(state_dict)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:

@@ -36,8 +36,8 @@ def _series(epochs: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def render_png(metrics: dict) -> bytes:
-    """The PNG bytes of the training curves for a metrics.json dict."""
+def figure(metrics: dict):
+    """A matplotlib Figure (Agg canvas) of the training curves for a metrics.json dict."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -70,8 +70,13 @@ def render_png(metrics: dict) -> bytes:
         ax.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize=8)
     ax.set_title("training curves" if epochs or steps else "training curves (no data yet)")
     fig.tight_layout()
+    return fig
+
+
+def render_png(metrics: dict) -> bytes:
+    """The PNG bytes of the training curves for a metrics.json dict."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    figure(metrics).savefig(buf, format="png")
     return buf.getvalue()
 
 

@@ -796,7 +796,9 @@ def fit(plan: Plan, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
             f"resuming {plan.ckpt_dir} at epoch {counters['epoch'] + 1}, batch {counters['batch']},"
             f" step {counters['step']}"
         )
-    trainer.set_hyperparameters(counters["step"], a.num_epochs * batches_per_epoch)
+    total_steps = a.num_epochs * batches_per_epoch
+    cfg.warmup_steps = min(cfg.warmup_steps, max(1, total_steps // 10))  # short runs must not stay in warmup
+    trainer.set_hyperparameters(counters["step"], total_steps)
     dist.print0(
         f"model: {trainer.raw.num_parameters() / 1e6:.2f}M parameters ({model_cfg.n_layer} layers,"
         f" d_model {model_cfg.d_model}), window {plan.window} tokens, device {device}, amp {plan.amp},"
@@ -843,6 +845,9 @@ def fit(plan: Plan, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
             unit="batch",
             disable=not info.is_main,
             dynamic_ncols=True,
+            mininterval=0.5
+            if sys.stderr.isatty()
+            else 30.0,  # a log file gets a line every 30 s, not a flood
         )
         t_epoch = time.monotonic() - counters["seconds"]
         t_session, session_tokens = time.monotonic(), 0
@@ -918,6 +923,7 @@ def fit(plan: Plan, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
                 "tokens": counters["loss_tokens"],
                 "seconds": round(seconds, 3),
                 "lr": trainer.lr,
+                "step": counters["step"],
             }
         )
         counters.update(epoch=epoch + 1, **_fresh_epoch_counters())
