@@ -119,6 +119,7 @@ def sample(
     return torch.minimum(idx, last)
 
 
+@torch.inference_mode()
 def next_token(
     model: torch.nn.Module,
     idx: torch.Tensor,
@@ -191,6 +192,43 @@ def clip_seconds(score: symusic.Score, seconds: float) -> symusic.Score:
     return out
 
 
+def _decode_loop(
+    model, tokenizer, head, B, max_new_tokens, max_seconds, use_kv_cache, banned, sampling, device
+) -> tuple[torch.Tensor, list[str]]:
+    """The token loop of :func:`generate`: (ids (B, N) on CPU, stop reason per row, "" for none)."""
+    window = model.config.max_seq_len
+    ids = torch.tensor(head, dtype=torch.long).repeat(B, 1)  # (B, N) every token so far, on CPU
+    stop = [""] * B  # stop reason per row; "" while active
+    start = 0  # the model's context is ids[:, start:]
+    cache = model.new_kv_cache(B) if use_kv_cache else None
+    cached = 0  # ids[:, start:cached] are in the cache
+    for step in range(max_new_tokens):
+        active = torch.tensor([not s for s in stop])
+        if ids.size(1) - start > window:  # no room for the next position: slide
+            keep = max(1, int(window * WINDOW_KEEP))
+            cut = ids.size(1) - keep
+            start = _window_cut(tokenizer, ids, cut, min(cut + window // 8, ids.size(1) - 1), active)
+            if cache is not None:
+                # Rotary positions are relative to the window start, so the kept tokens are prefilled again.
+                cache.reset()
+                cached = start
+        feed = ids[:, cached if cache is not None else start :].to(device)
+        tok = next_token(model, feed, cache, banned=banned, **sampling)  # (B,)
+        cached = ids.size(1)
+        tok = torch.where(active, tok, torch.full_like(tok, tokenizer.pad_id))  # finished rows: PAD, ignored
+        ids = torch.cat([ids, tok[:, None]], dim=1)
+        for b in range(B):
+            if not stop[b] and tok[b] == tokenizer.eos_id:
+                stop[b] = "eos"
+        if max_seconds is not None and (step + 1) % MAX_SECONDS_CHECK_EVERY == 0:
+            for b in range(B):
+                if not stop[b] and tokenizer.decode(ids[b].numpy()).to("second").end() > max_seconds:
+                    stop[b] = "max_seconds"
+        if all(stop):
+            break
+    return ids, stop
+
+
 @torch.inference_mode()
 def generate(
     model: torch.nn.Module,
@@ -229,45 +267,22 @@ def generate(
         raise ValueError("; ".join(problems))
     head = prompt_ids(tokenizer, prompt, prompt_bars)
     generator = torch.Generator()
-    generator.manual_seed(seed) if seed is not None else generator.seed()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     banned = [tokenizer.pad_id, tokenizer.bos_id] + ([tokenizer.eos_id] if ignore_eos else [])
-    window = model.config.max_seq_len
+    B = num_samples
     was_training = model.training
     model.eval()
+    try:
+        ids, stop = _decode_loop(
+            model, tokenizer, head, B, max_new_tokens, max_seconds, use_kv_cache, banned, sampling, device
+        )
+    finally:
+        model.train(was_training)
 
-    B = num_samples
-    ids = torch.tensor(head, dtype=torch.long).repeat(B, 1)  # (B, N) every token so far, on CPU
-    stop = [""] * B  # stop reason per row; "" while active
-    start = 0  # the model's context is ids[:, start:]
-    cache = model.new_kv_cache(B) if use_kv_cache else None
-    cached = 0  # ids[:, start:cached] are in the cache
-    for step in range(max_new_tokens):
-        active = torch.tensor([not s for s in stop])
-        if ids.size(1) - start > window:  # no room for the next position: slide
-            keep = max(1, int(window * WINDOW_KEEP))
-            cut = ids.size(1) - keep
-            start = _window_cut(tokenizer, ids, cut, min(cut + window // 8, ids.size(1) - 1), active)
-            if cache is not None:
-                # Rotary positions are relative to the window start, so the kept tokens are prefilled again.
-                cache.reset()
-                cached = start
-        feed = ids[:, cached if cache is not None else start :].to(device)
-        tok = next_token(model, feed, cache, banned=banned, **sampling)  # (B,)
-        cached = ids.size(1)
-        tok = torch.where(active, tok, torch.full_like(tok, tokenizer.pad_id))  # finished rows: PAD, ignored
-        ids = torch.cat([ids, tok[:, None]], dim=1)
-        for b in range(B):
-            if not stop[b] and tok[b] == tokenizer.eos_id:
-                stop[b] = "eos"
-        if max_seconds is not None and (step + 1) % MAX_SECONDS_CHECK_EVERY == 0:
-            for b in range(B):
-                if not stop[b] and tokenizer.decode(ids[b].numpy()).to("second").end() > max_seconds:
-                    stop[b] = "max_seconds"
-        if all(stop):
-            break
-
-    model.train(was_training)
     out = []
     for b in range(B):
         row = ids[b].tolist()
