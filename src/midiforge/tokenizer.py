@@ -22,7 +22,6 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import symusic
