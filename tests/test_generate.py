@@ -149,7 +149,7 @@ class EosModel(torch.nn.Module):
         )
         self.eos_id, self.prompt_len, self.seen = eos_id, prompt_len, 0
 
-    def new_kv_cache(self, batch_size):
+    def new_kv_cache(self, batch_size, max_len=None):
         return None
 
     def forward(self, idx, kv_cache=None, last_only=False):

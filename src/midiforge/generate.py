@@ -200,7 +200,8 @@ def _decode_loop(
     ids = torch.tensor(head, dtype=torch.long).repeat(B, 1)  # (B, N) every token so far, on CPU
     stop = [""] * B  # stop reason per row; "" while active
     start = 0  # the model's context is ids[:, start:]
-    cache = model.new_kv_cache(B) if use_kv_cache else None
+    # Only as many positions as this run can fill: the window may be far longer than the generation.
+    cache = model.new_kv_cache(B, max_len=min(window, len(head) + max_new_tokens)) if use_kv_cache else None
     cached = 0  # ids[:, start:cached] are in the cache
     for step in range(max_new_tokens):
         active = torch.tensor([not s for s in stop])
