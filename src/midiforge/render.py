@@ -217,9 +217,8 @@ def render_pianoroll(score: symusic.Score, path: str | os.PathLike, title: str |
     for i, track in enumerate(t for t in sec.tracks if len(t.notes)):
         a = track.notes.numpy()
         color = colors[i % len(colors)]
-        label = (
-            f"{track.name or f'track {i + 1}'} ({'drums' if track.is_drum else f'program {track.program}'})"
-        )
+        name, kind = track.name or f"track {i + 1}", "drums" if track.is_drum else f"program {track.program}"
+        label = name if kind in name.lower() else f"{name} ({kind})"
         # One broken_barh call per pitch row: a few dozen artists instead of one per note.
         for pitch in np.unique(a["pitch"]):
             sel = a["pitch"] == pitch
