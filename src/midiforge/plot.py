@@ -69,7 +69,7 @@ def figure(metrics: dict):
     if lines:
         ax.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize=8)
     ax.set_title("training curves" if epochs or steps else "training curves (no data yet)")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.9, bottom=0.1, top=0.93)  # fixed: tight_layout costs ~0.4 s a draw
     return fig
 
 

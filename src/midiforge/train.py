@@ -34,6 +34,7 @@ import random  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -543,7 +544,11 @@ class Trainer:
             self.scaler.step(self.optimizer)  # the scaler skips the step itself on inf/nan gradients
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # The schedule follows the step counter, skipped steps included (so resuming can rebuild it from
+            # the counter); torch warns when the very first optimizer steps were skipped.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+            self.scheduler.step()
         return loss_sum, ok and bool(torch.isfinite(loss_sum))
 
 
@@ -811,7 +816,8 @@ def fit(plan: Plan, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
         val_loader = _loader(val_ds, val_batches[info.rank :: info.world_size], tok, plan, a.seed)
 
     def save() -> None:
-        if info.is_main:
+        # Never while non-finite steps are going on: the last good checkpoint must survive a divergence.
+        if info.is_main and not counters["bad"]:
             state = {
                 "scheduler": trainer.scheduler.state_dict(),
                 "scaler": trainer.scaler.state_dict(),

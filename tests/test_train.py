@@ -1,0 +1,350 @@
+"""train.py end to end on tiny models and small MIDI files written here (CPU, seconds each).
+
+Covers: overfitting, exact resume (epoch boundary and mid-epoch), SIGKILL + re-run, 2-process gloo DDP,
+bad arguments (exit 2, nothing written), code-carrying checkpoints, non-finite losses, OOM splitting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import symusic
+import torch
+from conftest import corpus_dir, make_score
+
+from midiforge import checkpoint as ck
+from midiforge import train as tr
+from midiforge.tokenizer import MidiTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "32", "--d-ff", "64", "-b", "16384"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """train/ (3 pieces), val/ (1 piece) and a BPE tokenizer.json trained on train/."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "train").mkdir()
+    (root / "val").mkdir()
+    for i in range(3):
+        make_score(seed=i, num_notes=120).dump_midi(str(root / "train" / f"p{i}.mid"))
+    make_score(seed=9, num_notes=120).dump_midi(str(root / "val" / "v.mid"))
+    tok = MidiTokenizer()
+    tok.train_bpe(sorted(str(p) for p in (root / "train").iterdir()), 700)
+    tok.save(root / "tokenizer.json")
+    return root
+
+
+def _argv(epochs, ckpt, data, *extra):
+    return [str(epochs), str(ckpt), "-t", str(data / "train"), "-v", str(data / "val"), *TINY, *extra]
+
+
+def _run(epochs, ckpt, data, *extra, env=None, monkeypatch=None):
+    """Run `train` in this process with the shared tokenizer (so runs are comparable); returns the exit code."""
+    Path(ckpt).mkdir(parents=True, exist_ok=True)
+    if not (Path(ckpt) / "tokenizer.json").exists():
+        shutil.copy(data / "tokenizer.json", ckpt)
+    if monkeypatch is not None:
+        monkeypatch.delenv(tr.STOP_ENV, raising=False)
+        for k, v in (env or {}).items():
+            monkeypatch.setenv(k, v)
+    return tr.main(_argv(epochs, ckpt, data, *extra))
+
+
+def _metrics(ckpt):
+    return json.loads((Path(ckpt) / "metrics.json").read_text())
+
+
+def _assert_same_run(a, b):
+    ma, mb = _metrics(a), _metrics(b)
+    assert len(ma["epochs"]) == len(mb["epochs"])
+    for ea, eb in zip(ma["epochs"], mb["epochs"], strict=True):
+        for key in ("train_loss", "val_loss", "tokens", "lr", "step"):
+            assert eb[key] == pytest.approx(ea[key], rel=1e-6), key
+    assert len(ma["steps"]) == len(mb["steps"])
+    for sa, sb in zip(ma["steps"], mb["steps"], strict=True):
+        assert sb == pytest.approx(sa, rel=1e-6)
+    wa, wb = ck.load(a).model, ck.load(b).model
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def _motif_piece(path, motif):
+    """A piece that repeats one motif (alternating octaves): easy to learn by heart."""
+    score = symusic.Score(480)
+    score.tempos.append(symusic.Tempo(0, qpm=120.0))
+    track = symusic.Track("motif", 0, False)
+    for i in range(30 * len(motif)):
+        track.notes.append(symusic.Note(i * 240, 240, motif[i % len(motif)] + (i // len(motif)) % 2 * 12, 80))
+    score.tracks.append(track)
+    score.dump_midi(str(path))
+
+
+def test_tiny_model_overfits(data, tmp_path, monkeypatch):
+    monkeypatch.delenv(tr.STOP_ENV, raising=False)
+    (tmp_path / "train").mkdir()
+    _motif_piece(tmp_path / "train" / "a.mid", [60, 62, 64, 65, 67, 65, 64, 62])
+    _motif_piece(tmp_path / "train" / "b.mid", [55, 59, 62, 67, 62, 59])
+    (tmp_path / "ckpt").mkdir()
+    shutil.copy(data / "tokenizer.json", tmp_path / "ckpt")
+    args = [*TINY, "-b", "4096", "--dropout", "0", "--no-augment", "-l", "1e-2"]
+    assert tr.main(["5", str(tmp_path / "ckpt"), "-t", str(tmp_path / "train"), *args]) == 0
+    m = _metrics(tmp_path / "ckpt")
+    first, last = m["steps"][0][1], m["epochs"][-1]["train_loss"]
+    assert last < 0.5 * first, (first, last)
+    e = m["epochs"][-1]
+    assert e["val_loss"] is None and e["val_perplexity"] is None
+    assert e["train_perplexity"] == pytest.approx(math.exp(e["train_loss"]), rel=1e-9)
+    assert (tmp_path / "ckpt" / "training.png").is_file()
+
+
+def test_resume_is_exact(data, tmp_path, monkeypatch, capsys):
+    extra = ["--dropout", "0.1"]  # dropout on: the RNG state must be restored too
+    assert _run(2, tmp_path / "full", data, *extra, monkeypatch=monkeypatch) == 0
+    per_epoch = _metrics(tmp_path / "full")["epochs"][0]["step"]
+    # Stopped at the first epoch's end, in the middle of epoch 1, in the middle of epoch 2: then the same command.
+    for name, stop in (("end1", per_epoch), ("mid1", per_epoch // 2), ("mid2", per_epoch + 3)):
+        ckpt = tmp_path / name
+        assert _run(2, ckpt, data, *extra, env={tr.STOP_ENV: str(stop)}, monkeypatch=monkeypatch) == 0
+        assert ck.load(ckpt).state["counters"]["step"] == stop
+        assert _run(2, ckpt, data, *extra, monkeypatch=monkeypatch) == 0
+        _assert_same_run(tmp_path / "full", ckpt)
+    # Done already: nothing to do, exit 0, nothing changed.
+    before = (tmp_path / "full" / "model.pth").read_bytes()
+    capsys.readouterr()
+    assert _run(2, tmp_path / "full", data, *extra, monkeypatch=monkeypatch) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (tmp_path / "full" / "model.pth").read_bytes() == before
+
+
+def test_extend_and_override(data, tmp_path, monkeypatch, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert _run(1, ckpt, data, monkeypatch=monkeypatch) == 0
+    one = _metrics(ckpt)["epochs"][0]
+    capsys.readouterr()
+    assert _run(2, ckpt, data, "-l", "5e-4", monkeypatch=monkeypatch) == 0
+    err = capsys.readouterr().err
+    assert "cosine schedule is rebuilt" in err and "-l 0.0005 from the command line replaces" in err
+    m = _metrics(ckpt)
+    assert len(m["epochs"]) == 2 and m["epochs"][0] == one
+    assert json.loads((ckpt / "config.json").read_text())["train"]["learning_rate"] == 5e-4
+    assert m["epochs"][1]["lr"] <= 5e-4
+    # State dicts carry no wrapper prefixes.
+    assert not [k for k in ck.load(ckpt).model if k.startswith(("module.", "_orig_mod."))]
+
+
+def test_sigkill_then_rerun(data, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    shutil.copy(data / "tokenizer.json", ckpt)
+    cmd = [sys.executable, str(ROOT / "train.py"), *_argv(2, ckpt, data, "--save-every-minutes", "0.0002")]
+    env = {k: v for k, v in os.environ.items() if k != tr.STOP_ENV}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (ckpt / "state.pth").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # into the next saves
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = ck.load(ckpt)
+    assert got.state["counters"]["epoch"] == 2 and len(got.metrics["epochs"]) == 2
+    model, tok = ck.load_inference(ckpt)
+    assert model.config.vocab_size == len(tok)
+    assert not (ckpt / ck.PENDING_DIR).exists()
+
+
+def test_two_process_gloo_ddp(data, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    port = str(tr.dist.free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
+        env.pop(tr.STOP_ENV, None)
+        cmd = [sys.executable, str(ROOT / "train.py"), *_argv(2, ckpt, data, "--vocab-size", "700")]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    got = ck.load(ckpt)
+    assert got.config["train"]["world_size"] == 2 and len(got.metrics["epochs"]) == 2
+    assert not [k for k in got.model if k.startswith("module.")]
+    assert "epoch 2/2: train loss" in outs[0] and "epoch 2/2: train loss" not in outs[1]  # rank 0 speaks
+    ck.load_inference(ckpt)
+
+
+def _expect_usage_error(argv, capsys, *fragments):
+    assert tr.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("note: ")]
+    assert len(err) == 1 and err[0].startswith("midiforge train: error: "), err
+    for f in fragments:
+        assert f in err[0], (f, err[0])
+
+
+def test_bad_arguments_write_nothing(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(tr.STOP_ENV, raising=False)
+    ckpt = tmp_path / "ckpt"
+    t = ["-t", str(data / "train")]
+    _expect_usage_error(
+        ["0", str(ckpt), *t, "-b", "-5", "-l", "0", "-m", "0"],
+        capsys,
+        "num_epochs must be positive",
+        "-b/--max-batch-size",
+        "-l/--learning-rate",
+        "-m/",
+    )
+    _expect_usage_error(
+        ["1", str(ckpt), "-t", str(tmp_path / "missing")], capsys, "no such file or directory"
+    )
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not music")
+    _expect_usage_error(["1", str(ckpt), "-t", str(tmp_path / "empty")], capsys, "no .mid/.midi/.json file")
+    _expect_usage_error(["1", str(ckpt), *t, "--d-model", "30", "--n-head", "4"], capsys, "divisible")
+    _expect_usage_error(["1", str(ckpt), *t, "--amp", "fp16", "--device", "cpu"], capsys, "fp16")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.mid").write_bytes(b"MThd not really")
+    _expect_usage_error(["1", str(ckpt), "-t", str(tmp_path / "broken"), *TINY], capsys, "no usable piece")
+    assert not ckpt.exists()
+
+
+def test_incompatible_checkpoint_and_code_carrying_files(data, tmp_path, capsys, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    assert _run(1, ckpt, data, monkeypatch=monkeypatch) == 0
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
+    capsys.readouterr()
+    _expect_usage_error(
+        _argv(2, ckpt, data, "--n-layer", "2", "--d-model", "64"),
+        capsys,
+        "n_layer=1 (asked 2)",
+        "d_model=32 (asked 64)",
+    )
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()} == before
+    marker = tmp_path / "pwned"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.makedirs, (str(marker),))
+
+    torch.save({"tok_emb.weight": RunsCode()}, ckpt / "model.pth")
+    _expect_usage_error(_argv(2, ckpt, data), capsys, "refused")
+    assert not marker.exists()
+    # The root script reports the same way, from a subprocess.
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *_argv(2, ckpt, data)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("note: ")]
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("midiforge train: error: ")
+    assert "refused" in lines[0] and not marker.exists()
+
+
+def test_non_finite_losses_stop_without_touching_the_checkpoint(data, tmp_path, capsys, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    assert _run(1, ckpt, data, monkeypatch=monkeypatch) == 0
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
+    real = tr.token_loss_sum
+    monkeypatch.setattr(tr, "token_loss_sum", lambda m, x, y: real(m, x, y) * float("nan"))
+    capsys.readouterr()
+    assert _run(3, ckpt, data, "--save-every-minutes", "0.0001", monkeypatch=monkeypatch) == 1
+    assert f"{tr.MAX_BAD_STEPS} consecutive non-finite steps" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()} == before
+
+
+def test_out_of_memory_batches_are_split(data):
+    """A batch that does not fit is retried in halves; the step equals the unsplit one."""
+    from midiforge.model import ModelConfig, Transformer
+
+    class Flaky(Transformer):
+        def forward(self, idx, *a, **k):
+            if idx.size(0) > 1:
+                raise torch.OutOfMemoryError("simulated")
+            return super().forward(idx, *a, **k)
+
+    cfg = ModelConfig(vocab_size=64, n_layer=1, n_head=2, d_model=16, d_ff=32, max_seq_len=16)
+    tc = tr.TrainConfig(
+        num_epochs=1,
+        learning_rate=1e-2,
+        weight_decay=0.0,
+        min_sequence_length=1,
+        max_sequence_length=16,
+        max_batch_size=256,
+        window=16,
+        seed=0,
+        amp="off",
+        augment=False,
+        vocab_size=64,
+        train_dataset=[],
+        val_dataset=[],
+        warmup_steps=1,
+    )
+    x = torch.randint(3, 64, (4, 16))
+    y = x.roll(-1, 1)
+    y[2:, 10:] = tr.IGNORE_INDEX
+    results = []
+    for cls in (Transformer, Flaky):
+        torch.manual_seed(0)
+        trainer = tr.Trainer(cls(cfg), tc, torch.device("cpu"), tr.dist.DistInfo())
+        trainer.set_hyperparameters(0, 10)
+        loss, ok = trainer.train_step(x, y, float((y != tr.IGNORE_INDEX).sum()))
+        results.append((float(loss), ok, [p.detach().clone() for p in trainer.raw.parameters()]))
+    assert trainer.pieces == 4
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5) and results[1][1]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[0][2], results[1][2], strict=True))
+
+
+def test_real_corpus_quick(tmp_path, monkeypatch):
+    """A few pop909 songs: the tokenizer is trained into the checkpoint, the loss falls, and generate can load it."""
+    corpus = corpus_dir("pop909")
+    train_dir = tmp_path / "train"
+    train_dir.mkdir()
+    for name in ("001.mid", "002.mid", "003.mid"):
+        shutil.copy(corpus / name, train_dir)
+    monkeypatch.delenv(tr.STOP_ENV, raising=False)
+    argv = [
+        "2",
+        str(tmp_path / "ckpt"),
+        "-t",
+        str(train_dir),
+        "--preset",
+        "tiny",
+        "-b",
+        "65536",
+        "--vocab-size",
+        "1000",
+        "--no-augment",
+        "-l",
+        "3e-3",
+    ]
+    assert tr.main(argv) == 0
+    m = _metrics(tmp_path / "ckpt")
+    assert m["epochs"][-1]["train_loss"] < m["steps"][0][1] - 0.5
+    model, tok = ck.load_inference(tmp_path / "ckpt")
+    assert len(tok) <= 1000 and model.config.max_seq_len == 256
