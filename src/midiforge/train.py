@@ -62,6 +62,17 @@ IGNORE_INDEX = -100
 OOM = torch.OutOfMemoryError
 
 
+HELP_EPILOG = """
+
+Re-running the same command resumes from CKPT_PATH (mid-epoch included); num_epochs is the total, so a larger
+number extends a finished run (the warmup+cosine schedule is then rebuilt for the new total and the learning rate
+continues from that curve). -l and -w from the command line replace the checkpointed values on purpose.
+The model shape options apply to a new run; with a checkpoint they must match it (or be omitted).
+CKPT_PATH receives model.pth, optimizer.pth, state.pth, metrics.json, config.json, tokenizer.json (trained on the
+training set first when absent), training.png and cache/ (tokenized data).
+"""
+
+
 class TrainingDiverged(UsageError):
     """The loss stayed non-finite: stop without touching the last good checkpoint."""
 
@@ -96,7 +107,8 @@ class TrainConfig:
 
 # ------------------------------------------------------------------------------------------ command line
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = (p.description or "") + HELP_EPILOG
     p.add_argument("num_epochs", type=int, help="total epochs (a larger number than before extends a run)")
     p.add_argument("ckpt_path", type=Path, help="checkpoint directory; re-running the same command resumes")
     p.add_argument(
@@ -122,7 +134,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--min-sequence-length",
         type=int,
         default=DEFAULT_MIN_LEN,
-        help="skip pieces shorter than this many tokens (the seed's 2**32 would skip every piece)",
+        help="skip pieces shorter than this many tokens (default: %(default)s; the seed's 2**32 would skip every piece)",
     )
     p.add_argument(
         "-e",
@@ -130,14 +142,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_MAX_LEN,
         help="longest training window in tokens; longer pieces are cut into windows at note onsets;"
-        " lowered to isqrt(-b) when larger, so that every window fits a batch",
+        " lowered to isqrt(-b) when larger, so that every window fits a batch (default: %(default)s)",
     )
     p.add_argument(
         "-b",
         "--max-batch-size",
         type=int,
         default=DEFAULT_BATCH,
-        help="batch budget: sum of squared sample lengths (tokens) per batch",
+        help="batch budget: sum of squared sample lengths (tokens) per batch (default: 8*1536**2 = %(default)s)",
     )
     p.add_argument(
         "-l",
@@ -152,7 +164,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--weight-decay",
         type=float,
         default=DEFAULT_WD,
-        help="AdamW weight decay (not on norms, biases, embeddings); overrides a checkpoint's",
+        help="AdamW weight decay (not on norms, biases, embeddings); overrides a checkpoint's (default: %(default)s)",
     )
     g = p.add_argument_group("model shape (a new run; a checkpoint keeps its own shape)")
     g.add_argument(
@@ -179,12 +191,17 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         f" {DEFAULT_VOCAB}; fewer when the data has no more merges to offer)",
     )
     r = p.add_argument_group("run")
-    r.add_argument("--seed", type=int, default=0, help="seed of model init, data order and augmentation")
+    r.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of model init, data order and augmentation (default: %(default)s)",
+    )
     r.add_argument(
         "--amp",
         choices=("auto", "off", "fp16", "bf16"),
         default="auto",
-        help="mixed precision: auto = bf16 on CUDA when supported, else fp16 with loss scaling; fp32 on CPU",
+        help="mixed precision: auto = bf16 on CUDA when supported, else fp16 with loss scaling; fp32 on CPU (default: %(default)s)",
     )
     r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     r.add_argument(
@@ -204,7 +221,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--save-every-minutes",
         type=float,
         default=10.0,
-        help="also checkpoint mid-epoch this often (epoch ends always save)",
+        help="also checkpoint mid-epoch this often (default: %(default)s; epoch ends always save)",
     )
 
 
@@ -366,7 +383,10 @@ def _resolve_device(args, errors: list[str]) -> tuple[torch.device, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the repository's ``train.py`` (same messages and exit codes as `midiforge train`)."""
-    parser = argparse.ArgumentParser(prog="midiforge train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="midiforge train",
+        description="train a Transformer on MIDI/JSON datasets (resumes automatically)",
+    )
     configure_parser(parser)
     args = parser.parse_args(argv)
     try:
