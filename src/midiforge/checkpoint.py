@@ -151,9 +151,10 @@ def recover(ckpt_dir: str | os.PathLike) -> None:
             names = None  # a torn marker cannot happen (it is written atomically); be safe anyway
         if names is not None:
             for name in names:
-                src = pending / name
-                if src.exists():
-                    os.replace(src, ckpt_dir / name)
+                try:
+                    os.replace(pending / name, ckpt_dir / name)
+                except FileNotFoundError:  # renamed before the crash, or by another process recovering too
+                    pass
             _fsync_dir(ckpt_dir)
     shutil.rmtree(pending, ignore_errors=True)
 
