@@ -546,16 +546,17 @@ class Trainer:
                 loss_sum = self._forward_backward(inputs, labels, norm)
                 break
             except OOM as e:
-                self.optimizer.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache() if self.device.type == "cuda" else None
                 if self.info.enabled or self.pieces >= inputs.size(0):
+                    # Ranks must take the same steps: one rank cannot retry alone (the seed's DDP hung so).
                     raise UsageError(
                         f"out of memory on a batch of {tuple(inputs.shape)} tokens; lower -b/--max-batch-size"
                     ) from e
-                self.pieces *= 2
-                dist.note0(
-                    f"out of memory: splitting batches into {self.pieces} pieces (consider lowering -b)"
-                )
+            # Outside the except block: the exception's frames, and the activations they hold, are gone now.
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.pieces *= 2
+            dist.note0(f"out of memory: splitting batches into {self.pieces} pieces (consider lowering -b)")
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
         # Identical on every rank (gradients are all-reduced), so every rank takes the same decision.
