@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import multiprocessing as mp
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -136,42 +135,33 @@ class TokenCache:
 # -------------------------------------------------------------------------------------------- encoding
 
 
-_worker_tokenizer = None
-
-
-def _init_worker(tokenizer) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = tokenizer
-    torch.set_num_threads(1)
-
-
-def _encode_file(job: tuple[str, str, tuple[int, ...]]):
-    """Encode one file in every transposition: (sha, list of ids | None, reason | None, reason is cacheable)."""
-    sha, path, transposes = job
+def _encode_file(path: str, transposes: tuple[int, ...], tokenizer) -> tuple[list | None, str | None, bool]:
+    """Encode one file in every transposition: (ids per transposition | None, reason | None, cacheable)."""
     try:
         notes = read_notes(path)
     except MidiReadError as e:
-        return sha, None, str(e), True
+        return None, str(e), True
     except Exception as e:  # e.g. a permission error: worth retrying next run, so not cached
-        return sha, None, f"unreadable: {type(e).__name__}: {e}", False
+        return None, f"unreadable: {type(e).__name__}: {e}", False
     try:
-        ids = [np.asarray(_worker_tokenizer.encode_notes(notes, transpose=t), np.int64) for t in transposes]
+        ids = [np.asarray(tokenizer.encode_notes(notes, transpose=t), np.int32) for t in transposes]
     except Exception as e:  # one file must never stop the build; report it instead
-        return sha, None, f"tokenizer failed: {type(e).__name__}: {e}", False
-    return sha, ids, None, True
+        return None, f"tokenizer failed: {type(e).__name__}: {e}", False
+    return ids, None, True
 
 
-def _encode_all(jobs: list, tokenizer, num_workers: int) -> Iterator:
-    if num_workers <= 1 or len(jobs) < _MIN_FILES_FOR_POOL:
-        _init_worker(tokenizer)
-        yield from map(_encode_file, jobs)
+def _encode_all(tasks: list[tuple], num_workers: int) -> Iterator[tuple[int, list | None, str | None, bool]]:
+    """(task index, ids, reason, cacheable) for each ``_encode_file`` task, in completion order."""
+    if num_workers <= 1 or len(tasks) < _MIN_FILES_FOR_POOL:
+        for i, task in enumerate(tasks):
+            yield i, *_encode_file(*task)
         return
-    # forkserver: forking a parent that may already run torch/tokenizers threads can deadlock.
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    workers = min(num_workers, len(jobs))
-    chunk = max(1, min(32, len(jobs) // (workers * 8)))
-    with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
-        yield from pool.imap_unordered(_encode_file, jobs, chunksize=chunk)
+    from midiforge.prepare import map_isolated  # crash-isolated workers: a parser segfault costs one file
+
+    # The tokenizer is in every task, but pickled once per batch of tasks (pickle memoizes it per message).
+    for i, ok, value in map_isolated(_encode_file, tasks, num_workers):
+        # not ok: the worker crashed or timed out on this file; not cached, so the next run tries again
+        yield (i, *value) if ok else (i, None, value, False)
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -198,14 +188,18 @@ class MidiDataset(torch.utils.data.Dataset):
     """Windows of tokenized pieces; ``dataset[i] = (inputs, labels)``, LongTensors of length ``lengths[i]``.
 
     ``paths``: files and/or folders of ``.mid``/``.midi`` and prepared ``.json`` files, searched recursively.
-    Unusable files land in ``skipped`` (path → reason), as do pieces shorter than ``min_sequence_length``;
-    nothing is dropped silently. A piece longer than ``max_sequence_length`` becomes several windows cut at
+    Unusable files land in ``skipped`` (path → reason), as do pieces shorter than ``min_sequence_length``
+    (judged untransposed, so the set of pieces is the same in every epoch); nothing is dropped silently. A piece longer than ``max_sequence_length`` becomes several windows cut at
     onset boundaries; only a real piece start has BOS and only a real end has EOS. With a sampler budget
     ``B`` (``sum(L ** 2) <= B``), pass ``max_sequence_length <= math.isqrt(B)`` so every window fits a batch.
 
     With ``augment``, every transposition in ``[-transpose_range, transpose_range]`` (pitched notes only) is
     encoded and cached once; ``set_epoch(e)`` picks one per piece from ``(seed, e, piece index)`` and
     recomputes the windows, so ``len(dataset)`` and ``lengths`` may change between epochs.
+
+    Files missing from the token cache (``cache_dir``, default ``./.midiforge-cache``) are encoded in up to
+    ``num_workers`` (default: CPUs, at most 8) crash-isolated processes when there are many; like any
+    multiprocessing code, a script doing this needs an ``if __name__ == "__main__":`` guard.
 
     DataLoader workers hold a copy of the dataset: do not use ``persistent_workers=True`` (they would keep
     the windows of an old epoch).
@@ -289,11 +283,13 @@ class MidiDataset(torch.utils.data.Dataset):
         transient: dict[str, str] = {}
         if not todo:
             return transient
-        jobs = [(sha, f, transposes) for sha, f in todo.items()]
+        shas_todo = list(todo)
+        tasks = [(todo[sha], transposes, tokenizer) for sha in shas_todo]
         encoded: dict[str, list[np.ndarray]] = {}
         failures: dict[str, str] = {}
         num_tokens = 0
-        for sha, ids, reason, cacheable in _encode_all(jobs, tokenizer, min(num_workers, 8)):
+        for i, ids, reason, cacheable in _encode_all(tasks, min(num_workers, 8)):
+            sha = shas_todo[i]
             self.num_encoded += 1
             if ids is None:
                 (failures if cacheable else transient)[sha] = reason
