@@ -52,7 +52,7 @@ DEFAULT_PRESET = "small"
 DEFAULT_MIN_LEN = 8
 DEFAULT_MAX_LEN = 2**17
 DEFAULT_BATCH = 8 * 1536**2
-DEFAULT_LR = 1e-3
+DEFAULT_LR = 3e-3  # measured: see the -l help
 DEFAULT_WD = 0.01
 DEFAULT_VOCAB = 2048
 DEFAULT_DROPOUT = 0.1
@@ -156,8 +156,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--learning-rate",
         type=float,
         default=DEFAULT_LR,
-        help="peak AdamW learning rate (warmup, then cosine decay to 10%%); overrides a checkpoint's."
-        " The seed's 0.01 diverged/plateaued on the tiny preset (see docs), so the default is 1e-3",
+        help="peak AdamW learning rate: warmup over min(100, 10%% of the steps), cosine decay to 10%%; overrides a"
+        " checkpoint's (default: %(default)s). Measured on 8 POP909 songs, 6 epochs (468 steps): validation loss"
+        " 6.20/6.12/6.13 (tiny) and 6.19/5.97/6.24 (small) for 1e-2/3e-3/1e-3 -- the seed's 0.01 did not"
+        " diverge but learned slower and noisier; consider 1e-3 or less for base/large",
     )
     p.add_argument(
         "-w",
