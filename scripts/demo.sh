@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The main job of the README: from a fresh clone to music that this project trained, on the CPU.
+#   1. a virtual environment with midiforge (torch from the CPU wheel, music21 for the corpus)
+#   2. Bach's chorales from music21's corpus → MIDI, split 80/20 into train/val
+#   3. prepare them as JSON, train the tiny preset for a few epochs, generate three samples
+# Everything goes under ./demo (override with DEMO_DIR); re-running reuses what is there and resumes training.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEMO_DIR=${DEMO_DIR:-demo}
+EPOCHS=${EPOCHS:-6}
+start=$(date +%s)
+
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/pip install -q torch==2.13.0   # the CPU wheel on this project's machines, never a CUDA download
+.venv/bin/pip install -q -e ".[demo,audio]"
+mf=.venv/bin/midiforge
+
+$mf demo-data "$DEMO_DIR/midi"
+$mf prepare "$DEMO_DIR/midi/train" -o "$DEMO_DIR/json/train"
+$mf prepare "$DEMO_DIR/midi/val" -o "$DEMO_DIR/json/val"
+.venv/bin/python train.py "$EPOCHS" "$DEMO_DIR/ckpt" -t "$DEMO_DIR/json/train" -v "$DEMO_DIR/json/val" \
+    --preset tiny --vocab-size 1024 -e 512 -b $((16 * 512 * 512)) --device cpu
+$mf generate "$DEMO_DIR/ckpt" -o "$DEMO_DIR/samples/chorale.mid" -n 3 --max-seconds 45 --top-p 0.95 \
+    --seed 0 --wav --pianoroll
+
+echo
+echo "done in $(( $(date +%s) - start )) s"
+echo "  training curves : $DEMO_DIR/ckpt/training.png   (metrics: $DEMO_DIR/ckpt/metrics.json)"
+echo "  generated music : $DEMO_DIR/samples/chorale_{1,2,3}.mid  (+ .wav, .png)"
