@@ -1,6 +1,7 @@
 """Training throughput: our length-budget MidiDatasetSampler against naive fixed-size random batches.
 
-    .venv/bin/python bench/bench_train.py [--files 60] [--steps 30] [--budget 262144] [--preset tiny]
+    .venv/bin/python bench/bench_train.py [--files 60] [--steps 30] [--budget 524288] [--window 256]
+                                          [--preset tiny]
                                           [--num-workers 0] [--device cpu]
 
 Both batchers get the same memory budget: ours packs sum(L**2) <= budget per batch; the naive one takes
@@ -102,8 +103,9 @@ def main() -> int:
     p.add_argument("--files", type=int, default=60)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument(
-        "--budget", type=int, default=2**18, help="-b: sum(L**2) per batch (default 2**18: window 512)"
+        "--budget", type=int, default=8 * 256**2, help="-b: sum(L**2) per batch (default 8*256**2)"
     )
+    p.add_argument("--window", type=int, default=256, help="-e: longest window (default 256: naive B = 8)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--num-workers", type=int, default=0)
@@ -113,7 +115,7 @@ def main() -> int:
         print(f"corpus not found: {args.corpus}", file=sys.stderr)
         return 1
     files = find_files([args.corpus])[: args.files]
-    window = math.isqrt(args.budget)
+    window = min(args.window, math.isqrt(args.budget))
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         tok = MidiTokenizer()
