@@ -405,7 +405,7 @@ def run(args: argparse.Namespace) -> int:
     plan = validate(args)
     info = dist.from_env()
     dist.set_current(info)
-    if plan.resume and plan.counters.get("epoch", 0) >= args.num_epochs and not plan.counters.get("batch"):
+    if plan.resume and plan.counters.get("epoch", 0) >= args.num_epochs:
         dist.print0(
             f"{plan.ckpt_dir}: already trained {plan.counters['epoch']} epochs (asked {args.num_epochs});"
             " nothing to do. Pass a larger num_epochs to train further."
