@@ -252,6 +252,10 @@ def test_incompatible_checkpoint_and_code_carrying_files(data, tmp_path, capsys,
         def __reduce__(self):
             return (os.makedirs, (str(marker),))
 
+    # Weights without the training state are not overwritten by a new run.
+    (ckpt / "state.pth").rename(tmp_path / "state.pth")
+    _expect_usage_error(_argv(2, ckpt, data), capsys, "not a resumable checkpoint")
+    (tmp_path / "state.pth").rename(ckpt / "state.pth")
     torch.save({"tok_emb.weight": RunsCode()}, ckpt / "model.pth")
     _expect_usage_error(_argv(2, ckpt, data), capsys, "refused")
     assert not marker.exists()

@@ -323,6 +323,11 @@ def validate(args: argparse.Namespace) -> Plan:
                 counters = dict(state.get("counters", {})) if isinstance(state, dict) else {}
                 if not counters:
                     errors.append(f"{ckpt_dir / ckpt_io.STATE_FILE}: no training counters")
+            elif (ckpt_dir / ckpt_io.MODEL_FILE).exists():  # never overwrite weights we cannot resume from
+                errors.append(
+                    f"{ckpt_dir} has {ckpt_io.MODEL_FILE} but no {ckpt_io.STATE_FILE}: not a resumable"
+                    " checkpoint; use a new directory"
+                )
         except UsageError as e:
             errors.append(str(e))
     if ckpt_config is not None:
