@@ -354,3 +354,18 @@ def test_real_corpus_quick(tmp_path, monkeypatch):
     assert m["epochs"][-1]["train_loss"] < m["steps"][0][1] - 0.5
     model, tok = ck.load_inference(tmp_path / "ckpt")
     assert len(tok) <= 1000 and model.config.max_seq_len == 256
+
+
+def _spawned_sum(out_dir: str) -> int:
+    info = tr.dist.from_env()
+    tr.dist.init(info, torch.device("cpu"))
+    t = tr.dist.all_reduce_sum(torch.tensor([info.rank + 1.0]))
+    Path(out_dir, f"rank{info.rank}").write_text(f"{info.world_size} {float(t)}")
+    tr.dist.shutdown()
+    return 0
+
+
+def test_spawn_forms_one_job(tmp_path):
+    """The plumbing behind `python train.py` on a multi-GPU machine (here with gloo on CPU)."""
+    tr.dist.spawn(_spawned_sum, 2, (str(tmp_path),))
+    assert sorted(p.read_text() for p in tmp_path.iterdir()) == ["2 3.0", "2 3.0"]
