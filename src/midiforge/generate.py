@@ -405,8 +405,10 @@ def run(args) -> int:
         except MidiReadError as e:
             raise UsageError(f"cannot read prompt {args.prompt}: {e}") from e
     paths = output_paths(args.output, args.num_samples)
-    if not paths[0].parent.is_dir():
-        raise UsageError(f"output directory {paths[0].parent} does not exist")
+    try:
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create output directory {paths[0].parent}: {e.strerror}") from e
 
     from midiforge.checkpoint import load_inference
 
