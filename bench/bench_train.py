@@ -110,6 +110,9 @@ def main() -> int:
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="timed runs per batcher, alternating; best is shown"
+    )
     args = p.parse_args()
     if not args.corpus.is_dir():
         print(f"corpus not found: {args.corpus}", file=sys.stderr)
@@ -128,10 +131,14 @@ def main() -> int:
         )
         ours = list(MidiDatasetSampler(ds, args.budget, shuffle=True, seed=0))
         naive = naive_batches(ds.lengths, max(1, args.budget // window**2), seed=0)
-        rows = [
-            run("MidiDatasetSampler", ds, ours, tok, args, window),
-            run(f"naive B={max(1, args.budget // window**2)}", ds, naive, tok, args, window),
-        ]
+        naive_name = f"naive B={max(1, args.budget // window**2)}"
+        rows = {}
+        for _ in range(args.repeats):  # alternate, keep each batcher's best run: the machine may be shared
+            for name, batches in (("MidiDatasetSampler", ours), (naive_name, naive)):
+                r = run(name, ds, batches, tok, args, window)
+                if name not in rows or r["tok/s"] > rows[name]["tok/s"]:
+                    rows[name] = r
+        rows = list(rows.values())
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
