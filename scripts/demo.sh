@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO_DIR=${DEMO_DIR:-demo}
-EPOCHS=${EPOCHS:-6}
+EPOCHS=${EPOCHS:-20}
 start=$(date +%s)
 
 python3 -m venv .venv
