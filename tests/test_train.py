@@ -277,7 +277,7 @@ def test_non_finite_losses_stop_without_touching_the_checkpoint(data, tmp_path, 
     assert _run(1, ckpt, data, monkeypatch=monkeypatch) == 0
     before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
     real = tr.token_loss_sum
-    monkeypatch.setattr(tr, "token_loss_sum", lambda m, x, y: real(m, x, y) * float("nan"))
+    monkeypatch.setattr("midiforge.trainer.token_loss_sum", lambda m, x, y: real(m, x, y) * float("nan"))
     capsys.readouterr()
     assert _run(3, ckpt, data, "--save-every-minutes", "0.0001", monkeypatch=monkeypatch) == 1
     assert f"{tr.MAX_BAD_STEPS} consecutive non-finite steps" in capsys.readouterr().err
