@@ -20,7 +20,7 @@ $mf demo-data "$DEMO_DIR/midi"
 $mf prepare "$DEMO_DIR/midi/train" -o "$DEMO_DIR/json/train"
 $mf prepare "$DEMO_DIR/midi/val" -o "$DEMO_DIR/json/val"
 .venv/bin/python train.py "$EPOCHS" "$DEMO_DIR/ckpt" -t "$DEMO_DIR/json/train" -v "$DEMO_DIR/json/val" \
-    --preset tiny --vocab-size 1024 -e 512 -b $((16 * 512 * 512)) --device cpu
+    --preset tiny --vocab-size 1024 -e 512 -b $((4 * 512 * 512)) --device cpu
 $mf generate "$DEMO_DIR/ckpt" -o "$DEMO_DIR/samples/chorale.mid" -n 3 --max-seconds 45 --top-p 0.95 \
     --seed 0 --wav --pianoroll
 
