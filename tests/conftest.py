@@ -47,6 +47,17 @@ def make_score(
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models are dominated by per-op overhead: extra threads only contend with other test processes."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def midi_files(tmp_path):
     """Four small MIDI files written with symusic; returns their paths."""
     paths = []

@@ -11,16 +11,9 @@ from midiforge.generate import clip_seconds, generate, output_paths, sample
 from midiforge.model import ModelConfig, Transformer
 from midiforge.tokenizer import MidiTokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 POP909 = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus" / "pop909" / "001.mid"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models are dominated by per-op overhead: extra threads only contend with other test processes.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

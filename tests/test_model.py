@@ -5,14 +5,7 @@ import torch
 
 from midiforge.model import PRESETS, ModelConfig, Transformer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models are dominated by per-op overhead: extra threads only contend with other test processes.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**kw) -> ModelConfig:
