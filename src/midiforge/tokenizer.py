@@ -65,6 +65,9 @@ class _Vocab:
                 np.arange(c.max_short_duration // spq + 1, c.max_long_duration_quarters + 1) * spq,
             ]
         ).astype(np.int64)
+        # Nearest duration value of every whole number of steps (ties go to the shorter value).
+        mids = (self.durations[1:] + self.durations[:-1]) / 2
+        self.duration_index = np.searchsorted(mids, np.arange(self.durations[-1] + 1), side="left")
         self.tempos = np.geomspace(c.tempo_min, c.tempo_max, c.tempo_bins)
         self.time_sigs = [(n, d) for d in c.ts_denominators for n in range(1, c.ts_max_numerator + 1)]
         sizes = {
@@ -99,6 +102,15 @@ class _Vocab:
         for name, size in self.sizes.items():
             out += [f"{name.upper()}_{v}" for v in range(size)]
         return out
+
+
+def _changes(x: np.ndarray) -> np.ndarray:
+    """True where an element differs from the one before it (always True for the first)."""
+    out = np.empty(len(x), dtype=bool)
+    if len(x):
+        out[0] = True
+        np.not_equal(x[1:], x[:-1], out=out[1:])
+    return out
 
 
 class MidiTokenizer:
@@ -191,9 +203,8 @@ class MidiTokenizer:
         # Times go through float32 quarters, as symusic's own tick→quarter conversion does, so that a note lying
         # exactly halfway between two grid steps rounds to the side its quarter-note time is actually on.
         onset = self._to_grid(notes.time[keep], notes.tpq)
-        dur_steps = self._to_grid(notes.duration[keep], notes.tpq).astype(np.float64)
-        mids = (v.durations[1:] + v.durations[:-1]) / 2
-        dur_idx = np.searchsorted(mids, dur_steps, side="left")
+        dur_steps = self._to_grid(notes.duration[keep], notes.tpq)
+        dur_idx = v.duration_index[np.clip(dur_steps, 0, len(v.duration_index) - 1)]
         vel_bin = (np.clip(notes.velocity[keep].astype(np.int64), 1, 127) - 1) * c.velocity_bins // 127
         pitch, program = pitch[keep], program[keep]
 
@@ -204,9 +215,9 @@ class MidiTokenizer:
         ).argmin(1)
         if len(t_bin):
             # The last tempo at each grid time wins; then drop repeats of the same bin.
-            last = np.append(t_on[1:] != t_on[:-1], True)
+            last = _changes(t_on[::-1])[::-1]
             t_on, t_bin = t_on[last], t_bin[last]
-            keep_t = np.insert(t_bin[1:] != t_bin[:-1], 0, True)
+            keep_t = _changes(t_bin)
             t_on, t_bin = t_on[keep_t], t_bin[keep_t]
         ts_index = {ts: i for i, ts in enumerate(v.time_sigs)}
         ts_tok = np.array(
@@ -246,7 +257,9 @@ class MidiTokenizer:
             return np.zeros(0, np.int64), np.zeros(0, bool)
 
         # Time shifts: SHIFT(max) repeated for long rests, then the remainder.
-        delta = np.diff(r_time, prepend=0)
+        delta = np.empty_like(r_time)
+        delta[0] = r_time[0]
+        np.subtract(r_time[1:], r_time[:-1], out=delta[1:])
         n_long = np.where(delta > 0, (delta - 1) // c.max_shift, 0)
         rem = delta - n_long * c.max_shift
 
@@ -256,28 +269,23 @@ class MidiTokenizer:
         for j, col in enumerate((r_prog, r_vel, r_dur)):
             if len(note_rows):
                 x = col[note_rows]
-                changed[j, note_rows] = np.insert(x[1:] != x[:-1], 0, True)
+                changed[j, note_rows] = _changes(x)
 
         # Fixed slots per row: [SHIFT rem, PROGRAM, VELOCITY, PITCH|TEMPO|TIMESIG, DURATION]; -1 = absent.
         # A DURATION right after a PITCH applies to that note and the following ones. This order (and notes
         # of an onset sorted by velocity, then duration) measured best for BPE: 1.77 tokens/note on POP909.
-        slots = np.full((nrow, 5), -1, dtype=np.int64)
-        slots[:, 0] = np.where(rem > 0, v.start["shift"] + rem - 1, -1)
-        slots[:, 1] = np.where(changed[0], v.start["program"] + r_prog, -1)
-        slots[:, 2] = np.where(changed[1], v.start["velocity"] + r_vel, -1)
-        slots[:, 3] = r_a
-        slots[:, 4] = np.where(changed[2], r_dur, -1)
-        present = slots >= 0
-        row_len = n_long + present.sum(1)
-        row_start = np.concatenate([[0], np.cumsum(row_len)[:-1]])
-        out = np.empty(int(row_len.sum()), dtype=np.int64)
-        # Long shifts at the start of their row.
-        if n_long.any():
-            rep_start = np.repeat(row_start, n_long)
-            within = np.arange(int(n_long.sum())) - np.repeat(np.cumsum(n_long) - n_long, n_long)
-            out[rep_start + within] = v.start["shift"] + c.max_shift - 1
-        pos = row_start[:, None] + n_long[:, None] + np.cumsum(present, axis=1) - 1
-        out[pos[present]] = slots[present]
+        # Slot 0 holds SHIFT(max), repeated n_long times for long rests; one np.repeat lays out every token.
+        slots = np.empty((nrow, 6), dtype=np.int64)
+        count = np.empty((nrow, 6), dtype=np.int64)
+        slots[:, 0], count[:, 0] = v.start["shift"] + c.max_shift - 1, n_long
+        slots[:, 1], count[:, 1] = v.start["shift"] + rem - 1, rem > 0
+        slots[:, 2], count[:, 2] = v.start["program"] + r_prog, changed[0]
+        slots[:, 3], count[:, 3] = v.start["velocity"] + r_vel, changed[1]
+        slots[:, 4], count[:, 4] = r_a, 1
+        slots[:, 5], count[:, 5] = r_dur, changed[2]
+        out = np.repeat(slots.ravel(), count.ravel())
+        row_len = count.sum(1)
+        row_start = np.cumsum(row_len) - row_len
 
         # Word starts: rows where time moves (onset) or where the beat changes (beat).
         if c.word_split == "onset":
