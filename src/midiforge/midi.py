@@ -128,21 +128,21 @@ def score_to_notes(score: symusic.Score) -> NoteTable:
             continue
         a = track.notes.numpy()
         n = len(a["time"])
-        cols["time"].append(a["time"].astype(np.int64))
-        cols["duration"].append(a["duration"].astype(np.int64))
-        cols["pitch"].append(a["pitch"].astype(np.int16))
-        cols["velocity"].append(a["velocity"].astype(np.int16))
+        cols["time"].append(a["time"])
+        cols["duration"].append(a["duration"])
+        cols["pitch"].append(a["pitch"])
+        cols["velocity"].append(a["velocity"])
         cols["program"].append(np.full(n, DRUM_PROGRAM if track.is_drum else track.program, dtype=np.int16))
-    cat = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in cols.items()}
+    cat = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in cols.items()}  # one copy each
     tempos = score.tempos.numpy()
     ts = score.time_signatures.numpy()
     return NoteTable(
         tpq=int(score.ticks_per_quarter),
         time=cat["time"].astype(np.int64),
         duration=np.maximum(cat["duration"].astype(np.int64), 0),
-        pitch=np.clip(cat["pitch"], 0, 127).astype(np.int16),
-        velocity=np.clip(cat["velocity"], 1, 127).astype(np.int16),
-        program=cat["program"].astype(np.int16),
+        pitch=np.clip(cat["pitch"].astype(np.int16), 0, 127),
+        velocity=np.clip(cat["velocity"].astype(np.int16), 1, 127),
+        program=cat["program"].astype(np.int16, copy=False),
         tempo_time=tempos["time"].astype(np.int64),
         tempo_qpm=6e7 / np.maximum(tempos["mspq"].astype(np.float64), 1.0),
         ts_time=ts["time"].astype(np.int64),

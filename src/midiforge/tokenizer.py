@@ -275,16 +275,23 @@ class MidiTokenizer:
         # A DURATION right after a PITCH applies to that note and the following ones. This order (and notes
         # of an onset sorted by velocity, then duration) measured best for BPE: 1.77 tokens/note on POP909.
         # Slot 0 holds SHIFT(max), repeated n_long times for long rests; one np.repeat lays out every token.
-        slots = np.empty((nrow, 6), dtype=np.int64)
-        count = np.empty((nrow, 6), dtype=np.int64)
-        slots[:, 0], count[:, 0] = v.start["shift"] + c.max_shift - 1, n_long
-        slots[:, 1], count[:, 1] = v.start["shift"] + rem - 1, rem > 0
-        slots[:, 2], count[:, 2] = v.start["program"] + r_prog, changed[0]
-        slots[:, 3], count[:, 3] = v.start["velocity"] + r_vel, changed[1]
-        slots[:, 4], count[:, 4] = r_a, 1
-        slots[:, 5], count[:, 5] = r_dur, changed[2]
+        long_shift = np.full(nrow, v.start["shift"] + c.max_shift - 1)
+        slots = np.stack(
+            [
+                long_shift,
+                v.start["shift"] + rem - 1,
+                v.start["program"] + r_prog,
+                v.start["velocity"] + r_vel,
+                r_a,
+                r_dur,
+            ],
+            axis=1,
+        )
+        count = np.stack(
+            [n_long, rem > 0, changed[0], changed[1], np.ones(nrow, np.int64), changed[2]], axis=1
+        )
         out = np.repeat(slots.ravel(), count.ravel())
-        row_len = count.sum(1)
+        row_len = n_long + (rem > 0) + changed.sum(0) + 1
         row_start = np.cumsum(row_len) - row_len
 
         # Word starts: rows where time moves (onset) or where the beat changes (beat).
