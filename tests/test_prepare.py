@@ -12,7 +12,8 @@ import symusic
 
 from midiforge.cli import main
 from midiforge.midi import JSON_SCHEMA, read_notes
-from midiforge.prepare import ERRORS_FILE, map_isolated, output_name, prepare, reason_category
+from midiforge.prepare import ERRORS_FILE, output_name, prepare, reason_category
+from midiforge.workers import map_isolated
 
 EDGE = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "edge"
 

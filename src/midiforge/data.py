@@ -156,7 +156,7 @@ def _encode_all(tasks: list[tuple], num_workers: int) -> Iterator[tuple[int, lis
         for i, task in enumerate(tasks):
             yield i, *_encode_file(*task)
         return
-    from midiforge.prepare import map_isolated  # crash-isolated workers: a parser segfault costs one file
+    from midiforge.workers import map_isolated  # crash-isolated workers: a parser segfault costs one file
 
     # The tokenizer is in every task, but pickled once per batch of tasks (pickle memoizes it per message).
     for i, ok, value in map_isolated(_encode_file, tasks, num_workers):

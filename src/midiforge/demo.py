@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from midiforge.errors import UsageError
 from midiforge.midi import MidiReadError, atomic_write_bytes, load_score, score_to_notes
-from midiforge.prepare import ERRORS_FILE, map_isolated, parse_jobs
+from midiforge.prepare import ERRORS_FILE, parse_jobs
+from midiforge.workers import map_isolated
 
 SPLITS = ("train", "val")
 VAL_PERCENT = 20
