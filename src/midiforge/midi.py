@@ -30,7 +30,11 @@ class MidiReadError(ValueError):
 
 @dataclass
 class NoteTable:
-    """One piece as numpy columns. ``program`` is 0..127 for pitched tracks and 128 for drums."""
+    """One piece as numpy columns. ``program`` is 0..127 for pitched tracks and 128 for drums.
+
+    Invariants (established by :func:`score_to_notes` and :meth:`from_json_dict`, relied on by the tokenizer):
+    pitch in 0..127, velocity in 1..127, duration >= 0.
+    """
 
     tpq: int
     time: np.ndarray  # int64 ticks
@@ -84,9 +88,9 @@ class NoteTable:
         return cls(
             tpq=int(d["tpq"]),
             time=c["time"].astype(np.int64),
-            duration=c["duration"].astype(np.int64),
-            pitch=c["pitch"].astype(np.int16),
-            velocity=c["velocity"].astype(np.int16),
+            duration=np.maximum(c["duration"].astype(np.int64), 0),
+            pitch=np.clip(c["pitch"].astype(np.int16), 0, 127),
+            velocity=np.clip(c["velocity"].astype(np.int16), 1, 127),
             program=c["program"].astype(np.int16),
             tempo_time=np.asarray(d["tempos"]["time"], dtype=np.int64),
             tempo_qpm=np.asarray(d["tempos"]["qpm"], dtype=np.float64),

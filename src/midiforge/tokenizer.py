@@ -70,6 +70,7 @@ class _Vocab:
         self.duration_index = np.searchsorted(mids, np.arange(self.durations[-1] + 1), side="left")
         self.tempos = np.geomspace(c.tempo_min, c.tempo_max, c.tempo_bins)
         self.time_sigs = [(n, d) for d in c.ts_denominators for n in range(1, c.ts_max_numerator + 1)]
+        self.time_sig_index = {ts: i for i, ts in enumerate(self.time_sigs)}
         sizes = {
             "shift": c.max_shift,
             "program": DRUM_PROGRAM + 1,
@@ -199,14 +200,17 @@ class MidiTokenizer:
         if transpose:
             pitched = program != DRUM_PROGRAM
             pitch = np.where(pitched, pitch + transpose, pitch)
-        keep = (pitch >= 0) & (pitch <= 127)
+        if transpose:
+            keep = (pitch >= 0) & (pitch <= 127)
+            pitch, program = pitch[keep], program[keep]
+            time, duration, velocity = notes.time[keep], notes.duration[keep], notes.velocity[keep]
+        else:  # read_notes already clipped pitches to 0..127
+            time, duration, velocity = notes.time, notes.duration, notes.velocity
         # Times go through float32 quarters, as symusic's own tick→quarter conversion does, so that a note lying
         # exactly halfway between two grid steps rounds to the side its quarter-note time is actually on.
-        onset = self._to_grid(notes.time[keep], notes.tpq)
-        dur_steps = self._to_grid(notes.duration[keep], notes.tpq)
-        dur_idx = v.duration_index[np.clip(dur_steps, 0, len(v.duration_index) - 1)]
-        vel_bin = (np.clip(notes.velocity[keep].astype(np.int64), 1, 127) - 1) * c.velocity_bins // 127
-        pitch, program = pitch[keep], program[keep]
+        onset, dur_steps = self._to_grid(np.stack([time, duration]), notes.tpq)
+        dur_idx = v.duration_index[np.minimum(dur_steps, len(v.duration_index) - 1)]
+        vel_bin = (velocity.astype(np.int64) - 1) * c.velocity_bins // 127  # velocities are 1..127
 
         # Meta events: tempo (consecutive duplicates after binning removed) and supported time signatures.
         t_on = np.rint(notes.tempo_time * scale).astype(np.int64)
@@ -219,10 +223,9 @@ class MidiTokenizer:
             t_on, t_bin = t_on[last], t_bin[last]
             keep_t = _changes(t_bin)
             t_on, t_bin = t_on[keep_t], t_bin[keep_t]
-        ts_index = {ts: i for i, ts in enumerate(v.time_sigs)}
         ts_tok = np.array(
             [
-                ts_index.get((int(n), int(d)), -1)
+                v.time_sig_index.get((int(n), int(d)), -1)
                 for n, d in zip(notes.ts_numerator, notes.ts_denominator, strict=True)
             ],
             dtype=np.int64,
