@@ -40,7 +40,8 @@ sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
 import symusic  # noqa: E402
 
-from midiforge.midi import JSON_SCHEMA, file_sha256, find_files, read_notes  # noqa: E402
+from midiforge.midi import file_sha256, find_files, read_notes  # noqa: E402
+from midiforge.prepare import json_document  # noqa: E402
 from midiforge.tokenizer import MidiTokenizer, TokenizerConfig  # noqa: E402
 
 try:
@@ -370,12 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mf-bench-") as tmp:
         json_files = []
         for p in test_files:
-            doc = {
-                "schema": JSON_SCHEMA,
-                "source": str(p),
-                "sha256": file_sha256(p),
-                **read_notes(p).to_json_dict(),
-            }
+            doc = json_document(read_notes(p), str(p), file_sha256(p))  # what `midiforge prepare` writes
             out = Path(tmp) / (p.stem + ".json")
             out.write_text(json.dumps(doc), encoding="utf-8")
             json_files.append(out)

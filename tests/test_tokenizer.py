@@ -181,3 +181,27 @@ def test_unicode_paths(tmp_path):
     p = Path(tmp_path) / "曲子 ü.MID"
     make_score(seed=6, num_notes=10).dump_midi(str(p))
     assert len(MidiTokenizer().encode(p)) > 10
+
+
+def test_prepared_sheet_gives_the_same_events_and_is_ignored_for_another_config(tmp_path):
+    import json as _json
+
+    from midiforge.midi import read_notes
+    from midiforge.prepare import json_document
+
+    p = tmp_path / "a.mid"
+    make_score(seed=7).dump_midi(str(p))
+    notes = read_notes(p)
+    path = tmp_path / "a.json"
+    path.write_text(_json.dumps(json_document(notes, str(p), "0" * 64)))
+    loaded = read_notes(path)
+    assert loaded.sheet is not None
+    tok = MidiTokenizer()
+    for a, b in zip(tok.events(loaded), tok.events(notes), strict=True):
+        assert np.array_equal(a, b)
+    assert np.array_equal(tok.events(loaded, transpose=2)[0], tok.events(notes, transpose=2)[0])
+    other = MidiTokenizer(TokenizerConfig(velocity_bins=32))
+    assert other.base_fingerprint != tok.base_fingerprint
+    assert np.array_equal(other.events(loaded)[0], other.events(notes)[0])  # sheet ignored, recomputed
+    tok.train_bpe([p], vocab_size=len(tok) + 20)
+    assert tok.encode(path) == tok.encode(p)

@@ -47,6 +47,9 @@ class NoteTable:
     ts_time: np.ndarray  # int64 ticks
     ts_numerator: np.ndarray  # int16
     ts_denominator: np.ndarray  # int16
+    sheet: dict | None = (
+        None  # base events precomputed by `prepare` for one tokenizer config (see tokenizer.py)
+    )
 
     def __len__(self) -> int:
         return len(self.time)
@@ -97,6 +100,7 @@ class NoteTable:
             ts_time=np.asarray(ts["time"], dtype=np.int64),
             ts_numerator=np.asarray(ts["numerator"], dtype=np.int16),
             ts_denominator=np.asarray(ts["denominator"], dtype=np.int16),
+            sheet=d.get("sheet"),
         )
 
 

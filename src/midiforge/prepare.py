@@ -55,6 +55,22 @@ def _existing_outputs(out_dir: Path) -> dict[str, Path]:
     return found
 
 
+_SHEET_TOKENIZER = None
+
+
+def json_document(table, source: str, sha256: str) -> dict:
+    """The prepared JSON of one piece: its note table (tokenizer-independent) plus the default tokenizer's
+    base events (the "sheet"), which make loading ~2x faster when the tokenizer config matches."""
+    global _SHEET_TOKENIZER
+    if _SHEET_TOKENIZER is None:
+        from midiforge.tokenizer import MidiTokenizer
+
+        _SHEET_TOKENIZER = MidiTokenizer()
+    doc = {"schema": JSON_SCHEMA, "source": source, "sha256": sha256, **table.to_json_dict()}
+    doc["sheet"] = _SHEET_TOKENIZER.sheet(table)
+    return doc
+
+
 def prepare_file(path: str, sha256: str, out_path: str) -> tuple[str | None, int]:
     """Extract one MIDI file into ``out_path``. Returns ``(None, num_notes)``, or ``(reason, 0)`` if unusable."""
     try:
@@ -69,7 +85,7 @@ def prepare_file(path: str, sha256: str, out_path: str) -> tuple[str | None, int
         return f"invalid ticks per quarter note ({table.tpq})", 0
     if len(table) == 0:
         return "no notes", 0
-    doc = {"schema": JSON_SCHEMA, "source": path, "sha256": sha256, **table.to_json_dict()}
+    doc = json_document(table, path, sha256)
     # Not fsynced (derived data; a power cut costs at most a re-run): fsync was ~70% of prepare's time per file.
     data = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     atomic_write_bytes(out_path, data, durable=False)
