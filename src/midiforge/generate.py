@@ -23,7 +23,7 @@ import symusic
 import torch
 
 from midiforge.errors import UsageError
-from midiforge.midi import MidiReadError, load_score
+from midiforge.midi import MidiReadError, atomic_write_bytes, load_score
 
 MAX_SECONDS_CHECK_EVERY = 32  # tokens between checks of the decoded length against max_seconds
 WINDOW_KEEP = 0.75  # fraction of the window kept when the context slides (the rest is dropped, oldest first)
@@ -289,6 +289,8 @@ def generate(
         row = ids[b].tolist()
         if tokenizer.eos_id in row[len(head) :]:
             row = row[: row.index(tokenizer.eos_id, len(head)) + 1]
+        elif tokenizer.pad_id in row[len(head) :]:  # stopped early (max_seconds): PAD is never sampled
+            row = row[: row.index(tokenizer.pad_id, len(head))]
         score, num_events, num_skipped = tokenizer.decode_with_stats(row)
         reason = stop[b] or "max_tokens"
         if max_seconds is not None and score.note_num() and score.to("second").end() > max_seconds:
@@ -358,6 +360,8 @@ def _check_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise UsageError(f"invalid device {name!r}") from e
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"unsupported device {name!r} (cpu, cuda, cuda:N or mps)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name} requested but CUDA is not available")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -374,13 +378,11 @@ def output_paths(output: str | os.PathLike, n: int) -> list[Path]:
 
 
 def write_midi(score: symusic.Score, path: Path) -> None:
-    """Dump ``score`` to a temporary file beside ``path``, then rename it into place (never a partial file)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """Write ``score`` atomically (never a partial file); an unwritable place is a UsageError."""
     try:
-        score.dump_midi(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        atomic_write_bytes(path, score.dumps_midi())
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def run(args) -> int:
