@@ -107,7 +107,11 @@ def run(args: argparse.Namespace) -> int:
     metrics = read_json(path)
     if not isinstance(metrics, dict) or not isinstance(metrics.get("epochs", []), list):
         raise UsageError(f"{path}: not a midiforge metrics file")
-    out = args.output or Path(args.ckpt_path) / PLOT_FILE
-    plot_metrics(metrics, out)
+    out = Path(args.output or Path(args.ckpt_path) / PLOT_FILE)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        plot_metrics(metrics, out)
+    except OSError as e:
+        raise UsageError(f"cannot write {out}: {e.strerror or e}") from e
     print(f"wrote {out}")
     return 0

@@ -50,7 +50,8 @@ def _existing_outputs(out_dir: Path) -> dict[str, Path]:
     found = {}
     for entry in os.scandir(out_dir):
         m = _HASH_NAME.search(entry.name)
-        if m and entry.is_file():
+        # An empty file (a power cut right after a non-fsynced write) is not prepared: it gets rewritten.
+        if m and entry.is_file() and entry.stat().st_size > 0:
             found[m.group(1)] = Path(entry.path)
     return found
 
@@ -158,7 +159,10 @@ def prepare(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"output is not a directory: {out}")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create output directory {out}: {e.strerror or e}") from e
     summary = PrepareSummary(out_dir=out, num_found=len(files))
     existing = _existing_outputs(out)
 

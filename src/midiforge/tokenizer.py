@@ -31,6 +31,9 @@ from midiforge import __version__
 from midiforge.midi import DRUM_PROGRAM, NoteTable, load_score, read_notes, score_to_notes
 
 FORMAT = "midiforge.tokenizer/1"
+# Bump when events() changes its output for the same config: fingerprints (token caches, prepared JSON sheets)
+# then stop matching, so nothing encoded by older code is reused.
+EVENTS_VERSION = 2
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 CHAR_BASE = 0x4E00  # base event i is the character chr(CHAR_BASE + i): printable, never whitespace
 WORD_SEP = " "
@@ -165,12 +168,12 @@ class MidiTokenizer:
     @cached_property
     def base_fingerprint(self) -> str:
         """Identifies the base event vocabulary (the config, not the BPE merges)."""
-        blob = json.dumps(self._state()["config"], sort_keys=True).encode()
+        blob = json.dumps([EVENTS_VERSION, self._state()["config"]], sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @cached_property
     def fingerprint(self) -> str:
-        blob = json.dumps(self._state(), sort_keys=True).encode()
+        blob = json.dumps([EVENTS_VERSION, self._state()], sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def token_names(self, ids) -> list[str]:
