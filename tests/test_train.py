@@ -369,3 +369,15 @@ def test_spawn_forms_one_job(tmp_path):
     """The plumbing behind `python train.py` on a multi-GPU machine (here with gloo on CPU)."""
     tr.dist.spawn(_spawned_sum, 2, (str(tmp_path),))
     assert sorted(p.read_text() for p in tmp_path.iterdir()) == ["2 3.0", "2 3.0"]
+
+
+def test_dist_timeout_is_long_and_configurable(monkeypatch):
+    """Ranks > 0 wait at a barrier while rank 0 trains BPE and encodes: NCCL's 10 minutes is too short."""
+    import datetime
+
+    monkeypatch.delenv(tr.dist.TIMEOUT_ENV, raising=False)
+    assert tr.dist.timeout() == datetime.timedelta(minutes=360)
+    monkeypatch.setenv(tr.dist.TIMEOUT_ENV, "90")
+    assert tr.dist.timeout() == datetime.timedelta(minutes=90)
+    monkeypatch.setenv(tr.dist.TIMEOUT_ENV, "nonsense")
+    assert tr.dist.timeout() == datetime.timedelta(minutes=360)

@@ -8,6 +8,7 @@ worker per GPU itself. One process with no such variables is world size 1 and ne
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import sys
@@ -55,15 +56,33 @@ def env_problems() -> list[str]:
     return problems
 
 
+TIMEOUT_ENV = "MIDIFORGE_DIST_TIMEOUT_MINUTES"
+DEFAULT_TIMEOUT_MINUTES = 360.0
+
+
+def timeout() -> datetime.timedelta:
+    """How long a collective may wait (env MIDIFORGE_DIST_TIMEOUT_MINUTES, default 6 h): rank 0 trains BPE
+    and fills the token cache while the other ranks wait at a barrier, far beyond NCCL's default 10 min."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    try:
+        minutes = float(raw) if raw else DEFAULT_TIMEOUT_MINUTES
+    except ValueError:
+        minutes = DEFAULT_TIMEOUT_MINUTES
+    if not minutes > 0:
+        minutes = DEFAULT_TIMEOUT_MINUTES
+    return datetime.timedelta(minutes=minutes)
+
+
 def init(info: DistInfo, device: torch.device) -> None:
     """Join the process group (NCCL for CUDA, gloo for CPU) when the job has more than one process."""
     if not info.enabled or dist.is_initialized():
         return
+    kw = dict(rank=info.rank, world_size=info.world_size, timeout=timeout())
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", rank=info.rank, world_size=info.world_size, device_id=device)
+        dist.init_process_group("nccl", device_id=device, **kw)
     else:
-        dist.init_process_group("gloo", rank=info.rank, world_size=info.world_size)
+        dist.init_process_group("gloo", **kw)
 
 
 def shutdown() -> None:
