@@ -302,3 +302,17 @@ def test_tokenizer_error_skips_file_without_caching_the_failure(tmp_path, tok, m
     monkeypatch.setattr(MidiTokenizer, "encode_notes", real)
     again = MidiDataset([tmp_path], tok, 4, 64, **kw)
     assert again.num_encoded == 1 and again.num_pieces == 2 and again.num_skipped == 0
+
+
+def test_encode_missing_false_reads_the_cache_only(tmp_path, tok):
+    """What DDP ranks > 0 do: never encode; a file rank 0 did not cache is skipped, not encoded."""
+    for i in range(2):
+        write_midi(tmp_path / f"p{i}.mid", num_notes=80, seed=i)
+    kwargs = dict(cache_dir=tmp_path / "cache", transpose_range=1)
+    built = MidiDataset([tmp_path], tok, 4, 64, **kwargs)
+    write_midi(tmp_path / "late.mid", num_notes=80, seed=7)  # appeared after the cache was built
+    reader = MidiDataset([tmp_path], tok, 4, 64, encode_missing=False, **kwargs)
+    assert reader.num_encoded == 0 and reader.num_pieces == built.num_pieces == 2
+    assert list(reader.skipped) == [str(tmp_path / "late.mid")]
+    assert "not in the token cache" in reader.skipped[str(tmp_path / "late.mid")]
+    assert len(reader) == len(built)

@@ -381,3 +381,28 @@ def test_dist_timeout_is_long_and_configurable(monkeypatch):
     assert tr.dist.timeout() == datetime.timedelta(minutes=90)
     monkeypatch.setenv(tr.dist.TIMEOUT_ENV, "nonsense")
     assert tr.dist.timeout() == datetime.timedelta(minutes=360)
+
+
+def _spawned_check(out_dir: str, same: bool) -> int:
+    info = tr.dist.from_env()
+    tr.dist.init(info, torch.device("cpu"))
+    try:
+        tr._check_same_data(info, torch.device("cpu"), 10 if same else 10 + info.rank, 5)
+        result = "ok"
+    except tr.UsageError as e:
+        result = str(e)
+    Path(out_dir, f"rank{info.rank}").write_text(result)
+    tr.dist.shutdown()
+    return 0
+
+
+def test_ranks_with_different_datasets_are_refused(tmp_path):
+    for same in (True, False):
+        out = tmp_path / str(same)
+        out.mkdir()
+        tr.dist.spawn(_spawned_check, 2, (str(out), same))
+        results = [p.read_text() for p in sorted(out.iterdir())]
+        if same:
+            assert results == ["ok", "ok"]
+        else:
+            assert all("ranks built different datasets: windows 10..11" in r for r in results)

@@ -199,7 +199,9 @@ class MidiDataset(torch.utils.data.Dataset):
 
     Files missing from the token cache (``cache_dir``, default ``./.midiforge-cache``) are encoded in up to
     ``num_workers`` (default: CPUs, at most 8) crash-isolated processes when there are many; like any
-    multiprocessing code, a script doing this needs an ``if __name__ == "__main__":`` guard.
+    multiprocessing code, a script doing this needs an ``if __name__ == "__main__":`` guard. With
+    ``encode_missing=False`` nothing is encoded: a file the cache lacks is skipped ("not in the token cache").
+    Data-parallel ranks > 0 load so after rank 0 filled the cache, so that every rank sees the same pieces.
 
     DataLoader workers hold a copy of the dataset: do not use ``persistent_workers=True`` (they would keep
     the windows of an old epoch).
@@ -217,6 +219,7 @@ class MidiDataset(torch.utils.data.Dataset):
         transpose_range: int = 3,
         seed: int = 0,
         num_workers: int | None = None,
+        encode_missing: bool = True,
     ):
         if min_sequence_length < 1 or max_sequence_length < 1:
             raise ValueError("sequence lengths must be at least 1")
@@ -235,6 +238,7 @@ class MidiDataset(torch.utils.data.Dataset):
         )
         self.skipped: dict[str, str] = {}
         self.num_encoded = 0  # files encoded by this construction (0 when everything came from the cache)
+        self.encode_missing = encode_missing
 
         files = [str(f) for f in find_files(paths, suffixes=DATA_SUFFIXES)]
         shas: dict[str, str] = {}
@@ -283,6 +287,8 @@ class MidiDataset(torch.utils.data.Dataset):
         transient: dict[str, str] = {}
         if not todo:
             return transient
+        if not self.encode_missing:
+            return dict.fromkeys(todo, "not in the token cache (encode_missing=False: not encoded here)")
         shas_todo = list(todo)
         tasks = [(todo[sha], transposes, tokenizer) for sha in shas_todo]
         encoded: dict[str, list[np.ndarray]] = {}

@@ -103,8 +103,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    """Minimum over ranks, in place (no-op alone)."""
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Maximum over ranks, in place (no-op alone)."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 

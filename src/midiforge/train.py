@@ -468,6 +468,7 @@ def _datasets(plan: Plan, tok, info: dist.DistInfo):
             cache_dir=plan.ckpt_dir / "cache",
             augment=augment,
             seed=a.seed,
+            encode_missing=info.is_main,  # ranks > 0 read what rank 0 encoded, never encode themselves
         )
 
     if not info.is_main:
@@ -534,6 +535,20 @@ def _loader(dataset, batch_sampler, tok, plan: Plan, seed: int):
     )
 
 
+def _check_same_data(info: dist.DistInfo, device: torch.device, windows: int, batches: int) -> None:
+    """Every rank must hold the same windows and take the same number of steps, or DDP hangs or diverges."""
+    if not info.enabled:
+        return
+    mine = torch.tensor([windows, batches], dtype=torch.int64, device=device)
+    lo, hi = dist.all_reduce_min(mine.clone()), dist.all_reduce_max(mine.clone())
+    if not torch.equal(lo, hi):
+        raise UsageError(
+            f"ranks built different datasets: windows {int(lo[0])}..{int(hi[0])}, batches per epoch"
+            f" {int(lo[1])}..{int(hi[1])} (rank {info.rank}: {windows} windows, {batches} batches);"
+            " are the data files the same for every process?"
+        )
+
+
 def _setup_and_fit(plan: Plan, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
     """Build the model and Trainer, restore the checkpoint when resuming, then run :func:`fit`."""
     from midiforge.data import MidiDatasetSampler
@@ -566,6 +581,7 @@ def _setup_and_fit(plan: Plan, tok, train_ds, val_ds, info: dist.DistInfo) -> in
         train_ds, a.max_batch_size, shuffle=True, seed=a.seed, rank=info.rank, world_size=info.world_size
     )
     batches_per_epoch = len(sampler)
+    _check_same_data(info, device, len(train_ds), batches_per_epoch)
     data_sig = {
         "files": [str(f) for f in plan.train_files],
         "window": plan.window,
