@@ -170,8 +170,7 @@ def test_sigkill_then_rerun(data, tmp_path, monkeypatch):
     assert not (ckpt / ck.PENDING_DIR).exists()
 
 
-def test_two_process_gloo_ddp(data, tmp_path):
-    ckpt = tmp_path / "ckpt"
+def _two_processes(argv):
     port = str(tr.dist.free_port())
     procs = []
     for rank in range(2):
@@ -185,7 +184,7 @@ def test_two_process_gloo_ddp(data, tmp_path):
             MASTER_PORT=port,
         )
         env.pop(tr.STOP_ENV, None)
-        cmd = [sys.executable, str(ROOT / "train.py"), *_argv(2, ckpt, data, "--vocab-size", "700")]
+        cmd = [sys.executable, str(ROOT / "train.py"), *argv]
         procs.append(
             subprocess.Popen(
                 cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -193,6 +192,14 @@ def test_two_process_gloo_ddp(data, tmp_path):
         )
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    return outs
+
+
+def test_two_process_gloo_ddp(data, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _two_processes(_argv(1, ckpt, data, "--vocab-size", "700"))
+    outs = _two_processes(_argv(2, ckpt, data))  # resumes on both ranks (rank 1 reseeds its dropout)
+    assert "resuming" in outs[0]
     got = ck.load(ckpt)
     assert got.config["train"]["world_size"] == 2 and len(got.metrics["epochs"]) == 2
     assert not [k for k in got.model if k.startswith("module.")]
@@ -406,3 +413,9 @@ def test_ranks_with_different_datasets_are_refused(tmp_path):
             assert results == ["ok", "ok"]
         else:
             assert all("ranks built different datasets: windows 10..11" in r for r in results)
+
+
+def test_resumed_ranks_get_distinct_deterministic_seeds():
+    """Only rank 0's RNG state is saved: ranks > 0 reseed from (seed, rank, step) on resume."""
+    seeds = {tr._rank_seed(0, rank, step) for rank in range(1, 9) for step in (0, 1, 500)}
+    assert len(seeds) == 24 and tr._rank_seed(3, 1, 7) == tr._rank_seed(3, 1, 7)

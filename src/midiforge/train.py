@@ -535,6 +535,11 @@ def _loader(dataset, batch_sampler, tok, plan: Plan, seed: int):
     )
 
 
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of rank > 0 when resuming at ``step``: deterministic and different for every rank."""
+    return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % 2**63
+
+
 def _check_same_data(info: dist.DistInfo, device: torch.device, windows: int, batches: int) -> None:
     """Every rank must hold the same windows and take the same number of steps, or DDP hangs or diverges."""
     if not info.enabled:
@@ -609,6 +614,9 @@ def _setup_and_fit(plan: Plan, tok, train_ds, val_ds, info: dist.DistInfo) -> in
         counters.update(ck.state["counters"])
         metrics = ck.metrics
         set_rng_state(ck.state["rng"])
+        if info.rank > 0:
+            # The checkpoint holds rank 0's RNG state only: the other ranks would replay its dropout masks.
+            torch.manual_seed(_rank_seed(a.seed, info.rank, counters["step"]))  # CPU and every CUDA device
         old = ck.config.get("train", {})
         for key, flag in (("learning_rate", "-l"), ("weight_decay", "-w")):
             if key in old and old[key] != getattr(cfg, key):
