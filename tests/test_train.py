@@ -419,3 +419,28 @@ def test_resumed_ranks_get_distinct_deterministic_seeds():
     """Only rank 0's RNG state is saved: ranks > 0 reseed from (seed, rank, step) on resume."""
     seeds = {tr._rank_seed(0, rank, step) for rank in range(1, 9) for step in (0, 1, 500)}
     assert len(seeds) == 24 and tr._rank_seed(3, 1, 7) == tr._rank_seed(3, 1, 7)
+
+
+def test_epoch_end_saves_despite_trailing_non_finite_steps_and_nan_validation(
+    data, tmp_path, capsys, monkeypatch
+):
+    """Skipped steps leave the weights alone: the epoch end still saves; a NaN validation loss is null."""
+    assert _run(1, tmp_path / "probe", data, monkeypatch=monkeypatch) == 0
+    steps = _metrics(tmp_path / "probe")["epochs"][0]["step"]
+    real, calls = tr.token_loss_sum, []
+
+    def flaky(m, x, y):
+        if not m.training:
+            return real(m, x, y) * float("nan")
+        calls.append(1)
+        return real(m, x, y) * (float("nan") if len(calls) > steps - 2 else 1.0)
+
+    monkeypatch.setattr("midiforge.trainer.token_loss_sum", flaky)
+    capsys.readouterr()
+    assert _run(1, tmp_path / "ckpt", data, monkeypatch=monkeypatch) == 0
+    err = capsys.readouterr().err
+    assert "validation loss is not finite" in err and "saved anyway" in err
+    got = ck.load(tmp_path / "ckpt")
+    assert got.state["counters"]["epoch"] == 1 and got.state["counters"]["bad"] == 2
+    assert got.metrics["epochs"][0]["val_loss"] is None
+    assert math.isfinite(got.metrics["epochs"][0]["train_loss"])

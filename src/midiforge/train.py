@@ -656,8 +656,9 @@ def _setup_and_fit(plan: Plan, tok, train_ds, val_ds, info: dist.DistInfo) -> in
         val_loader = _loader(val_ds, val_batches[info.rank :: info.world_size], tok, plan, a.seed)
 
     def save() -> None:
-        # Never while non-finite steps are going on: the last good checkpoint must survive a divergence.
-        if info.is_main and not counters["bad"]:
+        # fit() decides when: not mid-epoch while non-finite steps go on (the last good checkpoint must
+        # survive a divergence), always at an epoch end (skipped steps leave the weights unchanged).
+        if info.is_main:
             state = {
                 "scheduler": trainer.scheduler.state_dict(),
                 "scaler": trainer.scaler.state_dict(),

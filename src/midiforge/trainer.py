@@ -241,6 +241,14 @@ def perplexity(loss: float | None) -> float | None:
     return None if loss is None else math.exp(min(loss, 700.0))
 
 
+def _finite_or_none(loss: float | None, what: str) -> float | None:
+    """``loss``, or None (null in metrics.json, which refuses NaN/inf) with a note when it is not finite."""
+    if loss is None or math.isfinite(loss):
+        return loss
+    dist.note0(f"{what} is not finite ({loss}); recorded as null")
+    return None
+
+
 def fresh_epoch_counters() -> dict:
     return {"batch": 0, "loss_sum": 0.0, "loss_tokens": 0, "seconds": 0.0, "win_loss": 0.0, "win_tokens": 0}
 
@@ -337,17 +345,23 @@ def fit(
             stopping = stop_after and start_step < stop_after <= counters["step"]
             if counters["batch"] < n_batches and (save_now or stopping):
                 counters["seconds"] = time.monotonic() - t_epoch
-                save()
-                last_save = time.monotonic()
+                # Not mid-epoch while non-finite steps go on (``bad`` is the same on every rank): should they
+                # turn into a divergence, the last good checkpoint must survive. Retried at the next step.
+                if not counters["bad"]:
+                    save()
+                    last_save = time.monotonic()
                 if stopping:
                     bar.close()
-                    dist.print0(f"stopped after {counters['step']} steps ({STOP_ENV}); checkpoint saved")
+                    what = "nothing saved (non-finite steps)" if counters["bad"] else "checkpoint saved"
+                    dist.print0(f"stopped after {counters['step']} steps ({STOP_ENV}); {what}")
                     return 0
         bar.close()
         if device.type == "cuda":
             torch.cuda.empty_cache()  # training activations out, validation batches in
         train_loss = counters["loss_sum"] / counters["loss_tokens"] if counters["loss_tokens"] else None
         val_loss, _ = evaluate(trainer, val_loader) if val_loader is not None else (None, 0)
+        train_loss = _finite_or_none(train_loss, f"epoch {epoch + 1}: training loss")
+        val_loss = _finite_or_none(val_loss, f"epoch {epoch + 1}: validation loss")
         if device.type == "cuda":
             torch.cuda.empty_cache()
         seconds = time.monotonic() - t_epoch
@@ -364,6 +378,11 @@ def fit(
                 "step": counters["step"],
             }
         )
+        if counters["bad"]:
+            dist.note0(
+                f"epoch {epoch + 1} ends after {counters['bad']} non-finite step(s) in a row; saved anyway"
+                " (skipped steps leave the weights unchanged)"
+            )
         counters.update(epoch=epoch + 1, **fresh_epoch_counters())
         save()
         last_save = time.monotonic()
