@@ -444,3 +444,16 @@ def test_epoch_end_saves_despite_trailing_non_finite_steps_and_nan_validation(
     assert got.state["counters"]["epoch"] == 1 and got.state["counters"]["bad"] == 2
     assert got.metrics["epochs"][0]["val_loss"] is None
     assert math.isfinite(got.metrics["epochs"][0]["train_loss"])
+
+
+def test_tokenizer_left_by_an_interrupted_first_run_is_reused_with_a_note(
+    data, tmp_path, capsys, monkeypatch
+):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    shutil.copy(data / "tokenizer.json", ckpt)  # no state.pth: not a resume
+    size = len(MidiTokenizer.load(ckpt / "tokenizer.json"))
+    assert _run(1, ckpt, data, "--vocab-size", str(size + 1), monkeypatch=monkeypatch) == 0
+    err = capsys.readouterr().err
+    assert f"reusing {ckpt / 'tokenizer.json'} ({size} tokens); delete {ckpt}" in err
+    assert f"--vocab-size {size + 1} ignored" in err

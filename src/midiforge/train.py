@@ -439,6 +439,12 @@ def _tokenizer(plan: Plan, info: dist.DistInfo):
 
     tok = ckpt_io.load_tokenizer(plan.ckpt_dir)
     if tok is not None:
+        if not plan.resume:  # e.g. left by a first run interrupted before its first checkpoint
+            path = plan.ckpt_dir / ckpt_io.TOKENIZER_FILE
+            dist.note0(f"reusing {path} ({len(tok)} tokens); delete {plan.ckpt_dir} to start afresh")
+            asked = plan.args.vocab_size
+            if asked is not None and asked != len(tok):
+                dist.note0(f"--vocab-size {asked} ignored: {path} has {len(tok)} tokens")
         return tok
     if plan.resume:
         raise UsageError(f"{plan.ckpt_dir}: the checkpoint has no {ckpt_io.TOKENIZER_FILE}")
