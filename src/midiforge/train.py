@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 from midiforge import checkpoint as ckpt_io  # noqa: E402
 from midiforge import distributed as dist  # noqa: E402
+from midiforge.data import DATA_SUFFIXES  # noqa: E402
 from midiforge.errors import UsageError  # noqa: E402
 from midiforge.trainer import (  # noqa: E402
     IGNORE_INDEX,  # noqa: F401 -- the F401 names are re-exported for tests and bench/bench_train.py
@@ -52,7 +53,6 @@ from midiforge.trainer import (  # noqa: E402
     token_loss_sum,  # noqa: F401
 )
 
-DATA_SUFFIXES = (".mid", ".midi", ".json")
 SHAPE_FIELDS = ("n_layer", "n_head", "d_model", "d_ff")
 DEFAULT_PRESET = "small"
 DEFAULT_MIN_LEN = 8
@@ -666,7 +666,6 @@ def _setup_and_fit(plan: Plan, tok, train_ds, val_ds, info: dist.DistInfo) -> in
         # survive a divergence), always at an epoch end (skipped steps leave the weights unchanged).
         if info.is_main:
             state = {
-                "scheduler": trainer.scheduler.state_dict(),
                 "scaler": trainer.scaler.state_dict(),
                 "sampler": dict(sampler.state_dict(), position=counters["batch"]),
                 "rng": rng_state(),
