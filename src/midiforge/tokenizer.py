@@ -33,7 +33,7 @@ from midiforge.midi import DRUM_PROGRAM, NoteTable, load_score, read_notes, scor
 FORMAT = "midiforge.tokenizer/1"
 # Bump when events() changes its output for the same config: fingerprints (token caches, prepared JSON sheets)
 # then stop matching, so nothing encoded by older code is reused.
-EVENTS_VERSION = 2
+EVENTS_VERSION = 3
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 CHAR_BASE = 0x4E00  # base event i is the character chr(CHAR_BASE + i): printable, never whitespace
 WORD_SEP = " "
@@ -306,19 +306,8 @@ class MidiTokenizer:
             [n_long, rem > 0, changed[0], changed[1], np.ones(nrow, np.int64), changed[2]], axis=1
         )
         out = np.repeat(slots.ravel(), count.ravel())
-        row_len = n_long + (rem > 0) + changed.sum(0) + 1
-        row_start = np.cumsum(row_len) - row_len
 
-        # Word starts: rows where time moves (onset) or where the beat changes (beat).
-        if c.word_split == "onset":
-            boundary = delta > 0
-        else:
-            beat = r_time // c.steps_per_quarter
-            boundary = np.diff(beat, prepend=-1) != 0
-        boundary[0] = True
-        word_start = np.zeros(len(out), bool)
-        word_start[row_start[boundary]] = True
-        return out, word_start
+        return out, self.word_starts_of_events(out)
 
     # The "sheet": a piece's base events stored in a prepared JSON file, so that loading it skips the work of
     # events() (the seed's JSON datasets stored their sheet too). Valid only for the same base configuration.
@@ -487,16 +476,19 @@ class MidiTokenizer:
         self._set_tables()
 
     def word_starts_of_events(self, events: np.ndarray) -> np.ndarray:
-        """Word boundaries recomputed from base events (for training BPE from already-encoded ids)."""
+        """Where BPE words start: the one definition, used by events() and by BPE training from ids.
+
+        A word starts at the first token and at every time shift that follows a non-shift ("onset") or that
+        moves into a new beat ("beat"); a rest spelled as several SHIFT tokens stays one word in "onset" mode.
+        """
         is_shift = events < self.config.max_shift
         if self.config.word_split == "onset":
-            ws = is_shift & np.insert(~is_shift[:-1], 0, True)
+            ws = is_shift.copy()
+            ws[1:] &= ~is_shift[:-1]
         else:
             t = np.cumsum(np.where(is_shift, self.vocab.value[events], 0))
-            beat = t // self.config.steps_per_quarter
-            ws = is_shift & np.insert(beat[1:] != beat[:-1], 0, True)
-        if len(ws):
-            ws[0] = True
+            ws = is_shift & _changes(t // self.config.steps_per_quarter)
+        ws[:1] = True
         return ws
 
     # ------------------------------------------------------------------ persistence
