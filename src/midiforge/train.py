@@ -12,13 +12,7 @@ from __future__ import annotations
 
 import os
 
-
-def _cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # respects taskset/cgroup limits, unlike os.cpu_count()
-    except AttributeError:
-        return os.cpu_count() or 1
-
+from midiforge.workers import default_jobs as _cpu_cores  # affinity-aware core count; imports no torch
 
 # OpenMP/MKL size their thread pools when torch is first imported, so this must run before `import torch`.
 # Processes sharing the machine (DDP workers) split the cores. A value the user set wins.
