@@ -1,7 +1,10 @@
-"""Shared fixtures: the real corpus beside the project (skipped when absent) and MIDI files written by symusic."""
+"""Shared fixtures and helpers: the real corpus beside the project, MIDI files written by symusic, and readers
+for the WAV and PNG files the project writes."""
 
 from __future__ import annotations
 
+import os
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +15,19 @@ CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 
 
 def corpus_dir(*parts: str) -> Path:
-    """A folder of the shared corpus, or skip the test when it is not there."""
+    """A file or folder of the shared corpus (``../shared/corpus`` beside the repository).
+
+    When it is not there the test is skipped on a developer's machine, but fails under CI (environment
+    variable ``CI=true``), where a missing corpus means the real-data tests would silently not run.
+    """
     p = CORPUS.joinpath(*parts)
     if not p.exists():
+        if os.environ.get("CI", "").strip().lower() == "true":
+            pytest.fail(
+                f"shared corpus not found at {p}, and CI=true: the real-data tests must run in CI "
+                f"(put the corpus at {CORPUS}, see its SOURCES.md)",
+                pytrace=False,
+            )
         pytest.skip(f"shared corpus not found at {p}")
     return p
 
@@ -66,3 +79,26 @@ def midi_files(tmp_path):
         make_score(seed=i).dump_midi(str(p))
         paths.append(p)
     return paths
+
+
+def read_wav(path) -> tuple[np.ndarray, int]:
+    """(int16 samples (frames, channels), sample rate) of a 16-bit PCM WAV file."""
+    with wave.open(str(path), "rb") as w:
+        assert w.getsampwidth() == 2, "not 16-bit PCM"
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+        return pcm.reshape(-1, w.getnchannels()), w.getframerate()
+
+
+def read_png(path) -> np.ndarray:
+    """The pixels of a PNG file as floats in [0, 1], shape (height, width, RGB)."""
+    from matplotlib.image import imread
+
+    img = imread(str(path), format="png")
+    return img[..., :3]
+
+
+def color_mask(img: np.ndarray, color: str, tol: float = 0.02) -> np.ndarray:
+    """Where ``img`` (from :func:`read_png`) has ``color`` (any matplotlib colour spec), as a bool (H, W) mask."""
+    from matplotlib.colors import to_rgb
+
+    return np.all(np.abs(img - np.array(to_rgb(color))) < tol, axis=-1)

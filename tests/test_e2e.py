@@ -1,17 +1,20 @@
 """The README's main job in miniature: chorales → MIDI → JSON → train → generate, through the real CLI."""
 
 import json
+import re
 
 import pytest
 import symusic
 
 pytest.importorskip("music21")
 
+from conftest import color_mask, read_png  # noqa: E402
+
 from midiforge.cli import main  # noqa: E402
 
 
 @pytest.mark.slow
-def test_main_job_end_to_end(tmp_path, monkeypatch):
+def test_main_job_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     midi, js, ckpt = tmp_path / "midi", tmp_path / "json", tmp_path / "ckpt"
     assert main(["demo-data", str(midi), "--limit", "12", "-j", "2", "-q"]) == 0
@@ -22,19 +25,31 @@ def test_main_job_end_to_end(tmp_path, monkeypatch):
             "--n-layer", "1", "--d-model", "32", "--n-head", "2", "--d-ff", "64", "--vocab-size", "800",
             "-e", "256", "-b", str(8 * 256 * 256), "-l", "3e-3", "--device", "cpu"]  # fmt: skip
     assert main(argv) == 0
-    for name in (
-        "model.pth",
-        "optimizer.pth",
-        "metrics.json",
-        "tokenizer.json",
-        "config.json",
-        "training.png",
-    ):
-        assert (ckpt / name).stat().st_size > 0, name
     epochs = json.loads((ckpt / "metrics.json").read_text())["epochs"]
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert all(e["val_perplexity"] is not None for e in epochs)
     assert epochs[-1]["val_perplexity"] < 800  # below the uniform-guess baseline of the vocabulary
+
+    # model.pth, config.json and tokenizer.json load together into the model that was asked for...
+    import torch
+
+    from midiforge.checkpoint import load_inference
+
+    model, tokenizer = load_inference(ckpt)
+    cfg = model.config
+    assert (cfg.n_layer, cfg.n_head, cfg.d_model, cfg.d_ff) == (1, 2, 32, 64)
+    assert cfg.vocab_size == len(tokenizer) <= 800
+    assert json.loads((ckpt / "config.json").read_text())["model"]["vocab_size"] == cfg.vocab_size
+    # ...optimizer.pth is the AdamW state of exactly those parameters, after some steps...
+    opt = torch.load(ckpt / "optimizer.pth", map_location="cpu", weights_only=True)
+    num_params = sum(len(g["params"]) for g in opt["param_groups"])
+    assert num_params == len(list(model.parameters())) and len(opt["state"]) == num_params
+    assert all(int(st["step"]) > 0 for st in opt["state"].values())
+    # ...and training.png (900 x 500) shows the curves: validation (blue) and train perplexity (green).
+    img = read_png(ckpt / "training.png")
+    assert img.shape == (500, 900, 3)
+    assert color_mask(img, "tab:blue").sum() > 20 and color_mask(img, "tab:green").sum() > 20
+    capsys.readouterr()
 
     out = tmp_path / "samples" / "chorale.mid"
     gen = [
@@ -51,7 +66,17 @@ def test_main_job_end_to_end(tmp_path, monkeypatch):
         "--pianoroll",
     ]
     assert main(gen) == 0
+    printed = capsys.readouterr().out
     for i in (1, 2):
-        score = symusic.Score(str(out.with_name(f"chorale_{i}.mid")))
+        path = out.with_name(f"chorale_{i}.mid")
+        score = symusic.Score(str(path))
         assert score.note_num() > 0
-        assert out.with_name(f"chorale_{i}.png").stat().st_size > 0
+        # The file holds what the command reported for it.
+        m = re.search(rf"^{re.escape(str(path))}: (\d+) notes, ([\d.]+) s, ", printed, re.MULTILINE)
+        assert m, printed
+        assert int(m[1]) == score.note_num()
+        assert float(m[2]) == pytest.approx(score.to("second").end(), abs=0.05)
+        assert all(0 <= n.pitch <= 127 and n.duration > 0 for t in score.tracks for n in t.notes)
+        img = read_png(out.with_name(f"chorale_{i}.png"))
+        assert img.shape == (500, 1200, 3)
+        assert color_mask(img, "tab:blue").sum() > 50  # the first track's notes are drawn

@@ -1,10 +1,12 @@
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import symusic
 import torch
+from conftest import color_mask, corpus_dir, read_png, read_wav
 
 from midiforge.cli import main
 from midiforge.generate import clip_seconds, generate, output_paths, sample
@@ -12,8 +14,6 @@ from midiforge.model import ModelConfig, Transformer
 from midiforge.tokenizer import MidiTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-POP909 = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus" / "pop909" / "001.mid"
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +100,12 @@ def test_sliding_window_beyond_max_seq_len(tok):
     assert r.num_new_tokens == 70
 
 
-def test_prompt_notes_come_back_unchanged(tok):
-    prompt = symusic.Score(str(POP909)) if POP909.is_file() else melody(num_bars=8)
+@pytest.mark.parametrize("source", ["melody", "pop909"])
+def test_prompt_notes_come_back_unchanged(tok, source):
+    if source == "pop909":
+        prompt = symusic.Score(str(corpus_dir("pop909", "001.mid")))
+    else:
+        prompt = melody(num_bars=8)
     model = tiny_model(tok)
     results = generate(model, tok, prompt, prompt_bars=4, max_new_tokens=30, seed=1, num_samples=2)
     ts = prompt.time_signatures[0] if len(prompt.time_signatures) else None
@@ -125,11 +129,54 @@ def test_max_seconds_clips_and_stops(tok):
         assert r.score.to("second").end() <= 3.0 + 1e-3
 
 
-def test_clip_seconds_follows_tempo_map():
-    s = melody(num_bars=4)  # 100 qpm: a quarter is 0.6 s
-    clipped = clip_seconds(s, 1.5)  # notes at 0, 0.6, 1.2 s; the third shortened from 0.3 to 0.3 (fits)
-    assert clipped.note_num() == 3
+def test_clip_seconds_drops_late_notes_keeps_early_ones():
+    s = melody(num_bars=4)  # 100 qpm: a quarter is 0.6 s; notes of 0.3 s at 0, 0.6, 1.2, 1.8 s, ...
+    clipped = clip_seconds(s, 1.5)  # the third note ends at exactly 1.5 s: nothing to shorten
+    assert [(n.time, n.duration) for n in clipped.tracks[0].notes] == [(0, 240), (480, 240), (960, 240)]
     assert clipped.to("second").end() == pytest.approx(1.5, abs=1e-3)
+
+
+def test_clip_seconds_shortens_notes_crossing_the_limit_under_a_tempo_change():
+    tpq = 480
+    s = symusic.Score(tpq)
+    s.tempos.append(symusic.Tempo(0, 120.0))  # a quarter is 0.5 s up to tick 960 (1.0 s) ...
+    s.tempos.append(symusic.Tempo(2 * tpq, 60.0))  # ... then 1 s: 2.5 s is tick 960 + 1.5 * 480 = 1680
+    lead = symusic.Track("lead", program=0)
+    for time, dur, pitch in [
+        (0, 480, 60),  # ends at 0.5 s: untouched
+        (0, 3840, 62),  # held across the tempo change and the limit: cut to end at 2.5 s
+        (1440, 480, 64),  # starts at 2.0 s, would end at 3.0 s: cut from 480 to 240 ticks
+        (1680, 480, 65),  # starts exactly at the limit: dropped
+        (2400, 120, 67),  # starts after it: dropped
+    ]:
+        lead.notes.append(symusic.Note(time, dur, pitch, 80))
+    bass = symusic.Track("bass", program=33)
+    bass.notes.append(symusic.Note(1200, 960, 40, 90))  # 1.5 s to 3.5 s: cut to 1.0 s
+    drums = symusic.Track("drums", program=0, is_drum=True)
+    drums.notes.append(symusic.Note(1679, 100, 36, 100))  # starts one tick before the limit: 1 tick left
+    s.tracks.extend([lead, bass, drums])
+    before = [note_arrays(t).copy() for t in s.tracks]
+
+    clipped = clip_seconds(s, 2.5)
+
+    lead, bass, drums = clipped.tracks
+    assert [(n.time, n.duration, n.pitch) for n in lead.notes] == [
+        (0, 480, 60),
+        (0, 1680, 62),
+        (1440, 240, 64),
+    ]
+    assert [(n.time, n.duration) for n in bass.notes] == [(1200, 480)]
+    assert [(n.time, n.duration) for n in drums.notes] == [(1679, 1)]
+    assert [n.velocity for n in lead.notes] == [80, 80, 80] and drums.is_drum and bass.program == 33
+    # In seconds: every note now ends by 2.5 s, the shortened ones exactly there.
+    sec = clipped.to("second")
+    ends = [[(round(n.time, 4), round(n.end, 4)) for n in t.notes] for t in sec.tracks]
+    assert ends[0] == [(0.0, 0.5), (0.0, 2.5), (2.0, 2.5)]
+    assert ends[1] == [(1.5, 2.5)]
+    assert sec.end() == pytest.approx(2.5, abs=1e-6)
+    assert [(t.time, t.qpm) for t in clipped.tempos] == [(0, 120.0), (960, 60.0)]
+    for track, notes in zip(s.tracks, before, strict=True):  # the input score is left as it was
+        np.testing.assert_array_equal(note_arrays(track), notes)
 
 
 class EosModel(torch.nn.Module):
@@ -202,16 +249,64 @@ def test_cli_writes_midi_wav_and_pianoroll(ckpt, tmp_path, capsys):
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    for i in (1, 2):
+
+    # The same generation through the API: the files must hold exactly these notes.
+    from midiforge.checkpoint import load_inference
+
+    model, tokenizer = load_inference(ckpt)
+    expected = generate(
+        model,
+        tokenizer,
+        symusic.Score(str(prompt)),
+        prompt_bars=2,
+        max_new_tokens=40,
+        max_seconds=6.0,
+        seed=5,
+        num_samples=2,
+        top_k=20,
+    )
+    assert expected[0].ids != expected[1].ids
+    for i, want in enumerate(expected, start=1):
         path = tmp_path / f"song_{i}.mid"
         score = symusic.Score(str(path))
         assert score.note_num() >= 6  # at least the 2 prompt bars
         assert score.to("second").end() <= 6.0 + 1e-2
-        assert (tmp_path / f"song_{i}.wav").stat().st_size > 44
-        assert (tmp_path / f"song_{i}.png").stat().st_size > 0
-        assert str(path) in printed
-    assert "skipped-invalid" in printed
+        assert _notes_by_track(score) == _notes_by_track(want.score)
+
+        # What the command printed about this file agrees with the file.
+        (line,) = [ln for ln in printed.splitlines() if ln.startswith(f"{path}: ")]
+        m = re.match(
+            r".*?: (\d+) notes, ([\d.]+) s, (\d+) new tokens .*?, (\d+) skipped-invalid events; (.*)", line
+        )
+        assert m, line
+        assert int(m[1]) == score.note_num() == want.score.note_num()
+        assert float(m[2]) == pytest.approx(score.to("second").end(), abs=0.05)
+        assert (int(m[3]), int(m[4])) == (want.num_new_tokens, want.num_skipped)
+
+        # The WAV: as long as the music (plus a release tail), audible, peak-normalised and unclipped.
+        wav = tmp_path / f"song_{i}.wav"
+        assert f"{wav} (" in m[5]
+        backend = m[5].split(f"{wav} (")[1].split(")")[0]
+        pcm, rate = read_wav(wav)
+        assert rate == 44100
+        seconds, wav_seconds = score.to("second").end(), len(pcm) / rate
+        assert seconds <= wav_seconds <= seconds + (1.0 if backend == "builtin" else 4.0), backend
+        x = pcm.astype(np.float64) / 32767
+        assert np.abs(x).max() == pytest.approx(10 ** (-1 / 20), abs=2e-3)  # -1 dBFS: never full scale
+        assert np.sqrt(np.mean(x**2)) > 0.01  # not silent
+
+        # The piano roll: the figure's size, and the first track's colour drawn on it.
+        png = tmp_path / f"song_{i}.png"
+        assert str(png) in m[5]
+        img = read_png(png)
+        assert img.shape == (500, 1200, 3)
+        assert color_mask(img, "tab:blue").sum() > 50
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def _notes_by_track(score: symusic.Score) -> dict:
+    """{(program, is_drum): [(time, duration, pitch, velocity), ...]} for a comparison of two scores."""
+    return {(t.program, t.is_drum): note_arrays(t).tolist() for t in score.tracks if len(t.notes)}
 
 
 def test_cli_no_kv_cache_gives_same_file(ckpt, tmp_path):
