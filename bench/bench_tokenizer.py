@@ -40,7 +40,8 @@ sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
 import symusic  # noqa: E402
 
-from midiforge.midi import file_sha256, find_files, read_notes  # noqa: E402
+from midiforge.fsio import file_sha256  # noqa: E402
+from midiforge.midi import find_files, read_notes  # noqa: E402
 from midiforge.prepare import json_document  # noqa: E402
 from midiforge.tokenizer import MidiTokenizer, TokenizerConfig  # noqa: E402
 

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from midiforge.errors import UsageError
+from midiforge.errors import report
 
 COMMANDS = {
     "prepare": ("midiforge.prepare", "extract MIDI files into compact JSON datasets"),
@@ -32,14 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == chosen:
             importlib.import_module(module).configure_parser(p)
     args = parser.parse_args(argv)
-    try:
-        return importlib.import_module(COMMANDS[args.command][0]).run(args)
-    except UsageError as e:
-        print(f"midiforge {args.command}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"midiforge {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return report(f"midiforge {args.command}", importlib.import_module(COMMANDS[args.command][0]).run, args)
 
 
 if __name__ == "__main__":

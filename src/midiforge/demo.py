@@ -21,7 +21,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from midiforge.errors import UsageError
-from midiforge.midi import MidiReadError, atomic_write_bytes, load_score, score_to_notes
+from midiforge.fsio import atomic_write_bytes
+from midiforge.midi import MidiReadError, load_score, score_to_notes
 from midiforge.prepare import ERRORS_FILE, parse_jobs
 from midiforge.workers import map_isolated
 

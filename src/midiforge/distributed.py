@@ -124,6 +124,29 @@ def set_current(info: DistInfo) -> None:
     _INFO = info
 
 
+def current() -> DistInfo:
+    """This process's place in the job, as set by :func:`set_current` (alone by default)."""
+    return _INFO
+
+
+def device_problems(info: DistInfo, device: torch.device, explicit_index: bool) -> list[str]:
+    """Why ranks cannot each have a GPU of their own (NCCL refuses, or hangs, when two ranks share one).
+
+    Two ranks on one GPU is not supported: fail at once with the fix, instead of hanging in NCCL.
+    """
+    if device.type != "cuda" or not info.enabled:
+        return []
+    n = torch.cuda.device_count()
+    if info.local_world_size > n:
+        return [
+            f"{info.local_world_size} processes on this machine but {n} GPU(s): each rank needs a GPU of its"
+            f" own; start at most {n} per machine, or pass --device cpu (gloo)"
+        ]
+    if explicit_index and info.local_world_size > 1:
+        return [f"--device {device} would put every rank on one GPU; pass --device cuda (one GPU per rank)"]
+    return []
+
+
 def print0(*args, **kwargs) -> None:
     """print() on rank 0 only: one voice for the whole job."""
     if _INFO.is_main:

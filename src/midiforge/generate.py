@@ -23,7 +23,8 @@ import symusic
 import torch
 
 from midiforge.errors import UsageError
-from midiforge.midi import MidiReadError, atomic_write_bytes, load_score
+from midiforge.fsio import atomic_write_bytes
+from midiforge.midi import MidiReadError, load_score
 
 MAX_SECONDS_CHECK_EVERY = 32  # tokens between checks of the decoded length against max_seconds
 WINDOW_KEEP = 0.75  # fraction of the window kept when the context slides (the rest is dropped, oldest first)

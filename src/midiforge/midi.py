@@ -8,7 +8,6 @@ lossless with respect to what we model and independent of any tokenizer setting.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -32,8 +31,9 @@ class MidiReadError(ValueError):
 class NoteTable:
     """One piece as numpy columns. ``program`` is 0..127 for pitched tracks and 128 for drums.
 
-    Invariants (established by :func:`score_to_notes` and :meth:`from_json_dict`, relied on by the tokenizer):
-    pitch in 0..127, velocity in 1..127, duration >= 0.
+    Invariants (established by :func:`score_to_notes`, checked by :meth:`from_json_dict`, relied on by the
+    tokenizer): pitch in 0..127, velocity in 1..127, time and duration >= 0, tempos > 0, time signatures with a
+    numerator > 0 and a power-of-two denominator.
     """
 
     tpq: int
@@ -48,7 +48,7 @@ class NoteTable:
     ts_numerator: np.ndarray  # int16
     ts_denominator: np.ndarray  # int16
     sheet: dict | None = (
-        None  # base events precomputed by `prepare` for one tokenizer config (see tokenizer.py)
+        None  # base events precomputed by `prepare` for one tokenizer config (see tokenizer.py, validate.py)
     )
 
     def __len__(self) -> int:
@@ -82,26 +82,114 @@ class NoteTable:
 
     @classmethod
     def from_json_dict(cls, d: dict) -> NoteTable:
-        n = int(d["num_notes"])
-        cols = np.frombuffer(base64.b64decode(d["notes_b64"]), dtype="<i4").reshape(
-            len(d["notes_columns"]), n
-        )
-        c = dict(zip(d["notes_columns"], cols, strict=True))
-        ts = d["time_signatures"]
-        return cls(
-            tpq=int(d["tpq"]),
+        """The table of a prepared JSON document, checked before anything in it reaches a token cache.
+
+        Raises MidiReadError naming the first bad field and value: a column, tempo or time signature out of
+        range, array lengths that disagree, or a bad sheet (see :func:`midiforge.validate.check_sheet`).
+        """
+        if not isinstance(d, dict):
+            raise _invalid(f"document is a {type(d).__name__}, not an object")
+        tpq, n = _json_int(d, "tpq"), _json_int(d, "num_notes")
+        if tpq <= 0:
+            raise _invalid(f"tpq {tpq} (must be > 0)")
+        if n < 0:
+            raise _invalid(f"num_notes {n} (must be >= 0)")
+        names = d["notes_columns"]
+        if not isinstance(names, list) or sorted(map(str, names)) != sorted(cls._INT_COLUMNS):
+            raise _invalid(f"notes_columns {names!r} (must name each of {', '.join(cls._INT_COLUMNS)} once)")
+        raw = base64.b64decode(d["notes_b64"])
+        if len(raw) != 4 * len(names) * n:
+            raise _invalid(f"notes_b64 holds {len(raw)} bytes, not 4 × {len(names)} columns × num_notes {n}")
+        cols = np.frombuffer(raw, dtype="<i4").reshape(len(names), n)
+        c = dict(zip(names, cols, strict=True))
+        if n:  # two reductions over all columns at once; a bad value is located only when there is one
+            lows, highs = cols.min(axis=1).tolist(), cols.max(axis=1).tolist()
+            for name, low, high in zip(names, lows, highs, strict=True):
+                lo, hi = _NOTE_LIMITS[name]
+                if low < lo or high > hi:
+                    col = c[name]
+                    _raise_first_bad(name, col, (col < lo) | (col > hi), f"{lo}..{hi}", "note")
+        tempo_time, qpm = _json_arrays(d, "tempos", ("time", "qpm"))
+        ts_time, num, den = _json_arrays(d, "time_signatures", ("time", "numerator", "denominator"))
+        _check_range("tempos.time", tempo_time, 0, _MAX_TICK)
+        _check_range("tempos.qpm", qpm, _TINY, _HUGE, "finite and > 0")
+        _check_range("time_signatures.time", ts_time, 0, _MAX_TICK)
+        _check_range("time_signatures.numerator", num, 1, 255)
+        if not _POWERS_OF_TWO.issuperset(den.tolist()):
+            bad = ~np.isin(den, list(_POWERS_OF_TWO))
+            _raise_first_bad("time_signatures.denominator", den, bad, "a power of two, 1..128")
+        table = cls(
+            tpq=tpq,
             time=c["time"].astype(np.int64),
-            duration=np.maximum(c["duration"].astype(np.int64), 0),
-            pitch=np.clip(c["pitch"].astype(np.int16), 0, 127),
-            velocity=np.clip(c["velocity"].astype(np.int16), 1, 127),
+            duration=c["duration"].astype(np.int64),
+            pitch=c["pitch"].astype(np.int16),
+            velocity=c["velocity"].astype(np.int16),
             program=c["program"].astype(np.int16),
-            tempo_time=np.asarray(d["tempos"]["time"], dtype=np.int64),
-            tempo_qpm=np.asarray(d["tempos"]["qpm"], dtype=np.float64),
-            ts_time=np.asarray(ts["time"], dtype=np.int64),
-            ts_numerator=np.asarray(ts["numerator"], dtype=np.int16),
-            ts_denominator=np.asarray(ts["denominator"], dtype=np.int16),
-            sheet=d.get("sheet"),
+            tempo_time=tempo_time,
+            tempo_qpm=qpm,
+            ts_time=ts_time,
+            ts_numerator=num.astype(np.int16),
+            ts_denominator=den.astype(np.int16),
         )
+        if d.get("sheet") is not None:
+            from midiforge.validate import check_sheet  # imported here: validate.py imports this module
+
+            table.sheet = check_sheet(d["sheet"], table)  # kept decoded: events() reuses the checked arrays
+        return table
+
+
+_MAX_TICK = (1 << 31) - 1  # symusic keeps tick times in int32
+# Allowed values of the note columns of a prepared JSON file.
+_NOTE_LIMITS = {"time": (0, _MAX_TICK), "duration": (0, _MAX_TICK), "pitch": (0, 127), "velocity": (1, 127)}
+_NOTE_LIMITS["program"] = (0, DRUM_PROGRAM)  # 0..127 pitched, 128 drums: the only drum flag the format has
+
+
+_TINY, _HUGE = np.nextafter(0.0, 1.0), np.finfo(np.float64).max  # qpm: finite and > 0
+_POWERS_OF_TWO = frozenset(1 << k for k in range(8))  # denominators a MIDI file can state (symusic: uint8)
+
+
+def _invalid(reason: str) -> MidiReadError:
+    return MidiReadError(f"invalid prepared JSON: {reason}")
+
+
+def _json_int(d: dict, key: str) -> int:
+    v = d[key]
+    if type(v) is not int:  # not bool, not float, not str
+        raise _invalid(f"{key} {v!r} (must be an integer)")
+    return v
+
+
+def _json_arrays(d: dict, key: str, fields: tuple[str, ...]) -> list[np.ndarray]:
+    """The equally long number lists ``d[key][field]`` as 1-d int64 arrays (float64 for qpm)."""
+    group = d[key]
+    if not isinstance(group, dict):
+        raise _invalid(f"{key} is a {type(group).__name__}, not an object")
+    out = []
+    for f in fields:
+        v = group[f]
+        try:
+            a = np.asarray(v, dtype=np.float64 if f == "qpm" else np.int64) if isinstance(v, list) else None
+        except (TypeError, ValueError, OverflowError):
+            a = None
+        if a is None or a.ndim != 1:
+            raise _invalid(f"{key}.{f} must be a list of {'numbers' if f == 'qpm' else 'integers'}")
+        out.append(a)
+    if len({len(a) for a in out}) > 1:
+        lengths = ", ".join(f"{f} {len(a)}" for f, a in zip(fields, out, strict=True))
+        raise _invalid(f"{key} lists differ in length ({lengths})")
+    return out
+
+
+def _check_range(field: str, a: np.ndarray, lo, hi, allowed: str | None = None) -> None:
+    """MidiReadError naming ``field`` and its first value outside ``lo..hi`` (NaN included), if there is one.
+    Two reductions; the bad value is located only when there is one."""
+    if len(a) and not (a.min() >= lo and a.max() <= hi):
+        _raise_first_bad(field, a, ~((a >= lo) & (a <= hi)), allowed or f"{lo}..{hi}", "index")
+
+
+def _raise_first_bad(field: str, a: np.ndarray, bad: np.ndarray, allowed: str, what: str) -> None:
+    i = int(np.argmax(bad))
+    raise _invalid(f"{field} {a[i].item()!r} at {what} {i} (allowed {allowed})")
 
 
 def load_score(src: str | os.PathLike | bytes | symusic.Score) -> symusic.Score:
@@ -144,6 +232,10 @@ def score_to_notes(score: symusic.Score) -> NoteTable:
     cat = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in cols.items()}  # one copy each
     tempos = score.tempos.numpy()
     ts = score.time_signatures.numpy()
+    # A broken file can state a numerator 0 or a denominator 2**8 (symusic: 0): the tokenizer skips such time
+    # signatures anyway, and dropping them here keeps every table `prepare` writes valid for from_json_dict.
+    ok = (ts["numerator"] > 0) & np.isin(ts["denominator"], list(_POWERS_OF_TWO))
+    ts = {k: v[ok] for k, v in ts.items()}
     return NoteTable(
         tpq=int(score.ticks_per_quarter),
         time=cat["time"].astype(np.int64),
@@ -159,14 +251,6 @@ def score_to_notes(score: symusic.Score) -> NoteTable:
     )
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_notes(path: str | os.PathLike, *, require_notes: bool = True) -> NoteTable:
     """A NoteTable from a MIDI file or a prepared JSON file. Raises MidiReadError on unusable input
     (with ``require_notes=False``, a well-formed file without notes is returned as an empty table)."""
@@ -180,6 +264,8 @@ def read_notes(path: str | os.PathLike, *, require_notes: bool = True) -> NoteTa
             table = NoteTable.from_json_dict(d)
         except MidiReadError:
             raise
+        except KeyError as e:
+            raise _invalid(f"missing field {e}") from e
         except Exception as e:
             raise MidiReadError(f"unreadable JSON: {type(e).__name__}: {e}") from e
     else:
@@ -206,19 +292,3 @@ def find_files(sources, suffixes=MIDI_SUFFIXES) -> list[Path]:
         else:
             out.extend(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
     return sorted(set(out))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:
-    """Write a file so that a crash at any instant leaves either the old or the new content.
-
-    ``durable=False`` skips the fsync: still atomic against a killed process, but after a power loss the file
-    may be empty. Meant for derived files that are cheap to rebuild (prepared JSON), where fsync costs ~70%.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -82,7 +82,7 @@ def render_png(metrics: dict) -> bytes:
 
 def plot_metrics(metrics: dict, out_path: str | os.PathLike) -> None:
     """Draw the curves and write them atomically to ``out_path``."""
-    from midiforge.midi import atomic_write_bytes
+    from midiforge.fsio import atomic_write_bytes
 
     atomic_write_bytes(out_path, render_png(metrics))
 

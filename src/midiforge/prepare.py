@@ -24,11 +24,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from midiforge.errors import UsageError
+from midiforge.fsio import atomic_write_bytes, file_sha256
 from midiforge.midi import (
     JSON_SCHEMA,
     MidiReadError,
-    atomic_write_bytes,
-    file_sha256,
     find_files,
     load_score,
     score_to_notes,

@@ -30,7 +30,7 @@ import numpy as np
 import symusic
 
 from midiforge.errors import UsageError
-from midiforge.midi import atomic_write_bytes
+from midiforge.fsio import atomic_write_bytes
 
 PEAK_DBFS = -1.0
 SYSTEM_SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
@@ -205,14 +205,14 @@ def synthesize(score: symusic.Score, sample_rate: int = 44100) -> np.ndarray:
 
 def render_pianoroll(score: symusic.Score, path: str | os.PathLike, title: str | None = None) -> None:
     """Save a piano-roll PNG of ``score``: time (seconds) × pitch, one colour per track, legend by track/program."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed; must precede the pyplot import
-    import matplotlib.pyplot as plt
+    # A bare Figure renders with Agg on its own: no pyplot, so a notebook user's global backend stays as it is.
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
     sec = score.to("second")
-    fig, ax = plt.subplots(figsize=(12, 5), dpi=100)
-    colors = plt.get_cmap("tab10").colors
+    fig = Figure(figsize=(12, 5), dpi=100)
+    ax = fig.subplots()
+    colors = colormaps["tab10"].colors
     lo, hi = 127, 0
     for i, track in enumerate(t for t in sec.tracks if len(t.notes)):
         a = track.notes.numpy()
@@ -242,5 +242,4 @@ def render_pianoroll(score: symusic.Score, path: str | os.PathLike, title: str |
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())

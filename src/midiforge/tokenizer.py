@@ -29,6 +29,7 @@ import symusic
 
 from midiforge import __version__
 from midiforge.midi import DRUM_PROGRAM, NoteTable, load_score, read_notes, score_to_notes
+from midiforge.validate import sheet_events
 
 FORMAT = "midiforge.tokenizer/1"
 # Bump when events() changes its output for the same config: fingerprints (token caches, prepared JSON sheets)
@@ -203,7 +204,7 @@ class MidiTokenizer:
         """Base event ids (int64) of a piece and a bool mask of where BPE words start."""
         c, v = self.config, self.vocab
         if transpose == 0 and notes.sheet and notes.sheet.get("config") == self.base_fingerprint:
-            return self._from_sheet(notes.sheet)
+            return sheet_events(notes.sheet, self.vocab)  # ids checked: MidiReadError if out of range
         if notes.tpq <= 0:
             return np.zeros(0, np.int64), np.zeros(0, bool)
         scale = c.steps_per_quarter / notes.tpq
@@ -319,13 +320,6 @@ class MidiTokenizer:
             "events_b64": base64.b64encode(events.astype("<u2").tobytes()).decode("ascii"),
             "word_starts_b64": base64.b64encode(np.packbits(word_start).tobytes()).decode("ascii"),
         }
-
-    @staticmethod
-    def _from_sheet(sheet: dict) -> tuple[np.ndarray, np.ndarray]:
-        n = int(sheet["num_events"])
-        events = np.frombuffer(base64.b64decode(sheet["events_b64"]), dtype="<u2").astype(np.int64)
-        packed = np.frombuffer(base64.b64decode(sheet["word_starts_b64"]), dtype=np.uint8)
-        return events, np.unpackbits(packed, count=n).astype(bool)
 
     def _to_grid(self, ticks: np.ndarray, tpq: int) -> np.ndarray:
         """Nearest grid step of each tick time. Times go through float32 quarters, as symusic's tick→quarter
@@ -500,7 +494,7 @@ class MidiTokenizer:
     def save(self, path: str | os.PathLike) -> None:
         import tokenizers
 
-        from midiforge.midi import atomic_write_bytes
+        from midiforge.fsio import atomic_write_bytes
 
         doc = {
             "format": FORMAT,

@@ -1,8 +1,7 @@
-"""The training machinery: :class:`Trainer` owns the model, AdamW, the warmup+cosine schedule, AMP and one
-optimizer step (with out-of-memory splitting); :func:`evaluate` is the one loop that measures a dataset; :func:`fit`
-runs the epochs, records metrics, guards against non-finite steps and checkpoints through a callback.
-:mod:`midiforge.train` validates the command and builds the run (tokenizer, datasets, model, resume) around it;
-import this module through it, which sizes the thread pools before torch is imported.
+"""The training machinery: :class:`Trainer` takes one optimizer step (AdamW, warmup+cosine, AMP, loss scaling,
+out-of-memory splitting), :class:`TrainState` counts where the run is, :func:`evaluate` measures a dataset and
+:func:`fit` runs the epochs. :mod:`midiforge.train` builds a run around them; import this module through it,
+which sizes the thread pools before torch is imported.
 
 Loss is token-weighted cross-entropy over non-padding positions, summed over every rank's tokens and divided
 by their total; perplexity is exp(mean token loss), never a mean of exponentials.
@@ -11,27 +10,30 @@ by their total; perplexity is exp(mean token loss), never a mean of exponentials
 from __future__ import annotations
 
 import math
-import os
 import random
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from midiforge import checkpoint as ckpt_io
 from midiforge import distributed as dist
+from midiforge.data import IGNORE_INDEX
 from midiforge.errors import UsageError
 
 MAX_BAD_STEPS = 20  # consecutive non-finite steps before giving up
-STOP_ENV = "MIDIFORGE_STOP_AFTER_STEPS"  # test hook: checkpoint and exit after this many optimizer steps
-IGNORE_INDEX = -100
+# Consecutive steps the fp16 loss scaler may skip: each halves the scale, so 64 in a row take the default
+# 2**16 down to 2**-48, where no real overflow survives; only gradients that are NaN whatever the scale do.
+MAX_SCALER_SKIPS = 64
 OOM = torch.OutOfMemoryError
+WARMUP_STEPS = 100
+MIN_LR_RATIO = 0.1  # the cosine decays to this fraction of the peak learning rate
+GRAD_CLIP = 1.0
+BETAS = (0.9, 0.95)
 
 
 class TrainingDiverged(UsageError):
@@ -40,32 +42,7 @@ class TrainingDiverged(UsageError):
     exit_code = 1
 
 
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of a run; saved as ``config.json["train"]`` beside every checkpoint."""
-
-    num_epochs: int
-    learning_rate: float
-    weight_decay: float
-    min_sequence_length: int
-    max_sequence_length: int
-    max_batch_size: int
-    window: (
-        int  # min(max_sequence_length, isqrt(max_batch_size)): the longest sample, the model's max_seq_len
-    )
-    seed: int
-    amp: str  # resolved: off, fp16 or bf16
-    augment: bool
-    vocab_size: int
-    train_dataset: list[str]
-    val_dataset: list[str]
-    world_size: int = 1
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # the cosine decays to this fraction of the peak learning rate
-    grad_clip: float = 1.0
-    betas: tuple[float, float] = (0.9, 0.95)
-
-
+# ---------------------------------------------------------------------------------------------- RNG
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -94,6 +71,68 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ---------------------------------------------------------------------------------------------- state
+@dataclass
+class TrainState:
+    """Where a run is. Saved in every checkpoint; everything else about the run is in the RunConfig."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps taken (skipped ones included: the schedule follows this counter)
+    batch: int = 0  # batches done in the current epoch
+    tokens: int = 0  # tokens trained on, all ranks
+    bad: int = 0  # consecutive non-finite steps
+    scaler_skips: int = 0  # consecutive steps the fp16 loss scaler skipped (finite loss, overflowing grads)
+    loss_sum: float = 0.0  # this epoch so far: summed token loss ...
+    loss_tokens: int = 0  # ... over this many tokens
+    seconds: float = 0.0  # time spent in this epoch before the last save (a resumed epoch adds to it)
+    win_loss: float = 0.0  # the current window of the step curve (metrics.json "steps")
+    win_tokens: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, d: dict) -> None:
+        """Also reads the ``counters`` dict of checkpoints made before this class (same keys, fewer)."""
+        for f in fields(self):
+            if f.name in d:
+                setattr(self, f.name, type(getattr(self, f.name))(d[f.name]))
+
+    def new_epoch(self, epoch: int) -> None:
+        self.epoch, self.batch = epoch, 0
+        self.loss_sum, self.loss_tokens, self.seconds, self.win_loss, self.win_tokens = 0.0, 0, 0.0, 0.0, 0
+
+    def add_step(self, status: str, loss: float, tokens: int, where: str) -> None:
+        """Count one step; raise TrainingDiverged after too many bad ones in a row."""
+        self.step += 1
+        self.batch += 1
+        if status == "bad":
+            self.bad += 1
+            dist.note0(f"step {self.step}: non-finite loss or gradients, step skipped")
+            if self.bad >= MAX_BAD_STEPS:
+                raise TrainingDiverged(
+                    f"{self.bad} consecutive non-finite steps: training diverged; the last good checkpoint"
+                    f" in {where} is kept. Lower -l"
+                )
+            return
+        # A scaler skip is routine fp16 bookkeeping (the loss was finite): counted, not a bad step.
+        self.scaler_skips = self.scaler_skips + 1 if status == "scaler_skip" else 0
+        if self.scaler_skips >= MAX_SCALER_SKIPS:
+            raise TrainingDiverged(
+                f"the fp16 loss scaler skipped {self.scaler_skips} steps in a row (gradients are not finite"
+                f" at any scale); the last good checkpoint in {where} is kept. Try --amp bf16 or lower -l"
+            )
+        self.bad = 0
+        self.loss_sum += loss
+        self.loss_tokens += tokens
+        self.win_loss += loss
+        self.win_tokens += tokens
+        self.tokens += tokens
+
+    def mean_loss(self) -> float | None:
+        return self.loss_sum / self.loss_tokens if self.loss_tokens else None
+
+
+# ---------------------------------------------------------------------------------------------- the step
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
     """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total_steps`` (constant after it)."""
     if step < warmup_steps:
@@ -113,8 +152,19 @@ def token_loss_sum(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.T
 class Trainer:
     """Model + AdamW + warmup/cosine LambdaLR + AMP (autocast, GradScaler) + one optimizer step."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device, info: dist.DistInfo):
-        self.cfg, self.device, self.info = cfg, device, info
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        info: dist.DistInfo,
+        *,
+        learning_rate: float,
+        weight_decay: float,
+        amp: str = "off",
+    ):
+        self.device, self.info = device, info
+        self.learning_rate, self.weight_decay = learning_rate, weight_decay
+        self.warmup_steps = WARMUP_STEPS
         self.raw = model.to(device)
         self.model = self.raw
         if info.enabled:
@@ -128,33 +178,48 @@ class Trainer:
         for name, p in self.raw.named_parameters():
             (no_decay if p.ndim < 2 or name.startswith("tok_emb") else decay).append(p)
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.learning_rate,
-            betas=cfg.betas,
+            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=learning_rate,
+            betas=BETAS,
         )
-        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.amp)
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.scheduler = None
         self.pieces = 1  # how many pieces a batch is split into after an out-of-memory error
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.raw.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        """Model and optimizer must fit (RuntimeError/ValueError/KeyError otherwise); the scaler's state is
+        optional (absent when the run that saved it had no fp16)."""
+        self.raw.load_state_dict(d["model"])
+        self.optimizer.load_state_dict(d["optimizer"])
+        if d.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(d["scaler"])
 
     def autocast(self):
         return torch.autocast(
             self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None
         )
 
-    def set_hyperparameters(self, step: int, total_steps: int) -> None:
-        """(Re)build the schedule at ``step`` of ``total_steps`` with the configured lr and weight decay.
+    def set_schedule(self, step: int, total_steps: int) -> None:
+        """(Re)build the schedule at ``step`` of ``total_steps`` with this trainer's lr and weight decay.
 
-        Called after loading a checkpoint's optimizer state, so that the command line's values win.
+        Called after loading a checkpoint's optimizer state, so that the command line's values win. Short
+        runs get a warmup of at most 10% of their steps (they must not stay in warmup).
         """
-        for group, wd in zip(self.optimizer.param_groups, (self.cfg.weight_decay, 0.0), strict=True):
-            group["initial_lr"] = self.cfg.learning_rate
+        self.warmup_steps = min(WARMUP_STEPS, max(1, total_steps // 10))
+        for group, wd in zip(self.optimizer.param_groups, (self.weight_decay, 0.0), strict=True):
+            group["initial_lr"] = self.learning_rate
             group["weight_decay"] = wd
-        c = self.cfg
+        warmup = self.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_factor(s, total_steps, c.warmup_steps, c.min_lr_ratio),
-            last_epoch=step - 1,
+            self.optimizer, lambda s: lr_factor(s, total_steps, warmup, MIN_LR_RATIO), last_epoch=step - 1
         )
 
     @property
@@ -170,12 +235,14 @@ class Trainer:
             total += loss.detach()
         return total
 
-    def train_step(
-        self, inputs: torch.Tensor, labels: torch.Tensor, norm: float
-    ) -> tuple[torch.Tensor, bool]:
+    def train_step(self, inputs: torch.Tensor, labels: torch.Tensor, norm: float) -> tuple[torch.Tensor, str]:
         """One optimizer step on a batch; ``norm`` = tokens of the whole step / world size (DDP averages
         gradients over ranks, so this makes the gradient that of the token-weighted mean over all ranks).
-        Returns (this rank's loss sum, whether the step was applied)."""
+
+        Returns this rank's loss sum and what became of the step: ``"ok"``, ``"scaler_skip"`` (fp16: the
+        loss was finite but the scaled gradients overflowed, so the scaler lowered its scale and skipped the
+        update -- routine, especially early) or ``"bad"`` (non-finite loss or gradients, nothing applied).
+        """
         while True:
             try:
                 loss_sum = self._forward_backward(inputs, labels, norm)
@@ -193,10 +260,11 @@ class Trainer:
             self.pieces *= 2
             dist.note0(f"out of memory: splitting batches into {self.pieces} pieces (consider lowering -b)")
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), GRAD_CLIP)
         # Identical on every rank (gradients are all-reduced), so every rank takes the same decision.
-        ok = bool(torch.isfinite(grad_norm))
-        if ok or self.scaler.is_enabled():
+        grads_ok = bool(torch.isfinite(grad_norm))
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        if grads_ok or self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # the scaler skips the step itself on inf/nan gradients
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -205,7 +273,15 @@ class Trainer:
             # the counter); torch warns when the very first optimizer steps were skipped.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
             self.scheduler.step()
-        return loss_sum, ok and bool(torch.isfinite(loss_sum))
+        if not bool(torch.isfinite(loss_sum)):
+            return loss_sum, "bad"
+        if grads_ok:
+            return loss_sum, "ok"
+        # Finite loss, non-finite gradients: with loss scaling the scaler has lowered its scale and skipped.
+        return (
+            loss_sum,
+            "scaler_skip" if self.scaler.is_enabled() and self.scaler.get_scale() < scale else "bad",
+        )
 
 
 def _split(inputs, labels, pieces: int):
@@ -249,155 +325,174 @@ def _finite_or_none(loss: float | None, what: str) -> float | None:
     return None
 
 
-def fresh_epoch_counters() -> dict:
-    return {"batch": 0, "loss_sum": 0.0, "loss_tokens": 0, "seconds": 0.0, "win_loss": 0.0, "win_tokens": 0}
+# ---------------------------------------------------------------------------------------------- the loop
+class SavePolicy:
+    """When to checkpoint mid-epoch (every ``minutes``, by rank 0's clock) and when to stop (``max_steps``);
+    epoch ends always save."""
+
+    def __init__(self, minutes: float, max_steps: int | None):
+        self.seconds, self.max_steps = minutes * 60, max_steps
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= self.seconds
+
+    def stop(self, step: int) -> bool:
+        return self.max_steps is not None and step >= self.max_steps
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
 
 
-def fit(
-    trainer: Trainer,
-    sampler,
-    make_loader: Callable[[int], Iterable],
-    val_loader: Iterable | None,
-    counters: dict,
-    metrics: dict,
-    save: Callable[[], None],
-    ckpt_dir: Path,
-    save_every_minutes: float,
-) -> int:
-    """Run the epochs from ``counters`` (possibly mid-epoch) to ``trainer.cfg.num_epochs``.
+class Progress:
+    """The tqdm bar of one epoch (rank 0 only), with the running loss and this session's tokens/s."""
 
-    ``make_loader(epoch)`` gives the training loader over ``sampler``; ``counters`` and ``metrics`` are updated
-    in place and ``save()`` checkpoints them (every ``save_every_minutes`` and at each epoch end); ``ckpt_dir``
-    receives the plot. Returns the exit code.
-    """
-    from tqdm import tqdm
+    def __init__(self, epoch: int, num_epochs: int, n_batches: int, done: int):
+        from tqdm import tqdm
 
-    from midiforge.plot import plot_metrics
-
-    device, info, num_epochs = trainer.device, trainer.info, trainer.cfg.num_epochs
-    stop_after = int(os.environ.get(STOP_ENV) or 0)
-    start_step = counters["step"]
-    last_save = time.monotonic()
-    for epoch in range(counters["epoch"], num_epochs):
-        if counters["batch"] == 0:
-            sampler.set_epoch(epoch)
-        n_batches = len(sampler)
-        record_every = max(1, n_batches // 200)  # about 200 points per epoch for the plot
-        loader = make_loader(epoch)
-        bar = tqdm(
+        self.bar = tqdm(
             total=n_batches,
-            initial=counters["batch"],
+            initial=done,
             desc=f"epoch {epoch + 1}/{num_epochs}",
             unit="batch",
-            disable=not info.is_main,
+            disable=not dist.current().is_main,
             dynamic_ncols=True,
-            mininterval=0.5
-            if sys.stderr.isatty()
-            else 30.0,  # a log file gets a line every 30 s, not a flood
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, no flood
         )
-        t_epoch = time.monotonic() - counters["seconds"]
-        t_session, session_tokens = time.monotonic(), 0
+        self.t0, self.tokens = time.monotonic(), 0
+
+    def update(self, state: TrainState, tokens: int) -> None:
+        self.tokens += tokens
+        mean = state.mean_loss()
+        if tokens and mean is not None:
+            rate = self.tokens / max(1e-9, time.monotonic() - self.t0)
+            self.bar.set_postfix_str(
+                f"loss {mean:.3f} ppl {perplexity(mean):.1f} {rate:,.0f} tok/s", refresh=False
+            )
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def record_window(state: TrainState, metrics: dict, epoch: int, n_batches: int) -> None:
+    """Close the step-curve window every 1/200 of an epoch (about 200 points per epoch for the plot)."""
+    every = max(1, n_batches // 200)
+    if state.win_tokens and (state.batch % every == 0 or state.batch == n_batches):
+        metrics["steps"].append(
+            [round(epoch + state.batch / n_batches, 6), state.win_loss / state.win_tokens]
+        )
+        state.win_loss, state.win_tokens = 0.0, 0
+
+
+@dataclass
+class Loop:
+    """What :func:`fit` drives: built by :mod:`midiforge.train`."""
+
+    trainer: Trainer
+    state: TrainState
+    metrics: dict  # metrics.json: {"epochs": [...], "steps": [[epoch_fraction, loss], ...]}
+    sampler: object  # MidiDatasetSampler of this rank
+    make_loader: Callable[[int], Iterable]  # epoch -> training batches over ``sampler``
+    val_loader: Iterable | None
+    save: Callable[[], None]  # write a checkpoint of everything above (rank 0; the caller holds the lock)
+    end_of_epoch: Callable[[], None]  # after the epoch-end save: the plot
+    policy: SavePolicy
+    num_epochs: int
+    where: str  # the checkpoint directory, for messages
+
+
+def fit(loop: Loop) -> int:
+    """Run the epochs from ``loop.state`` (possibly mid-epoch) to ``loop.num_epochs``. Returns the exit code."""
+    trainer, state, device = loop.trainer, loop.state, loop.trainer.device
+    world = dist.current().world_size
+    for epoch in range(state.epoch, loop.num_epochs):
+        if state.batch == 0:
+            loop.sampler.set_epoch(epoch)
+        n_batches = len(loop.sampler)
+        progress = Progress(epoch, loop.num_epochs, n_batches, state.batch)
+        t_epoch = time.monotonic() - state.seconds
         stopping = False
-        for inputs, labels in loader:
+        for inputs, labels in loop.make_loader(epoch):
             n_local = int((labels != IGNORE_INDEX).sum())
             inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            due = info.is_main and time.monotonic() - last_save >= save_every_minutes * 60
-            flags = dist.all_reduce_sum(
-                torch.tensor([n_local, float(due)], dtype=torch.float64, device=device)
+            # Every rank must agree on the step's token count and on saving (rank 0's clock decides).
+            flags = torch.tensor(
+                [n_local, float(dist.current().is_main and loop.policy.due())], dtype=torch.float64
             )
+            flags = dist.all_reduce_sum(flags.to(device))
             n_total, save_now = int(flags[0]), bool(flags[1] > 0)
-            loss_sum, ok = trainer.train_step(inputs, labels, max(1.0, n_total / info.world_size))
+            # 1. the step
+            loss_sum, status = trainer.train_step(inputs, labels, max(1.0, n_total / world))
+            codes = {"ok": 0.0, "scaler_skip": 1.0, "bad": float(world + 1)}  # any bad rank makes it bad
             out = dist.all_reduce_sum(
-                torch.stack([loss_sum.double(), torch.tensor(float(ok), device=device, dtype=torch.float64)])
-            )
-            ok = int(out[1]) == info.world_size
-            counters["step"] += 1
-            counters["batch"] += 1
-            if ok:
-                loss = float(out[0])
-                counters["loss_sum"] += loss
-                counters["loss_tokens"] += n_total
-                counters["win_loss"] += loss
-                counters["win_tokens"] += n_total
-                counters["tokens"] += n_total
-                counters["bad"] = 0
-                session_tokens += n_total
-                mean = counters["loss_sum"] / max(1, counters["loss_tokens"])
-                rate = session_tokens / max(1e-9, time.monotonic() - t_session)
-                bar.set_postfix_str(
-                    f"loss {mean:.3f} ppl {perplexity(mean):.1f} {rate:,.0f} tok/s", refresh=False
+                torch.stack(
+                    [loss_sum.double(), torch.tensor(codes[status], device=device, dtype=torch.float64)]
                 )
-            else:
-                counters["bad"] += 1
-                dist.note0(f"step {counters['step']}: non-finite loss or gradients, step skipped")
-                if counters["bad"] >= MAX_BAD_STEPS:
-                    raise TrainingDiverged(
-                        f"{counters['bad']} consecutive non-finite steps: training diverged;"
-                        f" the last good checkpoint in {ckpt_dir} is kept. Lower -l"
-                    )
-            if counters["win_tokens"] and (
-                counters["batch"] % record_every == 0 or counters["batch"] == n_batches
-            ):
-                x = round(epoch + counters["batch"] / n_batches, 6)
-                metrics["steps"].append([x, counters["win_loss"] / counters["win_tokens"]])
-                counters["win_loss"], counters["win_tokens"] = 0.0, 0
-            bar.update(1)
-            stopping = stop_after and start_step < stop_after <= counters["step"]
-            if counters["batch"] < n_batches and (save_now or stopping):
-                counters["seconds"] = time.monotonic() - t_epoch
+            )
+            status = "ok" if out[1] == 0 else ("bad" if out[1] > world else "scaler_skip")
+            state.add_step(status, float(out[0]), n_total, loop.where)
+            # 2. the metrics
+            record_window(state, loop.metrics, epoch, n_batches)
+            progress.update(state, n_total if status == "ok" else 0)
+            # 3. a save, if one is due
+            stopping = loop.policy.stop(state.step)
+            if state.batch < n_batches and (save_now or stopping):
+                state.seconds = time.monotonic() - t_epoch
                 # Not mid-epoch while non-finite steps go on (``bad`` is the same on every rank): should they
                 # turn into a divergence, the last good checkpoint must survive. Retried at the next step.
-                if not counters["bad"]:
-                    save()
-                    last_save = time.monotonic()
+                if not state.bad:
+                    loop.save()
+                    loop.policy.saved()
                 if stopping:
-                    bar.close()
-                    what = "nothing saved (non-finite steps)" if counters["bad"] else "checkpoint saved"
-                    dist.print0(f"stopped after {counters['step']} steps ({STOP_ENV}); {what}")
+                    progress.close()
+                    what = "nothing saved (non-finite steps)" if state.bad else "checkpoint saved"
+                    dist.print0(f"stopped after {state.step} steps (--max-steps); {what}")
                     return 0
-        bar.close()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # training activations out, validation batches in
-        train_loss = counters["loss_sum"] / counters["loss_tokens"] if counters["loss_tokens"] else None
-        val_loss, _ = evaluate(trainer, val_loader) if val_loader is not None else (None, 0)
-        train_loss = _finite_or_none(train_loss, f"epoch {epoch + 1}: training loss")
-        val_loss = _finite_or_none(val_loss, f"epoch {epoch + 1}: validation loss")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        seconds = time.monotonic() - t_epoch
-        metrics["epochs"].append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "train_perplexity": perplexity(train_loss),
-                "val_loss": val_loss,
-                "val_perplexity": perplexity(val_loss),
-                "tokens": counters["loss_tokens"],
-                "seconds": round(seconds, 3),
-                "lr": trainer.lr,
-                "step": counters["step"],
-            }
-        )
-        if counters["bad"]:
-            dist.note0(
-                f"epoch {epoch + 1} ends after {counters['bad']} non-finite step(s) in a row; saved anyway"
-                " (skipped steps leave the weights unchanged)"
-            )
-        counters.update(epoch=epoch + 1, **fresh_epoch_counters())
-        save()
-        last_save = time.monotonic()
-        if info.is_main:
-            try:
-                plot_metrics(metrics, ckpt_dir / ckpt_io.PLOT_FILE)
-            except Exception as e:  # a plotting problem must never stop training
-                dist.note0(f"could not draw {ckpt_io.PLOT_FILE}: {type(e).__name__}: {e}")
-        val = f", val loss {val_loss:.4f} (ppl {perplexity(val_loss):.2f})" if val_loss is not None else ""
-        tl = f"{train_loss:.4f} (ppl {perplexity(train_loss):.2f})" if train_loss is not None else "n/a"
-        dist.print0(
-            f"epoch {epoch + 1}/{num_epochs}: train loss {tl}{val}, {seconds:.1f} s, lr {trainer.lr:.3g}"
-        )
-        if stopping and epoch + 1 < num_epochs:
-            dist.print0(f"stopped after {counters['step']} steps ({STOP_ENV}); checkpoint saved")
+        progress.close()
+        _end_epoch(loop, epoch, time.monotonic() - t_epoch)
+        if stopping and epoch + 1 < loop.num_epochs:
+            dist.print0(f"stopped after {state.step} steps (--max-steps); checkpoint saved")
             return 0
-    dist.print0(f"done: {num_epochs} epochs; checkpoint in {ckpt_dir}")
+    dist.print0(f"done: {loop.num_epochs} epochs; checkpoint in {loop.where}")
     return 0
+
+
+def _end_epoch(loop: Loop, epoch: int, seconds: float) -> None:
+    """Validation, the epoch's metrics row, the save (always: skipped steps leave the weights unchanged)."""
+    trainer, state, device = loop.trainer, loop.state, loop.trainer.device
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # training activations out, validation batches in
+    train_loss = state.mean_loss()
+    val_loss, _ = evaluate(trainer, loop.val_loader) if loop.val_loader is not None else (None, 0)
+    train_loss = _finite_or_none(train_loss, f"epoch {epoch + 1}: training loss")
+    val_loss = _finite_or_none(val_loss, f"epoch {epoch + 1}: validation loss")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    loop.metrics["epochs"].append(
+        {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_perplexity": perplexity(train_loss),
+            "val_loss": val_loss,
+            "val_perplexity": perplexity(val_loss),
+            "tokens": state.loss_tokens,
+            "seconds": round(seconds, 3),
+            "lr": trainer.lr,
+            "step": state.step,
+        }
+    )
+    if state.bad:
+        dist.note0(
+            f"epoch {epoch + 1} ends after {state.bad} non-finite step(s) in a row; saved anyway"
+            " (skipped steps leave the weights unchanged)"
+        )
+    state.new_epoch(epoch + 1)
+    loop.save()
+    loop.policy.saved()
+    loop.end_of_epoch()
+    val = f", val loss {val_loss:.4f} (ppl {perplexity(val_loss):.2f})" if val_loss is not None else ""
+    tl = f"{train_loss:.4f} (ppl {perplexity(train_loss):.2f})" if train_loss is not None else "n/a"
+    dist.print0(
+        f"epoch {epoch + 1}/{loop.num_epochs}: train loss {tl}{val}, {seconds:.1f} s, lr {trainer.lr:.3g}"
+    )
