@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,11 @@ import torch
 from conftest import corpus_dir, make_score
 
 from midiforge import checkpoint as ck
+from midiforge import runparts
 from midiforge import train as tr
+from midiforge import trainer as trn
+from midiforge.data import IGNORE_INDEX
+from midiforge.errors import UsageError
 from midiforge.tokenizer import MidiTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,16 +51,16 @@ def _argv(epochs, ckpt, data, *extra):
     return [str(epochs), str(ckpt), "-t", str(data / "train"), "-v", str(data / "val"), *TINY, *extra]
 
 
-def _run(epochs, ckpt, data, *extra, env=None, monkeypatch=None):
+def _run(epochs, ckpt, data, *extra, monkeypatch=None):
     """Run `train` in this process with the shared tokenizer (so runs are comparable); returns the exit code."""
     Path(ckpt).mkdir(parents=True, exist_ok=True)
     if not (Path(ckpt) / "tokenizer.json").exists():
         shutil.copy(data / "tokenizer.json", ckpt)
-    if monkeypatch is not None:
-        monkeypatch.delenv(tr.STOP_ENV, raising=False)
-        for k, v in (env or {}).items():
-            monkeypatch.setenv(k, v)
     return tr.main(_argv(epochs, ckpt, data, *extra))
+
+
+def _state(ckpt) -> dict:
+    return ck.load(ckpt).state["train_state"]
 
 
 def _metrics(ckpt):
@@ -88,8 +91,7 @@ def _motif_piece(path, motif):
     score.dump_midi(str(path))
 
 
-def test_tiny_model_overfits(data, tmp_path, monkeypatch):
-    monkeypatch.delenv(tr.STOP_ENV, raising=False)
+def test_tiny_model_overfits(data, tmp_path):
     (tmp_path / "train").mkdir()
     _motif_piece(tmp_path / "train" / "a.mid", [60, 62, 64, 65, 67, 65, 64, 62])
     _motif_piece(tmp_path / "train" / "b.mid", [55, 59, 62, 67, 62, 59])
@@ -103,7 +105,10 @@ def test_tiny_model_overfits(data, tmp_path, monkeypatch):
     e = m["epochs"][-1]
     assert e["val_loss"] is None and e["val_perplexity"] is None
     assert e["train_perplexity"] == pytest.approx(math.exp(e["train_loss"]), rel=1e-9)
-    assert (tmp_path / "ckpt" / "training.png").is_file()
+    png = (tmp_path / "ckpt" / "training.png").read_bytes()
+    from midiforge.plot import render_png
+
+    assert png == render_png(m)  # the plot drawn at the epoch end is that of the final metrics
 
 
 def test_resume_is_exact(data, tmp_path, monkeypatch, capsys):
@@ -113,8 +118,8 @@ def test_resume_is_exact(data, tmp_path, monkeypatch, capsys):
     # Stopped at the first epoch's end, in the middle of epoch 1, in the middle of epoch 2: then the same command.
     for name, stop in (("end1", per_epoch), ("mid1", per_epoch // 2), ("mid2", per_epoch + 3)):
         ckpt = tmp_path / name
-        assert _run(2, ckpt, data, *extra, env={tr.STOP_ENV: str(stop)}, monkeypatch=monkeypatch) == 0
-        assert ck.load(ckpt).state["counters"]["step"] == stop
+        assert _run(2, ckpt, data, *extra, "--max-steps", str(stop)) == 0
+        assert _state(ckpt)["step"] == stop
         assert _run(2, ckpt, data, *extra, monkeypatch=monkeypatch) == 0
         _assert_same_run(tmp_path / "full", ckpt)
     # Done already: nothing to do, exit 0, nothing changed.
@@ -139,34 +144,61 @@ def test_extend_and_override(data, tmp_path, monkeypatch, capsys):
     assert m["epochs"][1]["lr"] <= 5e-4
     # State dicts carry no wrapper prefixes.
     assert not [k for k in ck.load(ckpt).model if k.startswith(("module.", "_orig_mod."))]
+    assert json.loads((ckpt / "config.json").read_text())["train"]["max_steps"] is None
 
 
-def test_sigkill_then_rerun(data, tmp_path, monkeypatch):
+# A process that dies at a chosen instant of its n-th save: while writing .pending (no COMMIT yet), right after
+# the COMMIT marker, or halfway through the renames. Deterministic: no sleeps, no timing.
+_KILLER = """
+import os, signal, sys
+sys.path.insert(0, {src!r})
+from midiforge import checkpoint, train
+where, nth = {where!r}, {nth}
+calls = {{"n": 0}}
+real_write, real_replace = checkpoint.atomic_write_bytes, checkpoint.os.replace
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+def write(path, data, **kw):
+    real_write(path, data, **kw)
+    name = os.path.basename(str(path))
+    if name == checkpoint.MODEL_FILE:
+        calls["n"] += 1
+    if calls["n"] == nth and ((where == "pending" and name == checkpoint.OPTIMIZER_FILE)
+                              or (where == "commit" and name == checkpoint.COMMIT_MARKER)):
+        die()
+renames = {{"n": 0}}
+def replace(src, dst):
+    real_replace(src, dst)
+    moved = os.path.basename(os.path.dirname(str(src))) == ".pending" and not os.path.basename(str(src)).startswith(".")
+    if where == "rename" and calls["n"] == nth and moved:
+        renames["n"] += 1
+        if renames["n"] == 2:
+            die()
+checkpoint.atomic_write_bytes, checkpoint.os.replace = write, replace
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["pending", "commit", "rename"])
+def test_sigkill_mid_save_then_rerun(data, tmp_path, where):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     shutil.copy(data / "tokenizer.json", ckpt)
-    cmd = [sys.executable, str(ROOT / "train.py"), *_argv(2, ckpt, data, "--save-every-minutes", "0.0002")]
-    env = {k: v for k, v in os.environ.items() if k != tr.STOP_ENV}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not (ckpt / "state.pth").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)  # into the next saves
-        assert proc.poll() is None, "the run ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    killed_at = ck.load(ckpt).state["counters"]  # consistent files whatever instant the kill hit
-    assert killed_at["epoch"] < 2
-    monkeypatch.delenv(tr.STOP_ENV, raising=False)
-    assert tr.main(cmd[2:]) == 0  # the same command again (in this process: faster)
-    got = ck.load(ckpt)
-    assert got.state["counters"]["epoch"] == 2 and len(got.metrics["epochs"]) == 2
+    argv = _argv(2, ckpt, data, "--save-every-minutes", "1e-9")  # a save after every step
+    code = _KILLER.format(src=str(ROOT / "src"), where=where, nth=3)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    # Whatever instant the kill hit, one consistent save is what every reader sees: the 2nd before the COMMIT
+    # of the 3rd, the 3rd after it.
+    assert _state(ckpt)["step"] == (2 if where == "pending" else 3)
     model, tok = ck.load_inference(ckpt)
     assert model.config.vocab_size == len(tok)
+    assert (ckpt / ck.PENDING_DIR).exists()  # the readers left the interrupted save alone
+    assert tr.main(argv) == 0  # the same command again (in this process: faster) finishes the run
+    got = ck.load(ckpt)
+    assert got.state["train_state"]["epoch"] == 2 and len(got.metrics["epochs"]) == 2
     assert not (ckpt / ck.PENDING_DIR).exists()
 
 
@@ -183,7 +215,6 @@ def _two_processes(argv):
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=port,
         )
-        env.pop(tr.STOP_ENV, None)
         cmd = [sys.executable, str(ROOT / "train.py"), *argv]
         procs.append(
             subprocess.Popen(
@@ -196,12 +227,13 @@ def _two_processes(argv):
 
 
 def test_two_process_gloo_ddp(data, tmp_path):
+    # --device cpu: on a machine with one GPU the default (cuda) is refused for two ranks, see below.
     ckpt = tmp_path / "ckpt"
-    _two_processes(_argv(1, ckpt, data, "--vocab-size", "700"))
-    outs = _two_processes(_argv(2, ckpt, data))  # resumes on both ranks (rank 1 reseeds its dropout)
+    _two_processes(_argv(1, ckpt, data, "--vocab-size", "700", "--device", "cpu"))
+    outs = _two_processes(_argv(2, ckpt, data, "--device", "cpu"))  # resumes on both ranks (rank 1 reseeds)
     assert "resuming" in outs[0]
     got = ck.load(ckpt)
-    assert got.config["train"]["world_size"] == 2 and len(got.metrics["epochs"]) == 2
+    assert got.config["run"]["world_size"] == 2 and len(got.metrics["epochs"]) == 2
     assert not [k for k in got.model if k.startswith("module.")]
     assert "epoch 2/2: train loss" in outs[0] and "epoch 2/2: train loss" not in outs[1]  # rank 0 speaks
     ck.load_inference(ckpt)
@@ -215,8 +247,7 @@ def _expect_usage_error(argv, capsys, *fragments):
         assert f in err[0], (f, err[0])
 
 
-def test_bad_arguments_write_nothing(data, tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv(tr.STOP_ENV, raising=False)
+def test_bad_arguments_write_nothing(data, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     t = ["-t", str(data / "train")]
     _expect_usage_error(
@@ -283,11 +314,11 @@ def test_non_finite_losses_stop_without_touching_the_checkpoint(data, tmp_path, 
     ckpt = tmp_path / "ckpt"
     assert _run(1, ckpt, data, monkeypatch=monkeypatch) == 0
     before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
-    real = tr.token_loss_sum
+    real = trn.token_loss_sum
     monkeypatch.setattr("midiforge.trainer.token_loss_sum", lambda m, x, y: real(m, x, y) * float("nan"))
     capsys.readouterr()
     assert _run(3, ckpt, data, "--save-every-minutes", "0.0001", monkeypatch=monkeypatch) == 1
-    assert f"{tr.MAX_BAD_STEPS} consecutive non-finite steps" in capsys.readouterr().err
+    assert f"{trn.MAX_BAD_STEPS} consecutive non-finite steps" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()} == before
 
 
@@ -302,45 +333,30 @@ def test_out_of_memory_batches_are_split(data):
             return super().forward(idx, *a, **k)
 
     cfg = ModelConfig(vocab_size=64, n_layer=1, n_head=2, d_model=16, d_ff=32, max_seq_len=16)
-    tc = tr.TrainConfig(
-        num_epochs=1,
-        learning_rate=1e-2,
-        weight_decay=0.0,
-        min_sequence_length=1,
-        max_sequence_length=16,
-        max_batch_size=256,
-        window=16,
-        seed=0,
-        amp="off",
-        augment=False,
-        vocab_size=64,
-        train_dataset=[],
-        val_dataset=[],
-        warmup_steps=1,
-    )
     x = torch.randint(3, 64, (4, 16))
     y = x.roll(-1, 1)
-    y[2:, 10:] = tr.IGNORE_INDEX
+    y[2:, 10:] = IGNORE_INDEX
     results = []
     for cls in (Transformer, Flaky):
         torch.manual_seed(0)
-        trainer = tr.Trainer(cls(cfg), tc, torch.device("cpu"), tr.dist.DistInfo())
-        trainer.set_hyperparameters(0, 10)
-        loss, ok = trainer.train_step(x, y, float((y != tr.IGNORE_INDEX).sum()))
-        results.append((float(loss), ok, [p.detach().clone() for p in trainer.raw.parameters()]))
+        trainer = trn.Trainer(
+            cls(cfg), torch.device("cpu"), tr.dist.DistInfo(), learning_rate=1e-2, weight_decay=0.0
+        )
+        trainer.set_schedule(0, 10)
+        loss, status = trainer.train_step(x, y, float((y != IGNORE_INDEX).sum()))
+        results.append((float(loss), status, [p.detach().clone() for p in trainer.raw.parameters()]))
     assert trainer.pieces == 4
-    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5) and results[1][1]
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5) and results[1][1] == "ok"
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[0][2], results[1][2], strict=True))
 
 
-def test_real_corpus_quick(tmp_path, monkeypatch):
+def test_real_corpus_quick(tmp_path):
     """A few pop909 songs: the tokenizer is trained into the checkpoint, the loss falls, and generate can load it."""
     corpus = corpus_dir("pop909")
     train_dir = tmp_path / "train"
     train_dir.mkdir()
     for name in ("001.mid", "002.mid", "003.mid"):
         shutil.copy(corpus / name, train_dir)
-    monkeypatch.delenv(tr.STOP_ENV, raising=False)
     argv = [
         "2",
         str(tmp_path / "ckpt"),
@@ -394,9 +410,9 @@ def _spawned_check(out_dir: str, same: bool) -> int:
     info = tr.dist.from_env()
     tr.dist.init(info, torch.device("cpu"))
     try:
-        tr._check_same_data(info, torch.device("cpu"), 10 if same else 10 + info.rank, 5)
+        runparts.check_same_data(info, torch.device("cpu"), 10 if same else 10 + info.rank, 5)
         result = "ok"
-    except tr.UsageError as e:
+    except UsageError as e:
         result = str(e)
     Path(out_dir, f"rank{info.rank}").write_text(result)
     tr.dist.shutdown()
@@ -417,8 +433,10 @@ def test_ranks_with_different_datasets_are_refused(tmp_path):
 
 def test_resumed_ranks_get_distinct_deterministic_seeds():
     """Only rank 0's RNG state is saved: ranks > 0 reseed from (seed, rank, step) on resume."""
-    seeds = {tr._rank_seed(0, rank, step) for rank in range(1, 9) for step in (0, 1, 500)}
-    assert len(seeds) == 24 and tr._rank_seed(3, 1, 7) == tr._rank_seed(3, 1, 7)
+    seeds = {runparts.rank_seed(0, rank, step) for rank in range(1, 9) for step in (0, 1, 500)}
+    assert len(seeds) == 24  # every rank and step its own stream
+    assert all(0 <= s < 2**63 for s in seeds)  # a valid torch seed
+    assert runparts.rank_seed(1, 1, 0) not in seeds  # and the run's seed matters
 
 
 def test_epoch_end_saves_despite_trailing_non_finite_steps_and_nan_validation(
@@ -427,7 +445,7 @@ def test_epoch_end_saves_despite_trailing_non_finite_steps_and_nan_validation(
     """Skipped steps leave the weights alone: the epoch end still saves; a NaN validation loss is null."""
     assert _run(1, tmp_path / "probe", data, monkeypatch=monkeypatch) == 0
     steps = _metrics(tmp_path / "probe")["epochs"][0]["step"]
-    real, calls = tr.token_loss_sum, []
+    real, calls = trn.token_loss_sum, []
 
     def flaky(m, x, y):
         if not m.training:
@@ -441,7 +459,7 @@ def test_epoch_end_saves_despite_trailing_non_finite_steps_and_nan_validation(
     err = capsys.readouterr().err
     assert "validation loss is not finite" in err and "saved anyway" in err
     got = ck.load(tmp_path / "ckpt")
-    assert got.state["counters"]["epoch"] == 1 and got.state["counters"]["bad"] == 2
+    assert got.state["train_state"]["epoch"] == 1 and got.state["train_state"]["bad"] == 2
     assert got.metrics["epochs"][0]["val_loss"] is None
     assert math.isfinite(got.metrics["epochs"][0]["train_loss"])
 

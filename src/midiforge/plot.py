@@ -99,15 +99,24 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from midiforge.checkpoint import METRICS_FILE, PLOT_FILE, read_json
+    from midiforge import checkpoint as ck
 
-    path = Path(args.ckpt_path) / METRICS_FILE
-    if not path.is_file():
+    ckpt = Path(args.ckpt_path)
+    path = ckpt / ck.METRICS_FILE
+    # The committed save's files (a run may be saving into the directory right now); nothing is written there.
+    blobs = ck.read_committed(ckpt, [ck.METRICS_FILE, ck.CONFIG_FILE]) if ckpt.is_dir() else {}
+    if ck.METRICS_FILE not in blobs:
         raise UsageError(f"{path}: no such file (train first)")
-    metrics = read_json(path)
+    metrics = ck.read_json(path, blobs[ck.METRICS_FILE])
     if not isinstance(metrics, dict) or not isinstance(metrics.get("epochs", []), list):
         raise UsageError(f"{path}: not a midiforge metrics file")
-    out = Path(args.output or Path(args.ckpt_path) / PLOT_FILE)
+    tok = ck.load_tokenizer(ckpt)
+    if tok is not None and ck.CONFIG_FILE in blobs:  # curves of a model whose tokenizer was swapped mislead
+        state = (
+            ck.load_torch(ckpt / ck.STATE_FILE, data=blobs[ck.STATE_FILE]) if ck.STATE_FILE in blobs else None
+        )
+        ck.check_tokenizer(ckpt, tok, ck.read_config(ckpt, blobs[ck.CONFIG_FILE]), state)
+    out = Path(args.output or ckpt / ck.PLOT_FILE)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         plot_metrics(metrics, out)
