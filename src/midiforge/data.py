@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from midiforge.midi import MidiReadError, atomic_write_bytes, file_sha256, find_files, read_notes
+from midiforge.fsio import atomic_write_bytes, file_sha256
+from midiforge.midi import MidiReadError, find_files, read_notes
 
 DEFAULT_CACHE_DIR = ".midiforge-cache"
 DATA_SUFFIXES = (".mid", ".midi", ".json")
@@ -137,16 +138,15 @@ class TokenCache:
 
 def _encode_file(path: str, transposes: tuple[int, ...], tokenizer) -> tuple[list | None, str | None, bool]:
     """Encode one file in every transposition: (ids per transposition | None, reason | None, cacheable)."""
+    stage = "unreadable"
     try:
         notes = read_notes(path)
-    except MidiReadError as e:
-        return None, str(e), True
-    except Exception as e:  # e.g. a permission error: worth retrying next run, so not cached
-        return None, f"unreadable: {type(e).__name__}: {e}", False
-    try:
+        stage = "tokenizer failed"
         ids = [np.asarray(tokenizer.encode_notes(notes, transpose=t), np.int32) for t in transposes]
-    except Exception as e:  # one file must never stop the build; report it instead
-        return None, f"tokenizer failed: {type(e).__name__}: {e}", False
+    except MidiReadError as e:  # a bad file, or a prepared sheet whose ids do not fit the tokenizer: cached
+        return None, str(e), True
+    except Exception as e:  # a permission error, a tokenizer bug: never stops the build; retried next run
+        return None, f"{stage}: {type(e).__name__}: {e}", False
     return ids, None, True
 
 

@@ -117,7 +117,7 @@ class NoteTable:
         _check_range("time_signatures.numerator", num, 1, 255)
         if not _POWERS_OF_TWO.issuperset(den.tolist()):
             bad = ~np.isin(den, list(_POWERS_OF_TWO))
-            _raise_first_bad("time_signatures.denominator", den, bad, "a power of two, 1..128")
+            _raise_first_bad("time_signatures.denominator", den, bad, "a power of two, 1..128", "index")
         table = cls(
             tpq=tpq,
             time=c["time"].astype(np.int64),
@@ -142,8 +142,6 @@ _MAX_TICK = (1 << 31) - 1  # symusic keeps tick times in int32
 # Allowed values of the note columns of a prepared JSON file.
 _NOTE_LIMITS = {"time": (0, _MAX_TICK), "duration": (0, _MAX_TICK), "pitch": (0, 127), "velocity": (1, 127)}
 _NOTE_LIMITS["program"] = (0, DRUM_PROGRAM)  # 0..127 pitched, 128 drums: the only drum flag the format has
-
-
 _TINY, _HUGE = np.nextafter(0.0, 1.0), np.finfo(np.float64).max  # qpm: finite and > 0
 _POWERS_OF_TWO = frozenset(1 << k for k in range(8))  # denominators a MIDI file can state (symusic: uint8)
 
@@ -160,7 +158,8 @@ def _json_int(d: dict, key: str) -> int:
 
 
 def _json_arrays(d: dict, key: str, fields: tuple[str, ...]) -> list[np.ndarray]:
-    """The equally long number lists ``d[key][field]`` as 1-d int64 arrays (float64 for qpm)."""
+    """The equally long number lists ``d[key][field]`` as 1-d int64 arrays (float64 for qpm), as numpy converts
+    them (a float tick time is truncated; its range is checked afterwards)."""
     group = d[key]
     if not isinstance(group, dict):
         raise _invalid(f"{key} is a {type(group).__name__}, not an object")
