@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from midiforge import distributed as dist
-from midiforge.data import MidiDataset, MidiDatasetSampler, collate, padding_fraction
+from midiforge.data import IGNORE_INDEX, MidiDataset, MidiDatasetSampler, collate, padding_fraction
 from midiforge.midi import find_files
 from midiforge.model import PRESETS, ModelConfig, Transformer
 from midiforge.tokenizer import MidiTokenizer
-from midiforge.train import IGNORE_INDEX, TrainConfig, Trainer
+from midiforge.trainer import Trainer
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "pop909"
 
@@ -41,25 +41,9 @@ def naive_batches(lengths: np.ndarray, batch_size: int, seed: int) -> list[list[
 def run(name, dataset, batches, tok, args, window) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=len(tok), max_seq_len=window, dropout=0.0, **PRESETS[args.preset])
-    tc = TrainConfig(
-        num_epochs=1,
-        learning_rate=1e-3,
-        weight_decay=0.01,
-        min_sequence_length=8,
-        max_sequence_length=window,
-        max_batch_size=args.budget,
-        window=window,
-        seed=0,
-        amp="off",
-        augment=False,
-        vocab_size=len(tok),
-        train_dataset=[],
-        val_dataset=[],
-        warmup_steps=10,
-    )
     device = torch.device(args.device)
-    trainer = Trainer(Transformer(cfg), tc, device, dist.DistInfo())
-    trainer.set_hyperparameters(0, args.steps)
+    trainer = Trainer(Transformer(cfg), device, dist.DistInfo(), learning_rate=1e-3, weight_decay=0.01)
+    trainer.set_schedule(0, args.steps)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches[: args.steps + 2],

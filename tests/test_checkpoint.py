@@ -71,6 +71,9 @@ def test_interrupted_saves(tmp_path):
     pending.mkdir()
     (pending / ck.MODEL_FILE).write_bytes(b"half a file")
     assert ck.load(tmp_path).state["counters"]["step"] == 1
+    assert pending.exists()  # a reader cannot tell a dead writer's half save from a live one's: it stays
+    with ck.RunLock(tmp_path):  # the writer discards it
+        ck.recover(tmp_path)
     assert not pending.exists()
     # A crash after COMMIT, with some files already renamed: the save is rolled forward on the next load.
     _save(tmp_path / "next", model, step=2)
@@ -79,8 +82,12 @@ def test_interrupted_saves(tmp_path):
         os.replace(tmp_path / "next" / name, pending / name)
     (pending / ck.COMMIT_MARKER).write_text(json.dumps({"files": list(ck.SAVE_FILES)}))
     os.replace(pending / ck.MODEL_FILE, tmp_path / ck.MODEL_FILE)  # renamed just before the crash
-    got = ck.load(tmp_path)
+    got = ck.load(tmp_path)  # readers see the committed save whole ...
     assert got.state["counters"]["step"] == 2 and got.metrics["steps"] == [[0.5, 2.0]]
+    assert (pending / ck.COMMIT_MARKER).exists()  # ... without finishing it
+    with ck.RunLock(tmp_path):
+        ck.recover(tmp_path)  # the writer rolls it forward
+    assert not pending.exists() and ck.load(tmp_path).state["counters"]["step"] == 2
 
 
 def test_mixed_files_are_detected(tmp_path):
@@ -119,7 +126,15 @@ def test_load_inference(tmp_path):
     assert not loaded.training and len(tok2) == len(tok)
     idx = torch.randint(0, len(tok), (1, 8))
     assert torch.equal(loaded(idx), model.eval()(idx))
-    # A model of another shape than config.json says, or a tokenizer of another size: refused.
+    # A config.json edited by hand no longer matches the sum state.pth recorded.
+    cfg = json.loads((tmp_path / ck.CONFIG_FILE).read_text())
+    cfg["model"]["dropout"] = 0.5
+    (tmp_path / ck.CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(UsageError, match="inconsistent checkpoint: config.json"):
+        ck.load_inference(tmp_path)
+    # Without state.pth (an inference-only directory): a model of another shape than config.json says, or a
+    # tokenizer of another size, is refused.
+    (tmp_path / ck.STATE_FILE).unlink()
     cfg = json.loads((tmp_path / ck.CONFIG_FILE).read_text())
     cfg["model"]["d_model"] = 32
     (tmp_path / ck.CONFIG_FILE).write_text(json.dumps(cfg))

@@ -416,14 +416,21 @@ def load_inference(ckpt_dir: str | os.PathLike, device="cpu"):
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise UsageError(f"{ckpt_dir}: no such checkpoint directory")
-    blobs = read_committed(ckpt_dir, [MODEL_FILE, CONFIG_FILE])
+    parsed: dict = {}
+
+    def parse(blobs: dict[str, bytes]) -> None:  # refuse a code-carrying pickle as such, before any sum
+        for name in (STATE_FILE, MODEL_FILE):
+            if name in blobs:
+                parsed[name] = load_torch(ckpt_dir / name, data=blobs[name])
+
+    blobs = read_committed(ckpt_dir, [MODEL_FILE, CONFIG_FILE], first=parse)
     for name in (MODEL_FILE, CONFIG_FILE):
         if name not in blobs:
             raise UsageError(f"{ckpt_dir}: not a trained checkpoint (no {name})")
     if not (ckpt_dir / TOKENIZER_FILE).is_file():
         raise UsageError(f"{ckpt_dir}: not a trained checkpoint (no {TOKENIZER_FILE})")
     cfg = _config(ckpt_dir, blobs[CONFIG_FILE])
-    state = load_torch(ckpt_dir / STATE_FILE, data=blobs[STATE_FILE]) if STATE_FILE in blobs else None
+    state = parsed.get(STATE_FILE)
     try:
         config = ModelConfig.from_dict(cfg["model"])
     except (TypeError, ValueError, KeyError) as e:
@@ -431,7 +438,7 @@ def load_inference(ckpt_dir: str | os.PathLike, device="cpu"):
     tokenizer = load_tokenizer(ckpt_dir)
     check_tokenizer(ckpt_dir, tokenizer, cfg, state if isinstance(state, dict) else None)
     model = Transformer(config)
-    state_dict = load_torch(ckpt_dir / MODEL_FILE, data=blobs[MODEL_FILE])
+    state_dict = parsed[MODEL_FILE]
     if not isinstance(state_dict, dict):
         raise UsageError(f"{ckpt_dir / MODEL_FILE}: not a state_dict")
     try:
