@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 import symusic
 import torch
+from conftest import corpus_dir
 
 from midiforge.data import IGNORE_INDEX, MidiDataset, MidiDatasetSampler, collate, window_starts
 from midiforge.midi import JSON_SCHEMA, read_notes
 from midiforge.tokenizer import MidiTokenizer, TokenizerConfig
-
-CORRUPTED = Path("/work/shared/corpus/edge/symusic_tests/MIDIs_corrupted")
-POP909 = Path("/work/shared/corpus/pop909")
 
 
 def write_midi(path, num_notes=300, seed=0, drums=False):
@@ -64,10 +62,10 @@ def test_bad_files_are_skipped_with_reasons(tmp_path, tok):
     (data / "other.json").write_text(json.dumps({"schema": "something/else"}))
     (data / "notes.txt").write_text("ignored: not a MIDI suffix")
     corrupted = []
-    if CORRUPTED.is_dir():
-        for f in CORRUPTED.iterdir():
-            shutil.copy(f, data / f.name)
-            corrupted.append(data / f.name)
+    for f in corpus_dir("edge", "symusic_tests", "MIDIs_corrupted").iterdir():  # real broken files
+        shutil.copy(f, data / f.name)
+        corrupted.append(data / f.name)
+    assert corrupted
 
     ds = MidiDataset([data], tok, 4, 512, cache_dir=tmp_path / "cache", augment=False)
     bad = ["empty.mid", "random.midi", "truncated.mid", "garbage.json", "other.json"]
@@ -255,10 +253,9 @@ def test_dataloader_with_sampler_and_pickled_dataset(tmp_path, tok):
 
 
 @pytest.mark.slow  # starting the worker processes imports torch in them (seconds)
-@pytest.mark.skipif(not POP909.is_dir(), reason="POP909 sample corpus not available")
 def test_parallel_build_matches_sequential(tmp_path, tok, monkeypatch):
     monkeypatch.setattr("midiforge.data._MIN_FILES_FOR_POOL", 2)
-    files = sorted(POP909.glob("*.mid"))[:6]
+    files = sorted(corpus_dir("pop909").glob("*.mid"))[:6]
     bad = tmp_path / "bad.mid"
     bad.write_bytes(b"MThd garbage")
     paths = [*files, bad]

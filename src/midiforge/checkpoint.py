@@ -260,6 +260,7 @@ def read_committed(
     ckpt_dir = Path(ckpt_dir)
     wanted = [STATE_FILE, *[n for n in names if n != STATE_FILE]]
     deadline = time.monotonic() + READ_RETRY_SECONDS
+    settled = 0  # torn reads in a row with no save in flight
     while True:
         try:
             blobs = _read_once(ckpt_dir, wanted)
@@ -270,7 +271,10 @@ def read_committed(
             return blobs
         except (_Torn, _Moved) as e:
             in_flight = isinstance(e, _Moved) or (ckpt_dir / PENDING_DIR).exists()
-            if not in_flight:
+            # A save may have started and finished while we read (we saw old and new files, and .pending is
+            # gone again): read again. Only a mix that stays put with no save in flight is for good.
+            settled = 0 if in_flight else settled + 1
+            if settled >= 3:
                 raise UsageError(
                     f"{ckpt_dir}: inconsistent checkpoint: {e} does not belong to the save recorded in"
                     f" {STATE_FILE} (was a file replaced by hand?)"

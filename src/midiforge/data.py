@@ -1,4 +1,4 @@
-"""Training data: an on-disk token cache, a windowed dataset, a length-budget batch sampler and collate.
+"""Training data: an on-disk token cache and a windowed dataset (the Σ len² sampler and collate: sampler.py).
 
 Flow: files (MIDI or prepared JSON) → ``read_notes`` → ``tokenizer.encode_notes(notes, transpose=t)`` → ids
 cached on disk (memory-mapped) → pieces ``[BOS] + ids + [EOS]`` cut into windows of at most
@@ -25,11 +25,10 @@ from midiforge.midi import MidiReadError, find_files, read_notes
 
 DEFAULT_CACHE_DIR = ".midiforge-cache"
 DATA_SUFFIXES = (".mid", ".midi", ".json")
-IGNORE_INDEX = -100  # label value at padding; what torch's cross_entropy ignores by default
 _PACK_TOKENS = 1 << 24  # flush a cache pack every ~16M tokens so building never holds the corpus in memory
 _MIN_FILES_FOR_POOL = 16  # below this, starting worker processes costs more than it saves
 # Dataset and sampler usually get the same seed: separate streams keep transpositions and order independent.
-_TRANSPOSE_STREAM, _ORDER_STREAM = 1, 2
+_TRANSPOSE_STREAM = 1  # the sampler's batch order draws from stream 2 (sampler._ORDER_STREAM)
 
 
 # --------------------------------------------------------------------------------------------- token cache
@@ -386,169 +385,11 @@ class MidiDataset(torch.utils.data.Dataset):
         return state
 
 
-# --------------------------------------------------------------------------------------------- batching
-
-
-def collate(
-    batch: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad a list of (inputs, labels) to (B, T): inputs with ``pad_id``, labels with -100."""
-    t = max(len(x) for x, _ in batch)
-    inputs = torch.full((len(batch), t), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), t), IGNORE_INDEX, dtype=torch.long)
-    for row, (x, y) in enumerate(batch):
-        inputs[row, : len(x)] = x
-        labels[row, : len(y)] = y
-    return inputs, labels
-
-
-def padding_fraction(lengths: np.ndarray, batches: Iterable[Sequence[int]]) -> float:
-    """Share of padded positions when each batch is right-padded to its longest sample."""
-    real = padded = 0
-    for batch in batches:
-        lens = np.asarray(lengths)[np.asarray(batch, np.int64)]
-        real += int(lens.sum())
-        padded += len(lens) * int(lens.max())
-    return 1.0 - real / padded if padded else 0.0
-
-
-def plan_batches(
-    lengths: np.ndarray, order: np.ndarray, max_batch_size: int, max_tokens: int | None = None
-) -> tuple[list[np.ndarray], int]:
-    """Cut ``order`` (sample indices, sorted by length) into consecutive batches with ``sum(L ** 2)`` within
-    the budget (and at most ``max_tokens`` padded tokens). A batch is closed *before* a sample that would
-    overshoot. A sample that cannot fit any batch goes alone. Returns (batches, number of such samples)."""
-    batches: list[np.ndarray] = []
-    current: list[int] = []
-    cost = longest = 0
-    num_oversized = 0
-    for i, length in zip(order.tolist(), np.asarray(lengths)[order].tolist(), strict=True):
-        c = length * length
-        if c > max_batch_size or (max_tokens is not None and length > max_tokens):
-            num_oversized += 1
-            batches.append(np.asarray([i], np.int64))
-            continue
-        m = max(longest, length)
-        if current and (cost + c > max_batch_size or (max_tokens and (len(current) + 1) * m > max_tokens)):
-            batches.append(np.asarray(current, np.int64))
-            current, cost, m = [], 0, length
-        current.append(i)
-        cost += c
-        longest = m
-    if current:
-        batches.append(np.asarray(current, np.int64))
-    return batches, num_oversized
-
-
-class MidiDatasetSampler(torch.utils.data.Sampler):
-    """Batches of sample indices with ``sum(L ** 2) <= max_batch_size`` (use as a DataLoader batch_sampler).
-
-    Each epoch: samples sorted by length (seeded random tie-breaks), packed greedily under the budget, batch
-    order shuffled with a generator seeded by ``(seed, epoch)``. Every rank computes the same plan; it is
-    padded by repeating batches to a multiple of ``world_size`` and rank r takes batches r, r+W, ...
-
-    ``max_tokens`` also caps ``batch_size * longest`` (padded tokens). Without it, ``sum(L ** 2)`` lets short
-    samples form huge batches (budget 8×1536² holds 1887 samples of 100 tokens: 15× the tokens, so the
-    logits' memory, of a batch of 1536-token samples) that also mix very different lengths (padding).
-    ``"auto"`` (default) uses ``max_batch_size // longest``, the tokens of a batch of the longest samples
-    (of those that fit the budget) of the epoch; ``None`` keeps only the ``sum(L ** 2)`` rule.
-
-    ``len(sampler)`` is the number of batches of a whole epoch on this rank; after ``load_state_dict`` the
-    next iteration yields only the ``len - position`` batches that were left.
-    """
-
-    def __init__(
-        self,
-        dataset,
-        max_batch_size: int,
-        *,
-        shuffle: bool = True,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        max_tokens: int | str | None = "auto",
-    ):
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-        if not (
-            max_tokens is None or max_tokens == "auto" or (isinstance(max_tokens, int) and max_tokens > 0)
-        ):
-            raise ValueError(f"max_tokens must be a positive int, 'auto' or None, got {max_tokens!r}")
-        self.dataset = dataset
-        self.max_batch_size = int(max_batch_size)
-        self.max_tokens = max_tokens
-        self.shuffle = shuffle
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Move to an epoch (also the dataset's: its windows depend on the epoch) and start it from batch 0."""
-        self.epoch = epoch
-        self.dataset.set_epoch(epoch)
-        self.position = 0  # batches of this epoch already yielded on this rank
-        self._start = 0
-        self._plan = None
-
-    def global_plan(self) -> list[np.ndarray]:
-        """All ranks' batches of the current epoch, in order, padded to a multiple of ``world_size``."""
-        lengths = np.asarray(self.dataset.lengths, np.int64)
-        rng = np.random.default_rng([self.seed, self.epoch, _ORDER_STREAM])
-        if self.shuffle:
-            order = np.lexsort((rng.random(len(lengths)), lengths))
-        else:
-            order = np.argsort(lengths, kind="stable")
-        max_tokens = self.max_tokens
-        if max_tokens == "auto":
-            fitting = lengths[lengths * lengths <= self.max_batch_size]
-            max_tokens = self.max_batch_size // max(int(fitting.max()), 1) if len(fitting) else None
-        batches, num_oversized = plan_batches(lengths, order, self.max_batch_size, max_tokens)
-        if num_oversized:
-            warnings.warn(
-                f"{num_oversized} samples are longer than the batch budget allows (L**2 > {self.max_batch_size}"
-                f"{f' or L > {max_tokens} tokens' if max_tokens else ''}); each goes alone in a batch."
-                " Use max_sequence_length <= isqrt(max_batch_size).",
-                stacklevel=2,
-            )
-        if self.shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        if batches and len(batches) % self.world_size:
-            extra = self.world_size - len(batches) % self.world_size
-            batches += [batches[i % len(batches)] for i in range(extra)]
-        return batches
-
-    def _rank_plan(self) -> list[np.ndarray]:
-        if self._plan is None:
-            self._plan = self.global_plan()[self.rank :: self.world_size]
-        return self._plan
-
-    def __len__(self) -> int:
-        return len(self._rank_plan())
-
-    def __iter__(self) -> Iterator[list[int]]:
-        plan = self._rank_plan()
-        start, self._start = self._start, 0
-        self.position = start
-        for batch in plan[start:]:
-            self.position += 1
-            yield batch.tolist()
-
-    def padding_fraction(self) -> float:
-        """Share of padded positions in this rank's batches of the current epoch."""
-        return padding_fraction(self.dataset.lengths, self._rank_plan())
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume: the next iteration continues the saved epoch's plan after ``position`` batches."""
-        if state["seed"] != self.seed:
-            warnings.warn(
-                f"sampler seed {self.seed} replaced by the checkpoint's {state['seed']}", stacklevel=2
-            )
-            self.seed = state["seed"]
-        self.set_epoch(state["epoch"])
-        self.position = self._start = int(state["position"])
+# Batching lives in midiforge.sampler; re-exported here, where callers have always found it.
+from midiforge.sampler import (  # noqa: E402, F401
+    IGNORE_INDEX,
+    MidiDatasetSampler,
+    collate,
+    padding_fraction,
+    plan_batches,
+)

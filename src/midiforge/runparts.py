@@ -263,7 +263,7 @@ def model_config(setup: Setup, tok):
 def loader(dataset, batch_sampler, tok, setup: Setup, seed: int):
     from functools import partial
 
-    from midiforge.data import collate
+    from midiforge.sampler import collate
 
     return torch.utils.data.DataLoader(
         dataset,

@@ -181,9 +181,9 @@ class _Run:
 
 def _fit(setup, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
     """Build the model and Trainer, restore the checkpoint when resuming, then run :func:`fit`."""
-    from midiforge.data import MidiDatasetSampler
     from midiforge.model import Transformer
     from midiforge.plot import plot_metrics
+    from midiforge.sampler import MidiDatasetSampler
 
     cfg, device = setup.cfg, setup.device
     model_cfg = model_config(setup, tok)

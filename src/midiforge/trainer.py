@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from midiforge import distributed as dist
-from midiforge.data import IGNORE_INDEX
 from midiforge.errors import UsageError
+from midiforge.sampler import IGNORE_INDEX
 
 MAX_BAD_STEPS = 20  # consecutive non-finite steps before giving up
 # Consecutive steps the fp16 loss scaler may skip: each halves the scale, so 64 in a row take the default
