@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from midiforge.errors import UsageError
 MIDI_SUFFIXES = (".mid", ".midi")
 JSON_SCHEMA = "midiforge.notes/1"
 DRUM_PROGRAM = 128  # the note table's program column uses 128 for drum tracks
+MAX_TRACK_INDEX = 7  # tracks of one program beyond the 8th share the 8th's index (TRACK events, detok)
 
 
 class MidiReadError(ValueError):
@@ -50,6 +51,23 @@ class NoteTable:
     sheet: dict | None = (
         None  # base events precomputed by `prepare` for one tokenizer config (see tokenizer.py, validate.py)
     )
+    # Track identity: index of the note's source track among the tracks of its program (0..MAX_TRACK_INDEX,
+    # in the file's track order), so that e.g. a chorale's four program-0 voices stay four tracks.
+    track: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))
+    # Sustain pedal (CC64, as symusic pairs it): one row per pedal press, with its track's program and index.
+    pedal_time: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    pedal_duration: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    pedal_program: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))
+    pedal_track: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))
+    # Key signatures from the meta events: sharps (-7..7, flats negative) and tonality (0 major, 1 minor).
+    ks_time: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    ks_key: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))
+    ks_tonality: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))
+    track_names: dict = field(default_factory=dict)  # (program, track index) → the source track's name
+
+    def __post_init__(self):
+        if len(self.track) != len(self.time):  # tables built without track identity: one track per program
+            self.track = np.zeros(len(self.time), np.int16)
 
     def __len__(self) -> int:
         return len(self.time)
@@ -59,7 +77,8 @@ class NoteTable:
         return self.program == DRUM_PROGRAM
 
     # --- compact JSON form (see docs/architecture.md, "JSON dataset format") ---
-    _INT_COLUMNS = ("time", "duration", "pitch", "velocity", "program")
+    _INT_COLUMNS = ("time", "duration", "pitch", "velocity", "program", "track")
+    _LEGACY_COLUMNS = _INT_COLUMNS[:5]  # files written before track identity: every note's track is 0
 
     def to_json_dict(self) -> dict:
         notes = np.stack([getattr(self, c).astype(np.int32) for c in self._INT_COLUMNS])
@@ -69,6 +88,18 @@ class NoteTable:
             # Columns as little-endian int32 (5 × num_notes), base64: ~10× faster to load than lists of ints.
             "notes_columns": list(self._INT_COLUMNS),
             "notes_b64": base64.b64encode(notes.astype("<i4").tobytes()).decode("ascii"),
+            "pedals": {
+                "time": self.pedal_time.tolist(),
+                "duration": self.pedal_duration.tolist(),
+                "program": self.pedal_program.tolist(),
+                "track": self.pedal_track.tolist(),
+            },
+            "key_signatures": {
+                "time": self.ks_time.tolist(),
+                "key": self.ks_key.tolist(),
+                "tonality": self.ks_tonality.tolist(),
+            },
+            "track_names": [[int(p), int(t), str(n)] for (p, t), n in sorted(self.track_names.items())],
             "tempos": {
                 "time": self.tempo_time.tolist(),
                 "qpm": [round(q, 6) for q in self.tempo_qpm.tolist()],
@@ -95,7 +126,10 @@ class NoteTable:
         if n < 0:
             raise _invalid(f"num_notes {n} (must be >= 0)")
         names = d["notes_columns"]
-        if not isinstance(names, list) or sorted(map(str, names)) != sorted(cls._INT_COLUMNS):
+        if not isinstance(names, list) or sorted(map(str, names)) not in (
+            sorted(cls._INT_COLUMNS),
+            sorted(cls._LEGACY_COLUMNS),
+        ):
             raise _invalid(f"notes_columns {names!r} (must name each of {', '.join(cls._INT_COLUMNS)} once)")
         raw = base64.b64decode(d["notes_b64"])
         if len(raw) != 4 * len(names) * n:
@@ -130,7 +164,9 @@ class NoteTable:
             ts_time=ts_time,
             ts_numerator=num.astype(np.int16),
             ts_denominator=den.astype(np.int16),
+            track=c["track"].astype(np.int16) if "track" in c else np.zeros(n, np.int16),
         )
+        _extras_from_json(d, table)
         if d.get("sheet") is not None:
             from midiforge.validate import check_sheet  # imported here: validate.py imports this module
 
@@ -142,6 +178,34 @@ _MAX_TICK = (1 << 31) - 1  # symusic keeps tick times in int32
 # Allowed values of the note columns of a prepared JSON file.
 _NOTE_LIMITS = {"time": (0, _MAX_TICK), "duration": (0, _MAX_TICK), "pitch": (0, 127), "velocity": (1, 127)}
 _NOTE_LIMITS["program"] = (0, DRUM_PROGRAM)  # 0..127 pitched, 128 drums: the only drum flag the format has
+_NOTE_LIMITS["track"] = (0, MAX_TRACK_INDEX)
+
+
+def _extras_from_json(d: dict, table: NoteTable) -> None:
+    """Pedals, key signatures and track names of a prepared JSON document, checked, into ``table``.
+    Each group is optional (files written before they existed have none)."""
+    if d.get("pedals") is not None:
+        pt, pd, pp, ptr = _json_arrays(d, "pedals", ("time", "duration", "program", "track"))
+        _check_range("pedals.time", pt, 0, _MAX_TICK)
+        _check_range("pedals.duration", pd, 0, _MAX_TICK)
+        _check_range("pedals.program", pp, 0, DRUM_PROGRAM)
+        _check_range("pedals.track", ptr, 0, MAX_TRACK_INDEX)
+        table.pedal_time, table.pedal_duration = pt, pd
+        table.pedal_program, table.pedal_track = pp.astype(np.int16), ptr.astype(np.int16)
+    if d.get("key_signatures") is not None:
+        kt, kk, kton = _json_arrays(d, "key_signatures", ("time", "key", "tonality"))
+        _check_range("key_signatures.time", kt, 0, _MAX_TICK)
+        _check_range("key_signatures.key", kk, -7, 7)
+        _check_range("key_signatures.tonality", kton, 0, 1)
+        table.ks_time, table.ks_key, table.ks_tonality = kt, kk.astype(np.int16), kton.astype(np.int16)
+    names = d.get("track_names") or []
+    if not isinstance(names, list):
+        raise _invalid("track_names must be a list of [program, track, name]")
+    for i, row in enumerate(names):
+        ok = isinstance(row, list) and len(row) == 3 and all(type(x) is int for x in row[:2])
+        if not (ok and 0 <= row[0] <= DRUM_PROGRAM and 0 <= row[1] <= MAX_TRACK_INDEX and isinstance(row[2], str)):
+            raise _invalid(f"track_names[{i}] {row!r} (must be [program 0..128, track 0..7, name])")
+        table.track_names[(row[0], row[1])] = row[2]
 _TINY, _HUGE = np.nextafter(0.0, 1.0), np.finfo(np.float64).max  # qpm: finite and > 0
 _POWERS_OF_TWO = frozenset(1 << k for k in range(8))  # denominators a MIDI file can state (symusic: uint8)
 
@@ -218,17 +282,36 @@ def load_score(src: str | os.PathLike | bytes | symusic.Score) -> symusic.Score:
 def score_to_notes(score: symusic.Score) -> NoteTable:
     """Flatten a Score into a NoteTable (one loop over tracks; notes stay in numpy)."""
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("time", "duration", "pitch", "velocity", "program")}
+    cols["track"] = []
+    ped: dict[str, list[np.ndarray]] = {k: [] for k in ("time", "duration", "program", "track")}
+    per_program: dict[int, int] = {}  # tracks seen so far of each program → the next track index
+    names: dict[tuple[int, int], str] = {}
     for track in score.tracks:
         if len(track.notes) == 0:
-            continue
+            continue  # a track without notes (and its pedals) carries nothing we model
+        prog = DRUM_PROGRAM if track.is_drum else int(track.program)
+        index = min(per_program.get(prog, 0), MAX_TRACK_INDEX)
+        per_program[prog] = index + 1
+        if track.name and (prog, index) not in names:
+            names[(prog, index)] = track.name
         a = track.notes.numpy()
         n = len(a["time"])
+        cols["track"].append(np.full(n, index, dtype=np.int16))
+        if len(track.pedals):
+            pa = track.pedals.numpy()
+            ped["time"].append(pa["time"])
+            ped["duration"].append(pa["duration"])
+            ped["program"].append(np.full(len(pa["time"]), prog, dtype=np.int16))
+            ped["track"].append(np.full(len(pa["time"]), index, dtype=np.int16))
         cols["time"].append(a["time"])
         cols["duration"].append(a["duration"])
         cols["pitch"].append(a["pitch"])
         cols["velocity"].append(a["velocity"])
         cols["program"].append(np.full(n, DRUM_PROGRAM if track.is_drum else track.program, dtype=np.int16))
     cat = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in cols.items()}  # one copy each
+    pcat = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in ped.items()}
+    ks = score.key_signatures.numpy()
+    ks_ok = (ks["key"] >= -7) & (ks["key"] <= 7) & ((ks["tonality"] == 0) | (ks["tonality"] == 1))
     tempos = score.tempos.numpy()
     ts = score.time_signatures.numpy()
     # A broken file can state a numerator 0 or a denominator 2**8 (symusic: 0): the tokenizer skips such time
@@ -247,6 +330,15 @@ def score_to_notes(score: symusic.Score) -> NoteTable:
         ts_time=ts["time"].astype(np.int64),
         ts_numerator=ts["numerator"].astype(np.int16),
         ts_denominator=ts["denominator"].astype(np.int16),
+        track=cat["track"].astype(np.int16),
+        pedal_time=np.maximum(pcat["time"].astype(np.int64), 0),
+        pedal_duration=np.maximum(pcat["duration"].astype(np.int64), 0),
+        pedal_program=pcat["program"].astype(np.int16),
+        pedal_track=pcat["track"].astype(np.int16),
+        ks_time=np.maximum(ks["time"][ks_ok].astype(np.int64), 0),
+        ks_key=ks["key"][ks_ok].astype(np.int16),
+        ks_tonality=ks["tonality"][ks_ok].astype(np.int16),
+        track_names=names,
     )
 
 
@@ -254,7 +346,11 @@ def read_notes(path: str | os.PathLike, *, require_notes: bool = True) -> NoteTa
     """A NoteTable from a MIDI file or a prepared JSON file. Raises MidiReadError on unusable input
     (with ``require_notes=False``, a well-formed file without notes is returned as an empty table)."""
     path = Path(path)
-    if path.suffix.lower() == ".json":
+    if ".mfshard#" in path.name:  # a piece of a shard (midiforge.shards): SHARD.mfshard#INDEX
+        from midiforge.shards import read_piece
+
+        table = read_piece(path)
+    elif path.suffix.lower() == ".json":
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)

@@ -8,6 +8,10 @@ The event language (one base event = one character for BPE):
     PITCH(p) DUR(d)   one note at the current time; a PITCH without its DUR (or a DUR alone) is skipped
     TEMPO(b)      tempo change to bin b (128 log-spaced bins, 16..320 quarters/min, ±1.2 %)
     TIMESIG(n/d)  time-signature change
+    TRACK(i)      the following notes/pedals belong to the i-th track (0..7) of their program; sticky
+    KEYSIG(k)     key-signature change (sharps -7..7 × major/minor)
+    PEDAL(0|1)    sustain pedal (CC64) off / on, for the current program and track, on the grid
+    CTL_*         control prefix events (see controls.py); never produced by events(), only prepended
 
 Times are absolute grid positions rounded once (no drift); PROGRAM and VELOCITY are emitted only when they change,
 which is what makes the stream short. BPE words end where time moves (``word_split="onset"``) or at beats
@@ -30,11 +34,13 @@ import symusic
 from midiforge import __version__
 from midiforge.midi import DRUM_PROGRAM, NoteTable, load_score, read_notes, score_to_notes
 from midiforge.validate import sheet_events
+from midiforge.vocab import _changes, _Vocab  # noqa: F401  (_Vocab: re-exported, its old home)
 
 FORMAT = "midiforge.tokenizer/1"
 # Bump when events() changes its output for the same config: fingerprints (token caches, prepared JSON sheets)
 # then stop matching, so nothing encoded by older code is reused.
-EVENTS_VERSION = 3
+EVENTS_VERSION = 4
+LEGACY_EVENTS_VERSION = 3  # tokenizer.json files without "events_version": no TRACK/KEYSIG/PEDAL, no controls
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 CHAR_BASE = 0x4E00  # base event i is the character chr(CHAR_BASE + i): printable, never whitespace
 WORD_SEP = " "
@@ -58,67 +64,6 @@ class TokenizerConfig:
     output_tpq: int = 480  # ticks per quarter of decoded scores
 
 
-class _Vocab:
-    """Base event layout: contiguous id ranges per event type."""
-
-    def __init__(self, c: TokenizerConfig):
-        self.c = c
-        spq = c.steps_per_quarter
-        self.durations = np.concatenate(
-            [
-                np.arange(c.max_short_duration + 1),
-                np.arange(c.max_short_duration // spq + 1, c.max_long_duration_quarters + 1) * spq,
-            ]
-        ).astype(np.int64)
-        # Nearest duration value of every whole number of steps (ties go to the shorter value).
-        mids = (self.durations[1:] + self.durations[:-1]) / 2
-        self.duration_index = np.searchsorted(mids, np.arange(self.durations[-1] + 1), side="left")
-        self.tempos = np.geomspace(c.tempo_min, c.tempo_max, c.tempo_bins)
-        self.time_sigs = [(n, d) for d in c.ts_denominators for n in range(1, c.ts_max_numerator + 1)]
-        self.time_sig_index = {ts: i for i, ts in enumerate(self.time_sigs)}
-        sizes = {
-            "shift": c.max_shift,
-            "program": DRUM_PROGRAM + 1,
-            "velocity": c.velocity_bins,
-            "pitch": 128,
-            "duration": len(self.durations),
-            "tempo": c.tempo_bins,
-            "timesig": len(self.time_sigs),
-        }
-        self.start: dict[str, int] = {}
-        n = 0
-        for name, size in sizes.items():
-            self.start[name] = n
-            n += size
-        self.size = n
-        self.sizes = sizes
-        self.kind = np.empty(n, dtype=np.int8)  # event type index per base id
-        self.value = np.empty(n, dtype=np.int64)  # value within its type
-        for k, (name, size) in enumerate(sizes.items()):
-            self.kind[self.start[name] : self.start[name] + size] = k
-            self.value[self.start[name] : self.start[name] + size] = np.arange(size)
-        self.value[: c.max_shift] += 1  # SHIFT(k) advances k steps, k >= 1
-        self.kinds = list(sizes)
-
-    def k(self, name: str) -> int:
-        return self.kinds.index(name)
-
-    def names(self) -> list[str]:
-        out = []
-        for name, size in self.sizes.items():
-            out += [f"{name.upper()}_{v}" for v in range(size)]
-        return out
-
-
-def _changes(x: np.ndarray) -> np.ndarray:
-    """True where an element differs from the one before it (always True for the first)."""
-    out = np.empty(len(x), dtype=bool)
-    if len(x):
-        out[0] = True
-        np.not_equal(x[1:], x[:-1], out=out[1:])
-    return out
-
-
 class MidiTokenizer:
     pad_id, bos_id, eos_id = 0, 1, 2
 
@@ -128,6 +73,11 @@ class MidiTokenizer:
             raise ValueError(f"word_split must be 'onset' or 'beat', not {self.config.word_split!r}")
         self.vocab = _Vocab(self.config)
         self._bpe = None  # tokenizers.Tokenizer once trained
+        # What events() writes: EVENTS_VERSION for a new tokenizer; a loaded one keeps the version it was saved
+        # with (LEGACY_EVENTS_VERSION for files without the field), so that its BPE merges, its fingerprint and
+        # the checkpoints trained with it stay valid.
+        self.events_version = EVENTS_VERSION
+        self.tags: list[str] = []  # style-tag names of the CTL_TAG slots, in slot order (set by training)
         self._set_tables()
 
     # ------------------------------------------------------------------ vocabulary
@@ -166,15 +116,27 @@ class MidiTokenizer:
     def is_trained(self) -> bool:
         return self._bpe is not None
 
+    @property
+    def has_controls(self) -> bool:
+        """Whether this tokenizer's vocabulary has the CTL_* control events (not one saved before them)."""
+        return self.events_version >= 4
+
+    def base_token_ids(self, events) -> np.ndarray:
+        """The token id of each single base event (every base event is a token of its own, BPE or not)."""
+        events = np.asarray(events, dtype=np.int64)
+        if self._bpe is None:
+            return events + len(SPECIALS)
+        return np.array([self._bpe.token_to_id(chr(CHAR_BASE + int(e))) for e in events], dtype=np.int64)
+
     @cached_property
     def base_fingerprint(self) -> str:
         """Identifies the base event vocabulary (the config, not the BPE merges)."""
-        blob = json.dumps([EVENTS_VERSION, self._state()["config"]], sort_keys=True).encode()
+        blob = json.dumps([self.events_version, self._state()["config"]], sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @cached_property
     def fingerprint(self) -> str:
-        blob = json.dumps([EVENTS_VERSION, self._state()], sort_keys=True).encode()
+        blob = json.dumps([self.events_version, self._state()], sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def token_names(self, ids) -> list[str]:
@@ -208,14 +170,16 @@ class MidiTokenizer:
         if notes.tpq <= 0:
             return np.zeros(0, np.int64), np.zeros(0, bool)
         scale = c.steps_per_quarter / notes.tpq
+        legacy = self.events_version < 4  # a tokenizer from before TRACK/KEYSIG/PEDAL: its BPE lacks them
         pitch = notes.pitch.astype(np.int64)
         program = notes.program.astype(np.int64)
+        track = np.zeros(len(pitch), np.int64) if legacy else notes.track.astype(np.int64)
         if transpose:
             pitched = program != DRUM_PROGRAM
             pitch = np.where(pitched, pitch + transpose, pitch)
         if transpose:
             keep = (pitch >= 0) & (pitch <= 127)
-            pitch, program = pitch[keep], program[keep]
+            pitch, program, track = pitch[keep], program[keep], track[keep]
             time, duration, velocity = notes.time[keep], notes.duration[keep], notes.velocity[keep]
         else:  # read_notes already clipped pitches to 0..127
             time, duration, velocity = notes.time, notes.duration, notes.velocity
@@ -247,26 +211,56 @@ class MidiTokenizer:
         ok = ts_tok >= 0
         ts_on, ts_tok = ts_on[ok], ts_tok[ok]
 
-        # Rows: kind 0 = time signature, 1 = tempo, 2 = note; sorted by time, kind, program, pitch.
-        n_note, n_tempo, n_ts = len(onset), len(t_on), len(ts_on)
-        r_time = np.concatenate([ts_on, t_on, onset])
-        r_kind = np.concatenate([np.zeros(n_ts, np.int64), np.ones(n_tempo, np.int64), np.full(n_note, 2)])
-        r_prog = np.concatenate([np.zeros(n_ts + n_tempo, np.int64), program])
-        r_pitch = np.concatenate([np.zeros(n_ts + n_tempo, np.int64), pitch])
+        # Key signatures (transposed with the notes: the sharps of the moved tonic) and sustain pedals.
+        ks_on, ks_tok, p_on, p_off, p_prog, p_track = (np.zeros(0, np.int64),) * 6
+        if not legacy:
+            ks_on = np.rint(notes.ks_time * scale).astype(np.int64)
+            sharps = notes.ks_key.astype(np.int64)
+            if transpose:
+                sharps = (sharps + 7 * transpose) % 12  # tonic = 7 × sharps (mod 12), and 7 × 7 = 1 (mod 12)
+                sharps = np.where(sharps > 6, sharps - 12, sharps)
+            ks_tok = (sharps + 7) * 2 + notes.ks_tonality
+            p_on, p_off = self._to_grid(
+                np.stack([notes.pedal_time, notes.pedal_time + notes.pedal_duration]), notes.tpq
+            )
+            ok = p_off > p_on  # a press shorter than half a step vanishes on the grid
+            p_on, p_off = p_on[ok], p_off[ok]
+            p_prog, p_track = notes.pedal_program[ok].astype(np.int64), notes.pedal_track[ok].astype(np.int64)
+
+        # Rows: kind 0 = time signature, 1 = key signature, 2 = tempo, 3 = pedal or note (sub 0 = pedal off,
+        # 1 = pedal on, 2 = note), sorted by time, kind, program, track, sub, velocity, duration, pitch.
+        n_note, n_tempo, n_ts, n_ks, n_ped = len(onset), len(t_on), len(ts_on), len(ks_on), len(p_on)
+        n_meta = n_ts + n_ks + n_tempo
+        r_time = np.concatenate([ts_on, ks_on, t_on, p_off, p_on, onset])
+        r_kind = np.repeat([0, 1, 2, 3], [n_ts, n_ks, n_tempo, 2 * n_ped + n_note])
+        r_sub = np.concatenate([np.zeros(n_meta + n_ped, np.int64), np.ones(n_ped, np.int64), np.full(n_note, 2)])
+        zeros = np.zeros(n_meta, np.int64)
+        r_prog = np.concatenate([zeros, p_prog, p_prog, program])
+        r_track = np.concatenate([zeros, p_track, p_track, track])
+        r_pitch = np.concatenate([zeros, np.zeros(2 * n_ped, np.int64), pitch])
         r_a = np.concatenate(
-            [v.start["timesig"] + ts_tok, v.start["tempo"] + t_bin, v.start["pitch"] + pitch]
+            [
+                v.start["timesig"] + ts_tok,
+                v.start["keysig"] + ks_tok,
+                v.start["tempo"] + t_bin,
+                np.full(n_ped, v.start["pedal"]),
+                np.full(n_ped, v.start["pedal"] + 1),
+                v.start["pitch"] + pitch,
+            ]
         )
-        r_dur = np.concatenate([np.full(n_ts + n_tempo, -1), v.start["duration"] + dur_idx])
-        r_vel = np.concatenate([np.full(n_ts + n_tempo, -1), vel_bin])
-        # One packed int64 key (time | kind | program | velocity | duration | pitch) sorts 10x faster than lexsort.
-        r_time = np.clip(r_time, 0, (1 << 31) - 1)
+        r_dur = np.concatenate([np.full(n_meta + 2 * n_ped, -1), v.start["duration"] + dur_idx])
+        r_vel = np.concatenate([np.full(n_meta + 2 * n_ped, -1), vel_bin])
+        # One packed int64 key sorts 10x faster than lexsort. Bits: pitch 0-7, duration 8-15, velocity 16-21,
+        # sub 22-23, track 24-26, program 27-34, kind 35-36, time 37-62 (2^26 steps: 5.6 M quarter notes).
+        r_time = np.clip(r_time, 0, (1 << 26) - 1)
         rel_dur = np.where(r_dur >= 0, r_dur - v.start["duration"] + 1, 0)
         key = (
-            (r_time << 32) | (r_kind << 30) | (r_prog << 22) | ((r_vel + 1) << 16) | (rel_dur << 8) | r_pitch
-        )
+            (r_time << 37) | (r_kind << 35) | (r_prog << 27) | (r_track << 24) | (r_sub << 22)
+            | ((r_vel + 1) << 16) | (rel_dur << 8) | r_pitch
+        )  # fmt: skip
         order = np.argsort(key, kind="stable")
-        r_time, r_kind, r_prog, r_a, r_dur, r_vel = (
-            a[order] for a in (r_time, r_kind, r_prog, r_a, r_dur, r_vel)
+        r_time, r_kind, r_sub, r_prog, r_track, r_a, r_dur, r_vel = (
+            a[order] for a in (r_time, r_kind, r_sub, r_prog, r_track, r_a, r_dur, r_vel)
         )
         nrow = len(r_time)
         if nrow == 0:
@@ -279,15 +273,19 @@ class MidiTokenizer:
         n_long = np.where(delta > 0, (delta - 1) // c.max_shift, 0)
         rem = delta - n_long * c.max_shift
 
-        # Sticky state: PROGRAM / VELOCITY / DURATION only where they change from the previous note.
-        note_rows = np.flatnonzero(r_kind == 2)
-        changed = np.zeros((3, nrow), bool)
-        for j, col in enumerate((r_prog, r_vel, r_dur)):
-            if len(note_rows):
-                x = col[note_rows]
-                changed[j, note_rows] = _changes(x)
+        # Sticky state: PROGRAM / TRACK where they change from the previous note or pedal, VELOCITY / DURATION
+        # where they change from the previous note. TRACK starts at 0 (the decoder's default), never written
+        # by a legacy tokenizer.
+        note_rows = np.flatnonzero((r_kind == 3) & (r_sub == 2))
+        owned = np.flatnonzero(r_kind == 3)
+        changed = np.zeros((4, nrow), bool)
+        for j, (col, rows) in enumerate(((r_prog, owned), (r_track, owned), (r_vel, note_rows), (r_dur, note_rows))):
+            if len(rows):
+                changed[j, rows] = _changes(col[rows])
+        if len(owned):
+            changed[1, owned[0]] = r_track[owned[0]] != 0
 
-        # Fixed slots per row: [SHIFT rem, PROGRAM, VELOCITY, PITCH|TEMPO|TIMESIG, DURATION]; -1 = absent.
+        # Fixed slots per row: [SHIFT rem, PROGRAM, TRACK, VELOCITY, PITCH|PEDAL|TEMPO|TIMESIG|KEYSIG, DURATION].
         # A DURATION right after a PITCH applies to that note and the following ones. This order (and notes
         # of an onset sorted by velocity, then duration) measured best for BPE: 1.77 tokens/note on POP909.
         # Slot 0 holds SHIFT(max), repeated n_long times for long rests; one np.repeat lays out every token.
@@ -297,6 +295,7 @@ class MidiTokenizer:
                 long_shift,
                 v.start["shift"] + rem - 1,
                 v.start["program"] + r_prog,
+                v.start["track"] + r_track,
                 v.start["velocity"] + r_vel,
                 r_a,
                 r_dur,
@@ -304,7 +303,7 @@ class MidiTokenizer:
             axis=1,
         )
         count = np.stack(
-            [n_long, rem > 0, changed[0], changed[1], np.ones(nrow, np.int64), changed[2]], axis=1
+            [n_long, rem > 0, changed[0], changed[1], changed[2], np.ones(nrow, np.int64), changed[3]], axis=1
         )
         out = np.repeat(slots.ravel(), count.ravel())
 
@@ -379,14 +378,15 @@ class MidiTokenizer:
         """True where a token begins with a time shift: a safe place to start a training window."""
         return self._starts_with_shift[np.asarray(ids, dtype=np.int64)]
 
-    def decode(self, ids) -> symusic.Score:
-        return self.decode_with_stats(ids)[0]
+    def decode(self, ids, track_names: dict | None = None) -> symusic.Score:
+        """A Score of token ids; ``track_names`` ((program, index) → name, e.g. a NoteTable's) names tracks."""
+        return self.decode_with_stats(ids, track_names)[0]
 
-    def decode_with_stats(self, ids) -> tuple[symusic.Score, int, int]:
+    def decode_with_stats(self, ids, track_names: dict | None = None) -> tuple[symusic.Score, int, int]:
         """(score, number of base events, number of events skipped as invalid)."""
         from midiforge.detok import events_to_score
 
-        return events_to_score(self.config, self.vocab, self.base_events(ids))
+        return events_to_score(self.config, self.vocab, self.base_events(ids), track_names)
 
     # ------------------------------------------------------------------ BPE
     def train_bpe(
@@ -465,6 +465,8 @@ class MidiTokenizer:
             },
             "vocab_size": len(self),
             "fingerprint": self.fingerprint,
+            "events_version": self.events_version,
+            "tags": list(self.tags),
             **self._state(),
         }
         atomic_write_bytes(path, json.dumps(doc, indent=1, ensure_ascii=False).encode("utf-8"))
@@ -478,6 +480,8 @@ class MidiTokenizer:
         cfg = doc["config"]
         cfg["ts_denominators"] = tuple(cfg["ts_denominators"])
         tok = cls(TokenizerConfig(**cfg))
+        tok.events_version = int(doc.get("events_version", LEGACY_EVENTS_VERSION))
+        tok.tags = [str(t) for t in doc.get("tags", [])]
         if doc.get("bpe") is not None:
             from tokenizers import Tokenizer
 
