@@ -127,13 +127,17 @@ def next_token(
     kv_cache=None,
     *,
     banned: Sequence[int] = (),
+    allowed: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     **sampling,
 ) -> torch.Tensor:
-    """The next token (B,) after ``idx`` (B, T): the new tokens when ``kv_cache`` holds the ones before."""
+    """The next token (B,) after ``idx`` (B, T): the new tokens when ``kv_cache`` holds the ones before.
+    ``allowed``: (B, V) or (V,) bool, False = never drawn (steer.py: --instruments, EOS before the minimum)."""
     logits = model(idx, kv_cache, last_only=True)[:, -1, :].float().cpu()  # (B, V), sampled on CPU
     if banned:
         logits[:, list(banned)] = float("-inf")
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     return sample(logits, generator=generator, **sampling)
 
 
@@ -194,7 +198,7 @@ def clip_seconds(score: symusic.Score, seconds: float) -> symusic.Score:
 
 
 def _decode_loop(
-    model, tokenizer, head, B, max_new_tokens, max_seconds, use_kv_cache, banned, sampling, device
+    model, tokenizer, head, B, max_new_tokens, max_seconds, use_kv_cache, banned, sampling, device, steer=None
 ) -> tuple[torch.Tensor, list[str]]:
     """The token loop of :func:`generate`: (ids (B, N) on CPU, stop reason per row, "" for none)."""
     window = model.config.max_seq_len
@@ -215,7 +219,8 @@ def _decode_loop(
                 cache.reset()
                 cached = start
         feed = ids[:, cached if cache is not None else start :].to(device)
-        tok = next_token(model, feed, cache, banned=banned, **sampling)  # (B,)
+        allowed = steer.allowed(ids, len(head), step) if steer is not None else None  # (B, V) or None
+        tok = next_token(model, feed, cache, banned=banned, allowed=allowed, **sampling)  # (B,)
         cached = ids.size(1)
         tok = torch.where(active, tok, torch.full_like(tok, tokenizer.pad_id))  # finished rows: PAD, ignored
         ids = torch.cat([ids, tok[:, None]], dim=1)
@@ -248,13 +253,21 @@ def generate(
     use_kv_cache: bool = True,
     prompt_bars: int | None = None,
     device: str | torch.device = "cpu",
+    controls=None,
+    min_new_tokens: int | None = None,
+    min_seconds: float | None = None,
 ) -> list[Generation]:
     """Generate ``num_samples`` pieces together (one batch), each continuing ``prompt`` (see :func:`prompt_ids`).
 
     A sample stops at EOS (unless ``ignore_eos``), after ``max_new_tokens``, or once its music passes
     ``max_seconds`` (checked every few tokens; the score is then clipped to ``max_seconds``). When the context
     fills the model's window (``model.config.max_seq_len``) the oldest tokens are dropped and the cache refilled.
-    Raises ValueError for out-of-range settings or an unreadable prompt.
+    ``controls``: a dict of the CLI spellings (``{"instruments": "piano,bass", "key": "D minor", "tempo": 90,
+    "time_sig": "3/4", "density": "low", "polyphony": "high", "tag": "jazz"}``) or a
+    :class:`midiforge.controls.Controls`; instruments are a hard constraint, the rest a learned prefix (see
+    steer.py). EOS is not drawn before ``min_new_tokens`` / ``min_seconds``; with a prompt and neither given, a
+    sample gets at least steer.DEFAULT_PROMPT_MIN_TOKENS new tokens.
+    Raises ValueError for out-of-range settings or an unreadable prompt, UsageError for a bad control.
     """
     problems = argument_problems(
         max_new_tokens=max_new_tokens,
@@ -267,7 +280,11 @@ def generate(
     )
     if problems:
         raise ValueError("; ".join(problems))
-    head = prompt_ids(tokenizer, prompt, prompt_bars)
+    from midiforge.steer import Steering
+
+    steer = Steering.build(tokenizer, controls, min_new_tokens or 0, min_seconds)
+    steer = steer.with_defaults(prompt is not None, max_new_tokens)
+    head = steer.head(prompt_ids(tokenizer, prompt, prompt_bars))
     generator = torch.Generator()
     if seed is None:
         generator.seed()
@@ -280,7 +297,17 @@ def generate(
     model.eval()
     try:
         ids, stop = _decode_loop(
-            model, tokenizer, head, B, max_new_tokens, max_seconds, use_kv_cache, banned, sampling, device
+            model,
+            tokenizer,
+            head,
+            B,
+            max_new_tokens,
+            max_seconds,
+            use_kv_cache,
+            banned,
+            sampling,
+            device,
+            steer,
         )
     finally:
         model.train(was_training)
@@ -354,6 +381,9 @@ def configure_parser(p) -> None:
     p.add_argument(
         "--device", default="cpu", metavar="D", help="torch device, e.g. cpu, cuda, cuda:1, mps (default cpu)"
     )
+    from midiforge.steer import add_arguments
+
+    add_arguments(p)  # controls, --min-new-tokens, --min-seconds
 
 
 def _check_device(name: str) -> torch.device:
@@ -398,6 +428,9 @@ def run(args) -> int:
     )
     if args.prompt_bars is not None and args.prompt is None:
         problems.append("--prompt-bars needs --prompt")
+    from midiforge.steer import cli_controls, min_problems
+
+    problems += min_problems(args.min_new_tokens, args.min_seconds, args.max_tokens)
     if problems:
         raise UsageError("; ".join(problems))
     device = _check_device(args.device)
@@ -432,6 +465,9 @@ def run(args) -> int:
         use_kv_cache=not args.no_kv_cache,
         prompt_bars=args.prompt_bars,
         device=device,
+        controls=cli_controls(args),
+        min_new_tokens=args.min_new_tokens,
+        min_seconds=args.min_seconds,
     )
     elapsed = time.perf_counter() - t0
     num_tokens = sum(r.num_new_tokens for r in results)

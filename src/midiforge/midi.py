@@ -203,9 +203,13 @@ def _extras_from_json(d: dict, table: NoteTable) -> None:
         raise _invalid("track_names must be a list of [program, track, name]")
     for i, row in enumerate(names):
         ok = isinstance(row, list) and len(row) == 3 and all(type(x) is int for x in row[:2])
-        if not (ok and 0 <= row[0] <= DRUM_PROGRAM and 0 <= row[1] <= MAX_TRACK_INDEX and isinstance(row[2], str)):
+        if not (
+            ok and 0 <= row[0] <= DRUM_PROGRAM and 0 <= row[1] <= MAX_TRACK_INDEX and isinstance(row[2], str)
+        ):
             raise _invalid(f"track_names[{i}] {row!r} (must be [program 0..128, track 0..7, name])")
         table.track_names[(row[0], row[1])] = row[2]
+
+
 _TINY, _HUGE = np.nextafter(0.0, 1.0), np.finfo(np.float64).max  # qpm: finite and > 0
 _POWERS_OF_TWO = frozenset(1 << k for k in range(8))  # denominators a MIDI file can state (symusic: uint8)
 

@@ -233,7 +233,9 @@ class MidiTokenizer:
         n_meta = n_ts + n_ks + n_tempo
         r_time = np.concatenate([ts_on, ks_on, t_on, p_off, p_on, onset])
         r_kind = np.repeat([0, 1, 2, 3], [n_ts, n_ks, n_tempo, 2 * n_ped + n_note])
-        r_sub = np.concatenate([np.zeros(n_meta + n_ped, np.int64), np.ones(n_ped, np.int64), np.full(n_note, 2)])
+        r_sub = np.concatenate(
+            [np.zeros(n_meta + n_ped, np.int64), np.ones(n_ped, np.int64), np.full(n_note, 2)]
+        )
         zeros = np.zeros(n_meta, np.int64)
         r_prog = np.concatenate([zeros, p_prog, p_prog, program])
         r_track = np.concatenate([zeros, p_track, p_track, track])
@@ -279,7 +281,9 @@ class MidiTokenizer:
         note_rows = np.flatnonzero((r_kind == 3) & (r_sub == 2))
         owned = np.flatnonzero(r_kind == 3)
         changed = np.zeros((4, nrow), bool)
-        for j, (col, rows) in enumerate(((r_prog, owned), (r_track, owned), (r_vel, note_rows), (r_dur, note_rows))):
+        for j, (col, rows) in enumerate(
+            ((r_prog, owned), (r_track, owned), (r_vel, note_rows), (r_dur, note_rows))
+        ):
             if len(rows):
                 changed[j, rows] = _changes(col[rows])
         if len(owned):
