@@ -219,6 +219,7 @@ class MidiDataset(torch.utils.data.Dataset):
         seed: int = 0,
         num_workers: int | None = None,
         encode_missing: bool = True,
+        controls=None,
     ):
         if min_sequence_length < 1 or max_sequence_length < 1:
             raise ValueError("sequence lengths must be at least 1")
@@ -238,6 +239,7 @@ class MidiDataset(torch.utils.data.Dataset):
         self.skipped: dict[str, str] = {}
         self.num_encoded = 0  # files encoded by this construction (0 when everything came from the cache)
         self.encode_missing = encode_missing
+        self.controls = controls  # a midiforge.prefix.ControlPrefix: control prefix after BOS (None: none)
 
         files = [str(f) for f in find_files(paths, suffixes=DATA_SUFFIXES)]
         shas: dict[str, str] = {}
@@ -350,6 +352,23 @@ class MidiDataset(torch.utils.data.Dataset):
         order = np.lexsort((start, piece))  # windows grouped by piece, in reading order
         self._win_piece, self._win_start, self._win_stop = piece[order], start[order], stop[order]
         self.lengths = self._win_stop - self._win_start - 1
+        self._prefix: dict[int, np.ndarray] = {}
+        if self.controls is not None:  # the window starting a piece gets its prefix; its tail makes room
+            for i in np.flatnonzero(self._win_start == 0).tolist():
+                p = int(self._win_piece[i])
+                pre = self.controls.prefix_ids(
+                    self.files[p], self.piece_ids(p), self.transpositions[p], epoch, p
+                )
+                self._prefix[p] = pre
+                over = max(0, int(self.lengths[i]) + len(pre) - self.max_sequence_length)
+                self._win_stop[i] -= min(over, int(self._win_stop[i]) - 2)
+            self.lengths = (
+                self._win_stop
+                - self._win_start
+                - 1
+                + (self._win_start == 0)
+                * np.array([len(self._prefix.get(int(p), ())) for p in self._win_piece], np.int64)
+            )
 
     def _window_starts(self, piece: int) -> np.ndarray:
         key = (piece, int(self._tcol[piece]))
@@ -376,6 +395,13 @@ class MidiDataset(torch.utils.data.Dataset):
         w[lo : lo + len(body)] = body
         if b == n + 2:
             w[-1] = self.tokenizer.eos_id
+        pre = self._prefix.get(p) if a == 0 else None
+        if pre is not None and len(pre):  # [BOS] + prefix + music; no loss on predicting the controls
+            w = np.concatenate([w[:1], pre, w[1:]])
+            w = torch.from_numpy(w)
+            labels = w[1:].clone()
+            labels[: len(pre)] = -100  # sampler.IGNORE_INDEX
+            return w[:-1], labels
         w = torch.from_numpy(w)
         return w[:-1], w[1:]
 
