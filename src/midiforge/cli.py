@@ -17,6 +17,7 @@ COMMANDS = {
     "train": ("midiforge.train", "train a Transformer on MIDI/JSON datasets (resumes automatically)"),
     "generate": ("midiforge.generate", "generate music from a checkpoint"),
     "plot": ("midiforge.plot", "redraw ckpt/training.png from ckpt/metrics.json"),
+    "evaluate": ("midiforge.evaluate", "measure a model: bits per note/second, sample statistics, copy check"),
     "demo-data": ("midiforge.demo", "build the embedded Bach chorale corpus (train/val MIDI)"),
 }
 

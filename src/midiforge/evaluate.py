@@ -1,0 +1,277 @@
+"""`midiforge evaluate CKPT -d DATA`: what a model makes, measured.
+
+1. Likelihood of held-out pieces (:mod:`midiforge.scoring`): tokens per note, bits per token, bits per note,
+   bits per second, a breakdown by attribute, and a unigram model of the training tokens as a baseline.
+2. With ``--samples N``: N generated pieces against the reference pieces of DATA (:mod:`midiforge.stats`), with
+   a ceiling (one half of DATA against the other) and a floor (N pieces from an untrained model of the same
+   shape, same sampling settings).
+3. A copy check (:mod:`midiforge.copycheck`) of the samples, and of the held-out pieces for reference, against
+   the training set (``--train``, or the one the checkpoint recorded).
+
+Reads the checkpoint (never writes there; the token cache and the training-set index go to ``--cache-dir``,
+by default ``CKPT/cache``, the training run's own token cache). ``-o REPORT.json`` writes the report, and with
+``--samples`` also ``REPORT.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from midiforge.copycheck import DEFAULT_THRESHOLD
+from midiforge.errors import UsageError
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory written by `midiforge train`")
+    p.add_argument(
+        "-d", "--data", action="append", required=True, metavar="DATA",
+        help="held-out files/directories (.mid/.midi/.json); may repeat",
+    )  # fmt: skip
+    p.add_argument("-o", "--output", metavar="REPORT.json", help="write the report here (and REPORT.png)")
+    p.add_argument(
+        "--stride", type=int, metavar="N",
+        help="sliding-window stride in tokens for pieces longer than the model's context (default: half the"
+        " context; each token is scored once, with at least context - stride tokens before it when possible)",
+    )  # fmt: skip
+    p.add_argument(
+        "--train", action="append", metavar="TRAIN",
+        help="training files/directories for the baseline and the copy check (default: the checkpoint's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cache-dir", metavar="DIR", help="token cache and training-set index (default CKPT/cache)"
+    )
+    p.add_argument(
+        "--samples", type=int, default=0, metavar="N", help="generate N pieces and compare statistics"
+    )
+    p.add_argument(
+        "--copy-threshold", type=int, metavar="NOTES",
+        help="flag samples sharing a longer run of notes with a training piece (default: the longest run of"
+        f" a held-out piece with the training set, at least {DEFAULT_THRESHOLD})",
+    )  # fmt: skip
+    g = p.add_argument_group("generation (with --samples; as in `midiforge generate`)")
+    g.add_argument(
+        "--max-tokens", type=int, default=1024, metavar="N", help="new tokens per sample (default 1024)"
+    )
+    g.add_argument("--max-seconds", type=float, metavar="S", help="stop each sample at S seconds of music")
+    g.add_argument(
+        "--temperature", type=float, default=1.0, metavar="T", help="sampling temperature (default 1.0)"
+    )
+    g.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens")
+    g.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass, in (0, 1]")
+    g.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    p.add_argument("--device", default="cpu", metavar="D", help="torch device (default cpu)")
+
+
+def _data_files(paths: list[str]) -> list[Path]:
+    from midiforge.data import DATA_SUFFIXES
+    from midiforge.midi import find_files
+
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise UsageError(f"-d: no such file or directory: {', '.join(missing)}")
+    files = find_files(paths, suffixes=DATA_SUFFIXES)
+    if not files:
+        raise UsageError(f"-d: no .mid/.midi/.json file in {', '.join(paths)}")
+    return files
+
+
+def read_pieces(files: list[Path], tokenizer) -> tuple[list, list, dict[str, str]]:
+    """(scoring.Piece per usable file, its NoteTable, skipped file → reason)."""
+    from midiforge.midi import MidiReadError, read_notes
+    from midiforge.scoring import Piece
+    from midiforge.stats import piece_seconds
+
+    pieces, tables, skipped = [], [], {}
+    for f in files:
+        try:
+            notes = read_notes(f)
+            ids = np.asarray(tokenizer.encode_notes(notes), np.int64)
+        except MidiReadError as e:
+            skipped[str(f)] = str(e)
+            continue
+        pieces.append(Piece(str(f), ids, len(notes), piece_seconds(notes)))
+        tables.append(notes)
+    return pieces, tables, skipped
+
+
+def untrained_model(model, seed: int):
+    """The floor: a freshly initialised model of the same shape (it samples tokens nearly uniformly)."""
+    import torch
+
+    from midiforge.model import Transformer
+
+    torch.manual_seed(seed)
+    return Transformer(model.config).to(next(model.parameters()).device).eval()
+
+
+def sample_statistics(gens, tables, floor_gens) -> dict:
+    from midiforge.midi import score_to_notes
+    from midiforge.stats import compare_sets, piece_stats
+
+    ref = [piece_stats(t) for t in tables]
+    sets = {
+        "reference": ref,
+        "samples": [piece_stats(score_to_notes(g.score)) for g in gens],
+        "floor": [piece_stats(score_to_notes(g.score)) for g in floor_gens],
+        "half_a": ref[0::2],
+        "half_b": ref[1::2],
+    }
+    return compare_sets(sets, "reference", ("half_a", "half_b"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from midiforge.generate import _check_device, argument_problems
+
+    problems = []
+    if args.samples < 0:
+        problems.append(f"--samples must be >= 0 (got {args.samples})")
+    if args.copy_threshold is not None and args.copy_threshold < 1:
+        problems.append(f"--copy-threshold must be >= 1 (got {args.copy_threshold})")
+    if args.stride is not None and args.stride < 1:
+        problems.append(f"--stride must be >= 1 (got {args.stride})")
+    if args.samples:
+        problems += argument_problems(
+            max_new_tokens=args.max_tokens, max_seconds=args.max_seconds, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, num_samples=args.samples,
+        )  # fmt: skip
+    if problems:
+        raise UsageError("; ".join(problems))
+    device = _check_device(args.device)
+    files = _data_files(args.data)
+
+    from midiforge import checkpoint as ck
+    from midiforge import copycheck, scoring
+
+    ckpt = Path(args.checkpoint)
+    model, tok = ck.load_inference(ckpt, device)
+    context = model.config.max_seq_len
+    stride = min(args.stride or max(1, context // 2), context)
+    pieces, tables, skipped = read_pieces(files, tok)
+    if not pieces:
+        first = next(iter(skipped.items()))
+        raise UsageError(f"-d: no usable piece ({len(skipped)} files skipped, e.g. {first[0]}: {first[1]})")
+    t0 = time.perf_counter()
+
+    # The training set: the unigram baseline and the copy check.
+    index, index_note = None, ""
+    train_files, origin = copycheck.training_files(ck.read_config(ckpt), args.train)
+    if args.train and not train_files:
+        raise UsageError(f"--train: {origin}")
+    if train_files:
+        cache_dir = Path(args.cache_dir) if args.cache_dir else ckpt / "cache"
+        t1 = time.perf_counter()
+        index, cached = copycheck.training_index(tok, train_files, cache_dir)
+        index_note = (
+            f"{'loaded' if cached else 'built'} in {time.perf_counter() - t1:.1f} s from {origin}"
+            f" ({len(index.names)} pieces)"
+        )
+    else:
+        index_note = f"skipped: {origin}"
+    unigram = None
+    if index is not None:
+        counts = index.token_counts.astype(np.float64) + 1
+        counts[[tok.pad_id, tok.bos_id]] = 0
+        with np.errstate(divide="ignore"):
+            unigram = np.log(counts / counts.sum())
+
+    report: dict = {
+        "checkpoint": str(ckpt),
+        "data": [str(p) for p in args.data],
+        "skipped": skipped,
+        "likelihood": scoring.score(model, tok, pieces, stride=stride, device=device, unigram=unigram),
+        "training_set": index_note,
+    }
+    lik = report["likelihood"]["total"]
+
+    gens = []
+    if args.samples:
+        from midiforge.generate import generate
+
+        sampling = dict(
+            max_new_tokens=args.max_tokens, max_seconds=args.max_seconds, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, num_samples=args.samples, seed=args.seed, device=device,
+        )  # fmt: skip
+        gens = generate(model, tok, None, **sampling)
+        floor = generate(untrained_model(model, args.seed), tok, None, **sampling)
+        report["samples"] = [
+            {"notes": g.score.note_num(), "seconds": round(g.seconds, 3), "tokens": g.num_new_tokens}
+            for g in gens
+        ]
+        report["statistics"] = sample_statistics(gens, tables, floor)
+
+    if index is not None:
+        held = copycheck.check(index, tok, [p.ids for p in pieces], threshold=1 << 30)
+        reference = max((h["notes"] for h in held), default=0)
+        threshold = args.copy_threshold or max(reference, copycheck.DEFAULT_THRESHOLD)
+        report["copy_check"] = {
+            "ngram_notes": copycheck.NGRAM + 1,
+            "threshold_notes": threshold,
+            "held_out_longest": reference,
+            "held_out": [{"name": p.name, **h} for p, h in zip(pieces, held, strict=True)],
+        }
+        if gens:
+            report["copy_check"]["samples"] = copycheck.check(index, tok, [g.ids for g in gens], threshold)
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+
+    _print_summary(report, lik)
+    if args.output:
+        out = Path(args.output)
+        try:
+            from midiforge.fsio import atomic_write_bytes
+
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out, json.dumps(report, indent=1).encode())
+            if "statistics" in report:
+                from midiforge.stats import figure_png
+
+                title = f"{ckpt}: {len(gens)} samples vs {len(pieces)} reference pieces"
+                atomic_write_bytes(out.with_suffix(".png"), figure_png(report["statistics"], title))
+        except OSError as e:
+            raise UsageError(f"cannot write {out}: {e.strerror or e}") from e
+        print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if "statistics" in report else ""))
+    return 0
+
+
+def _f(x, digits=2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _print_summary(report: dict, lik: dict) -> None:
+    skipped = f" ({len(report['skipped'])} files skipped)" if report["skipped"] else ""
+    print(
+        f"held-out: {lik['pieces']} pieces, {lik['notes']} notes, {lik['seconds']:.0f} s{skipped};"
+        f" context {report['likelihood']['window']}, stride {report['likelihood']['stride']}"
+    )
+    uni = lik.get("unigram")
+    base = f" (unigram baseline: {_f(uni['bits_per_note'])} bits/note)" if uni else ""
+    print(
+        f"  {_f(lik['tokens_per_note'])} tokens/note, {_f(lik['bits_per_token'], 3)} bits/token,"
+        f" {_f(lik['bits_per_note'])} bits/note, {_f(lik['bits_per_second'], 1)} bits/s{base}"
+    )
+    parts = ", ".join(f"{k} {_f(v)}" for k, v in lik["breakdown_bits_per_note"].items() if v)
+    print(f"  bits/note by attribute: {parts}")
+    if "statistics" in report:
+        print("  sample statistics, overlap with the reference (1 = same distribution):")
+        for name, entry in report["statistics"].items():
+            ov = entry["overlap"]
+            print(
+                f"    {name:16s} samples {_f(ov.get('samples'))}  ceiling (half vs half)"
+                f" {_f(ov.get('ceiling'))}  floor (untrained model) {_f(ov.get('floor'))}"
+            )
+    cc = report.get("copy_check")
+    if cc:
+        line = f"  copy check: held-out pieces share at most {cc['held_out_longest']} notes with a training piece"
+        if "samples" in cc:
+            runs = [s["notes"] for s in cc["samples"]]
+            flagged = sum(s["flagged"] for s in cc["samples"])
+            line += (
+                f"; samples at most {max(runs)}, {flagged} of {len(runs)} flagged (> {cc['threshold_notes']})"
+            )
+        print(line)
+    else:
+        print(f"  training set: {report['training_set']}")
