@@ -262,11 +262,9 @@ def generate(
     A sample stops at EOS (unless ``ignore_eos``), after ``max_new_tokens``, or once its music passes
     ``max_seconds`` (checked every few tokens; the score is then clipped to ``max_seconds``). When the context
     fills the model's window (``model.config.max_seq_len``) the oldest tokens are dropped and the cache refilled.
-    ``controls``: a dict of the CLI spellings (``{"instruments": "piano,bass", "key": "D minor", "tempo": 90,
-    "time_sig": "3/4", "density": "low", "polyphony": "high", "tag": "jazz"}``) or a
-    :class:`midiforge.controls.Controls`; instruments are a hard constraint, the rest a learned prefix (see
-    steer.py). EOS is not drawn before ``min_new_tokens`` / ``min_seconds``; with a prompt and neither given, a
-    sample gets at least steer.DEFAULT_PROMPT_MIN_TOKENS new tokens.
+    ``controls``: a Controls or a dict of the CLI spellings (``{"instruments": "piano,bass", "key": "D minor",
+    "tempo": 90, "time_sig": "3/4", "density": "low", "polyphony": "high", "tag": "jazz"}``); see steer.py.
+    EOS is not drawn before ``min_new_tokens`` / ``min_seconds`` (with a prompt: steer.DEFAULT_PROMPT_MIN_TOKENS).
     Raises ValueError for out-of-range settings or an unreadable prompt, UsageError for a bad control.
     """
     problems = argument_problems(
@@ -384,6 +382,9 @@ def configure_parser(p) -> None:
     from midiforge.steer import add_arguments
 
     add_arguments(p)  # controls, --min-new-tokens, --min-seconds
+    from midiforge.copycheck import add_arguments as add_copy_arguments
+
+    add_copy_arguments(p)  # --check-copies, --train, --copy-threshold
 
 
 def _check_device(name: str) -> torch.device:
@@ -434,6 +435,9 @@ def run(args) -> int:
     if problems:
         raise UsageError("; ".join(problems))
     device = _check_device(args.device)
+    from midiforge import copycheck
+
+    copy_files = copycheck.cli_training_files(args)  # None without --check-copies
     prompt = None
     if args.prompt is not None:
         try:
@@ -490,4 +494,6 @@ def run(args) -> int:
             + (f"; {', '.join(extras)}" if extras else "")
         )
     print(f"generated {num_tokens} tokens in {elapsed:.1f} s ({num_tokens / max(elapsed, 1e-9):.0f} tok/s)")
+    if copy_files is not None:
+        copycheck.print_check(args, tokenizer, copy_files, [r.ids for r in results], [str(p) for p in paths])
     return 0
