@@ -205,7 +205,8 @@ def training_files(ckpt_config: dict | None, train: list | None) -> tuple[list[P
             return [], "the checkpoint records no training set (give --train)"
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
-        return [], f"{origin} is not here ({', '.join(missing)}; give --train)"
+        hint = "" if train else " (give --train)"
+        return [], f"{origin}: no such file or directory: {', '.join(missing)}{hint}"
     return find_files(paths, suffixes=DATA_SUFFIXES), origin
 
 
@@ -250,3 +251,60 @@ def check(index: CopyIndex, tokenizer, id_seqs, threshold: int = DEFAULT_THRESHO
         run = index.longest_run(symbols(*note_sequence(tokenizer, ids)))
         out.append({**run, "flagged": run["notes"] > threshold})
     return out
+
+
+# --- `midiforge generate --check-copies` ---------------------------------------------------------------------
+
+
+def add_arguments(p) -> None:
+    """generate's copy-check options."""
+    p.add_argument(
+        "--check-copies",
+        action="store_true",
+        help="after generating, print the longest run of notes each sample shares with a training piece"
+        " (transposition-invariant) and flag copies",
+    )
+    p.add_argument(
+        "--train",
+        action="append",
+        metavar="TRAIN",
+        help="training files/directories for --check-copies (default: the checkpoint's recorded training set)",
+    )
+    p.add_argument(
+        "--copy-threshold",
+        type=int,
+        default=DEFAULT_THRESHOLD,
+        metavar="NOTES",
+        help="--check-copies flags a sample sharing more notes than this (default: %(default)s)",
+    )
+
+
+def cli_training_files(args) -> list[Path] | None:
+    """The training files for --check-copies, checked before anything is generated (None without it)."""
+    from midiforge import checkpoint as ck
+    from midiforge.errors import UsageError
+
+    if not getattr(args, "check_copies", False):
+        return None
+    if args.copy_threshold < 1:
+        raise UsageError(f"--copy-threshold must be >= 1 (got {args.copy_threshold})")
+    files, origin = training_files(ck.read_config(Path(args.checkpoint)), args.train)
+    if not files:
+        raise UsageError(f"--check-copies: {origin}")
+    return files
+
+
+def print_check(args, tokenizer, files: list[Path], id_seqs, names) -> list[dict]:
+    """Build or load the index (CKPT/cache), check every sample and print one line each."""
+    import time
+
+    t0 = time.perf_counter()
+    index, cached = training_index(tokenizer, files, Path(args.checkpoint) / "cache")
+    results = check(index, tokenizer, id_seqs, args.copy_threshold)
+    how = "cached index" if cached else "index built"
+    print(f"copy check against {len(index.names)} training pieces ({how}, {time.perf_counter() - t0:.1f} s):")
+    for name, r in zip(names, results, strict=True):
+        where = f" with {r['piece']} (its note {r['train_note']})" if r["piece"] else ""
+        flag = f"  <- COPY? more than {args.copy_threshold} notes" if r["flagged"] else ""
+        print(f"  {name}: longest shared run {r['notes']} notes{where}{flag}")
+    return results

@@ -382,6 +382,9 @@ def configure_parser(p) -> None:
     from midiforge.steer import add_arguments
 
     add_arguments(p)  # controls, --min-new-tokens, --min-seconds
+    from midiforge.copycheck import add_arguments as add_copy_arguments
+
+    add_copy_arguments(p)  # --check-copies, --train, --copy-threshold
 
 
 def _check_device(name: str) -> torch.device:
@@ -432,6 +435,9 @@ def run(args) -> int:
     if problems:
         raise UsageError("; ".join(problems))
     device = _check_device(args.device)
+    from midiforge import copycheck
+
+    copy_files = copycheck.cli_training_files(args)  # None without --check-copies
     prompt = None
     if args.prompt is not None:
         try:
@@ -488,4 +494,6 @@ def run(args) -> int:
             + (f"; {', '.join(extras)}" if extras else "")
         )
     print(f"generated {num_tokens} tokens in {elapsed:.1f} s ({num_tokens / max(elapsed, 1e-9):.0f} tok/s)")
+    if copy_files is not None:
+        copycheck.print_check(args, tokenizer, copy_files, [r.ids for r in results], [str(p) for p in paths])
     return 0
