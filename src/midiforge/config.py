@@ -19,6 +19,7 @@ PRESETS_CHOICES = ("tiny", "small", "base", "large")
 DEFAULT_PRESET = "small"
 DEFAULT_DROPOUT = 0.1
 DEFAULT_VOCAB = 2048
+DEFAULT_BPE_SAMPLE_EVENTS = 4_000_000  # base events BPE learns from (bench/bench_scale.py --bpe-check)
 SHAPE_FIELDS = ("n_layer", "n_head", "d_model", "d_ff")
 
 EPILOG = """
@@ -139,6 +140,15 @@ class RunConfig:
         help=f"BPE vocabulary size when the checkpoint has no tokenizer.json yet (default {DEFAULT_VOCAB};"
         " fewer when the data has no more merges to offer)",
     )
+    bpe_sample_events: int = opt(
+        DEFAULT_BPE_SAMPLE_EVENTS,
+        "--bpe-sample-events",
+        type=int,
+        group="model",
+        help="a new tokenizer learns its BPE merges from at most this many base events (tokens before BPE),"
+        " whole pieces drawn in a --seed-ed random order across the training set; BPE memory grows with it"
+        " (~0.3 GB at the default, 1.1 GB for 51M events); 0: every file (default: %(default)s)",
+    )
     seed: int = opt(
         0,
         "--seed",
@@ -173,6 +183,23 @@ class RunConfig:
         type=float,
         group="run",
         help="also checkpoint mid-epoch this often (default: %(default)s; epoch ends always save)",
+    )
+    cache_dir: Path | None = opt(
+        None,
+        "--cache-dir",
+        type=Path,
+        group="run",
+        help="token cache folder (default: CKPT_PATH/cache). Several machines: either shared storage that every"
+        " node sees (--cache-scope shared) or a disk of each node's own (--cache-scope node)",
+    )
+    cache_scope: str = opt(
+        "shared",
+        "--cache-scope",
+        group="run",
+        choices=("shared", "node"),
+        help="who fills the token cache while the other processes wait: shared = global rank 0, for a cache"
+        " every process sees; node = local rank 0 of each node, for a node-local --cache-dir (default:"
+        " %(default)s)",
     )
     max_steps: int | None = opt(
         None,
@@ -275,6 +302,10 @@ def value_problems(cfg: RunConfig, base_vocab: int) -> list[str]:
         v = getattr(cfg, name)
         if v is not None and not v > 0:
             errors.append(f"{flag(name)} must be positive, got {v}")
+    if cfg.bpe_sample_events < 0:
+        errors.append(
+            f"{flag('bpe_sample_events')} must be >= 0 (0: every file), got {cfg.bpe_sample_events}"
+        )
     if not cfg.weight_decay >= 0:
         errors.append(f"{flag('weight_decay')} must be >= 0, got {cfg.weight_decay}")
     if cfg.dropout is not None and not 0 <= cfg.dropout < 1:

@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from midiforge.fsio import atomic_write_bytes, file_sha256
+from midiforge.fsio import atomic_write_bytes
 from midiforge.midi import MidiReadError, find_files, read_notes
+from midiforge.shards import content_sha256, expand_pieces
 
 DEFAULT_CACHE_DIR = ".midiforge-cache"
-DATA_SUFFIXES = (".mid", ".midi", ".json")
+DATA_SUFFIXES = (".mid", ".midi", ".json", ".mfshard")  # .mfshard: many pieces (midiforge.shards)
 _PACK_TOKENS = 1 << 24  # flush a cache pack every ~16M tokens so building never holds the corpus in memory
 _MIN_FILES_FOR_POOL = 16  # below this, starting worker processes costs more than it saves
 # Dataset and sampler usually get the same seed: separate streams keep transpositions and order independent.
@@ -241,11 +242,11 @@ class MidiDataset(torch.utils.data.Dataset):
         self.encode_missing = encode_missing
         self.controls = controls  # a midiforge.prefix.ControlPrefix: control prefix after BOS (None: none)
 
-        files = [str(f) for f in find_files(paths, suffixes=DATA_SUFFIXES)]
+        files = expand_pieces(find_files(paths, suffixes=DATA_SUFFIXES))  # a shard → SHARD#0, SHARD#1, ...
         shas: dict[str, str] = {}
         for f in files:
             try:
-                shas[f] = file_sha256(f)
+                shas[f] = content_sha256(f)  # a shard piece: its blob SHA-256, from the shard header
             except OSError as e:
                 self.skipped[f] = f"unreadable: {e}"
         transient = self._build_cache(shas, tokenizer, os.cpu_count() if num_workers is None else num_workers)

@@ -210,14 +210,19 @@ def prepare(
             summary.num_duplicates += 1
     bar.close()
 
+    write_errors(out, summary)
+    summary.outputs.sort()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def write_errors(out: Path, summary: PrepareSummary) -> None:
+    """``OUT/errors.jsonl``: every skipped file and its reason (rewritten by every run)."""
     lines = [
         json.dumps({"path": p, "reason": r}, ensure_ascii=False) + "\n"
         for p, r in sorted(summary.skipped.items())
     ]
     atomic_write_bytes(out / ERRORS_FILE, "".join(lines).encode("utf-8"))
-    summary.outputs.sort()
-    summary.seconds = time.perf_counter() - t0
-    return summary
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,6 +235,19 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", metavar="OUT", help="folder for the JSON files and errors.jsonl (required)")
     p.add_argument("-j", "--jobs", metavar="JOBS", help="worker processes (default: number of CPUs)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--format",
+        default="json",
+        metavar="FORMAT",
+        help="json (one file per piece, the default) or shards (a few thousand pieces per binary"
+        " shard-NNNNN.mfshard, checksummed; for large corpora: smaller than the MIDI, faster to load)",
+    )
+    p.add_argument(
+        "--shard-size",
+        default=None,
+        metavar="N",
+        help="pieces per shard with --format shards (default: 2048)",
+    )
 
 
 def parse_jobs(text: str | None) -> int | None:
@@ -251,7 +269,23 @@ def run(args) -> int:
         raise UsageError("give at least one SRC file or folder")
     if not args.out:
         raise UsageError("give the output folder with -o OUT")
-    summary = prepare(args.sources, args.out, jobs=parse_jobs(args.jobs), progress=not args.quiet)
+    fmt = getattr(args, "format", "json")
+    if fmt not in ("json", "shards"):
+        raise UsageError(f"--format must be json or shards, not {fmt!r}")
+    if fmt == "shards":
+        from midiforge.shards import DEFAULT_PIECES_PER_SHARD, prepare_shards
+
+        size = DEFAULT_PIECES_PER_SHARD
+        if args.shard_size is not None:
+            try:
+                size = int(args.shard_size)
+            except ValueError:
+                raise UsageError(f"--shard-size must be a whole number (got {args.shard_size!r})") from None
+        summary = prepare_shards(
+            args.sources, args.out, parse_jobs(args.jobs), not args.quiet, pieces_per_shard=size
+        )
+    else:
+        summary = prepare(args.sources, args.out, jobs=parse_jobs(args.jobs), progress=not args.quiet)
     print(f"midiforge prepare: {summary.line()}")
     if summary.num_skipped:
         print(f"midiforge prepare: skipped files and reasons: {summary.out_dir / ERRORS_FILE}")

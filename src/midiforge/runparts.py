@@ -197,7 +197,14 @@ def build_tokenizer(setup: Setup, info: dist.DistInfo):
         size = setup.cfg.vocab_size or DEFAULT_VOCAB
         dist.print0(f"training a BPE tokenizer of up to {size} tokens on {len(setup.train_files)} files")
         tok = MidiTokenizer()
-        tok.train_bpe([str(f) for f in setup.train_files], size)
+        from midiforge.bpe_sample import SampleStats
+        from midiforge.shards import expand_pieces
+
+        stats, budget = SampleStats(), setup.cfg.bpe_sample_events or None
+        sources = expand_pieces(setup.train_files)  # a shard → its pieces, so the sample draws pieces
+        tok.train_bpe(sources, size, sample_events=budget, seed=setup.cfg.seed, stats=stats)
+        whole = "all of them" if stats.exhausted else f"a seeded sample of {budget:,} base events"
+        dist.print0(f"BPE learned from {stats.pieces_used:,} pieces ({stats.events:,} base events, {whole})")
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         tok.save(ckpt_dir / ckpt_io.TOKENIZER_FILE)
         dist.print0(f"tokenizer: {len(tok)} tokens, saved to {ckpt_dir / ckpt_io.TOKENIZER_FILE}")
@@ -216,17 +223,21 @@ def build_datasets(setup: Setup, tok, info: dist.DistInfo):
             tok,
             cfg.min_sequence_length,
             setup.window,
-            cache_dir=setup.ckpt_dir / "cache",
+            cache_dir=cfg.cache_dir or setup.ckpt_dir / "cache",
             augment=augment,
             seed=cfg.seed,
-            encode_missing=info.is_main,  # ranks > 0 read what rank 0 encoded, never encode themselves
+            encode_missing=builder,  # the others read what their builder encoded, never encode themselves
         )
 
-    if not info.is_main:
-        dist.barrier()  # rank 0 fills the token cache first; the others then read it
+    # One builder per cache: global rank 0 for a shared cache, local rank 0 of each node for node-local ones
+    # (every node then encodes the same files into its own disk). One global barrier is enough for both:
+    # builders fill their caches (in parallel across nodes) while everyone else waits.
+    builder = info.is_main if cfg.cache_scope == "shared" else info.local_rank == 0
+    if not builder:
+        dist.barrier()
     train_ds = build(setup.train_files, cfg.augment)
     val_ds = build(setup.val_files, False) if setup.val_files else None
-    if info.is_main:
+    if builder:
         dist.barrier()
     for name, ds in (("training", train_ds), ("validation", val_ds)):
         if ds is None:

@@ -394,27 +394,30 @@ class MidiTokenizer:
 
     # ------------------------------------------------------------------ BPE
     def train_bpe(
-        self, sources, vocab_size: int, *, min_frequency: int = 2, show_progress: bool = False
+        self,
+        sources,
+        vocab_size: int,
+        *,
+        min_frequency: int = 2,
+        show_progress: bool = False,
+        sample_events: int | None = None,
+        seed: int = 0,
+        stats=None,
     ) -> None:
-        """Learn BPE merges from paths (MIDI/JSON) or already-encoded id sequences of this (untrained) tokenizer."""
+        """Learn BPE merges from paths (MIDI/JSON) or already-encoded id sequences of this (untrained) tokenizer.
+
+        ``sample_events``: learn from at most this many base events, drawn as whole pieces in a ``seed``-ed
+        random order across all of ``sources`` (see :mod:`midiforge.bpe_sample`); None: from every source.
+        ``stats``: a :class:`midiforge.bpe_sample.SampleStats` to fill in (pieces and events used).
+        """
         from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+        from midiforge.bpe_sample import sample_texts
 
         base = self.vocab.size + len(SPECIALS)
         if vocab_size < base:
             raise ValueError(f"vocab_size {vocab_size} is smaller than the base vocabulary ({base})")
-
-        def texts():
-            for src in sources:
-                if isinstance(src, str | os.PathLike):
-                    try:
-                        events, ws = self.events(read_notes(src))
-                    except ValueError:
-                        continue  # unusable files are the dataset's business, not the tokenizer's
-                else:
-                    events = self.base_events(src)
-                    ws = self.word_starts_of_events(events)
-                if len(events):
-                    yield self._to_text(events, ws)
+        texts = sample_texts(self, sources, sample_events, seed, stats)
 
         bpe = Tokenizer(models.BPE())
         bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -427,7 +430,7 @@ class MidiTokenizer:
             limit_alphabet=len(alphabet),
             show_progress=show_progress,
         )
-        bpe.train_from_iterator(texts(), trainer)
+        bpe.train_from_iterator(texts, trainer)
         missing = [ch for ch in alphabet if bpe.token_to_id(ch) is None]
         assert not missing, f"{len(missing)} base events missing from the BPE vocabulary"
         self._bpe = bpe

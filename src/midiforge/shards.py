@@ -1,0 +1,407 @@
+"""Sharded binary prepared data: `midiforge prepare --format shards`, for corpora of 10⁴–10⁶ pieces.
+
+Prepared JSON (one file per piece, base64 columns) is 3.6× the MIDI's size and costs a JSON parse per load. A
+shard holds a few thousand pieces in one file, each piece one zlib-compressed blob:
+
+    shard file  = b"MFSHARD1" | header length (uint64 LE) | SHA-256 of the header (32 bytes) | header | blobs
+    header      = JSON: schema, and per piece: source path, source SHA-256, blob SHA-256, blob offset, blob length
+    piece blob  = zlib( meta length (uint32 LE) | meta JSON | array bytes )
+
+The blob is written from the :class:`~midiforge.midi.NoteTable`'s dataclass fields, whatever they are: every
+numpy array field is stored with its dtype and shape (integer columns as deltas when that makes their values
+smaller, then in the smallest integer type that holds them), scalars and other values as JSON (tuples and
+non-string dict keys tagged), and the prepared "sheet" (base events of the default tokenizer) as two arrays.
+A table class with more columns than the reader's gets them dropped; one with fewer leaves the reader's
+defaults. Reading a piece checks its blob's SHA-256 (and the header's own): a damaged shard is reported per
+piece as :class:`CorruptShardError` (an OSError: not cached by the token cache, retried after a re-`prepare`).
+
+A piece is addressed as ``PATH/shard-00003.mfshard#17`` (:func:`expand_pieces` lists them); its blob SHA-256 is
+its content key for the token cache. Shards are read-only after writing and read with plain positioned reads,
+so any number of processes (DataLoader workers, ranks, nodes on shared storage) can read them at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import struct
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from midiforge.midi import MidiReadError, NoteTable
+
+SHARD_SUFFIX = ".mfshard"
+MAGIC = b"MFSHARD1"
+SCHEMA = "midiforge.shard/1"
+DEFAULT_PIECES_PER_SHARD = (
+    2048  # ~25 MB of POP909-like pieces: few files, yet a write buffer that stays small
+)
+_PREAMBLE = len(MAGIC) + 8 + 32
+_ZLIB_LEVEL = 6
+
+
+class CorruptShardError(OSError):
+    """A shard whose bytes do not match their checksum (or cannot be parsed): damaged storage or a torn copy."""
+
+
+def is_piece_ref(path) -> bool:
+    """True for ``.../NAME.mfshard#INDEX`` (a piece inside a shard)."""
+    name = os.fspath(path).rsplit("/", 1)[-1]
+    stem, sep, index = name.rpartition("#")
+    return bool(sep) and stem.endswith(SHARD_SUFFIX) and index.isdigit()
+
+
+# ------------------------------------------------------------------------------------------- piece codec
+def _small_int_dtype(lo: int, hi: int) -> np.dtype:
+    for dt in ("<i1", "<i2", "<i4", "<i8"):
+        info = np.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return np.dtype(dt)
+    return np.dtype("<i8")
+
+
+def _tag(value):
+    """A JSON-able form of a field value that is not an array: tuples and non-string dict keys tagged."""
+    if isinstance(value, tuple):
+        return {"__tuple__": [_tag(v) for v in value]}
+    if isinstance(value, dict):
+        return {"__items__": [[_tag(k), _tag(v)] for k, v in value.items()]}
+    if isinstance(value, list):
+        return [_tag(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _untag(value):
+    if isinstance(value, dict) and "__tuple__" in value:
+        return tuple(_untag(v) for v in value["__tuple__"])
+    if isinstance(value, dict) and "__items__" in value:
+        return {_untag(k): _untag(v) for k, v in value["__items__"]}
+    if isinstance(value, list):
+        return [_untag(v) for v in value]
+    return value
+
+
+def _pack_array(name: str, a: np.ndarray, metas: list, chunks: list) -> None:
+    a = np.asarray(a)
+    stored, delta = a, False
+    if a.dtype.kind in "iu" and a.size:
+        flat = a.reshape(-1).astype(np.int64)
+        d = np.diff(flat, prepend=0) if a.ndim == 1 else flat
+        delta = a.ndim == 1 and int(np.abs(d).max()) < int(np.abs(flat).max())
+        src = d if delta else flat
+        stored = src.astype(_small_int_dtype(int(src.min()), int(src.max())))
+    elif a.dtype.kind == "b":  # bit-packed: word-start masks are one bool per event
+        stored = np.packbits(a.reshape(-1))
+    else:
+        stored = a.astype(a.dtype.newbyteorder("<"))
+    metas.append([name, a.dtype.str, stored.dtype.str, list(a.shape), delta])
+    chunks.append(np.ascontiguousarray(stored).tobytes())
+
+
+def encode_piece(table: NoteTable) -> bytes:
+    """One NoteTable (all its dataclass fields; the sheet as arrays) as a compressed blob."""
+    from midiforge.validate import decode_sheet
+
+    metas: list = []
+    chunks: list[bytes] = []
+    values: dict = {}
+    sheet_config = None
+    for f in dataclasses.fields(table):
+        v = getattr(table, f.name)
+        if f.name == "sheet":
+            if v is not None:
+                d = decode_sheet(v)
+                sheet_config = d["config"]
+                _pack_array("sheet.events", np.asarray(d["events"]).astype(np.uint16), metas, chunks)
+                _pack_array("sheet.word_starts", np.asarray(d["word_starts"], bool), metas, chunks)
+        elif isinstance(v, np.ndarray):
+            _pack_array(f.name, v, metas, chunks)
+        else:
+            values[f.name] = _tag(v)
+    meta = json.dumps(
+        {"arrays": metas, "values": values, "sheet": sheet_config}, separators=(",", ":")
+    ).encode()
+    return zlib.compress(struct.pack("<I", len(meta)) + meta + b"".join(chunks), _ZLIB_LEVEL)
+
+
+def decode_piece(blob: bytes) -> NoteTable:
+    """The NoteTable of a blob from :func:`encode_piece` (sheet checked like a prepared JSON's)."""
+    from midiforge.midi import _NOTE_LIMITS
+    from midiforge.validate import check_sheet
+
+    try:
+        raw = zlib.decompress(blob)
+        (n,) = struct.unpack_from("<I", raw)
+        meta = json.loads(raw[4 : 4 + n])
+        pos = 4 + n
+        arrays = {}
+        for name, dtype, stored, shape, delta in meta["arrays"]:
+            count = math.prod(shape)
+            if np.dtype(dtype).kind == "b":
+                a = np.frombuffer(raw, dtype=np.uint8, count=(count + 7) // 8, offset=pos)
+                pos += a.nbytes
+                arrays[name] = np.unpackbits(a, count=count).astype(bool).reshape(shape)
+                continue
+            a = np.frombuffer(raw, dtype=stored, count=count, offset=pos)
+            pos += a.nbytes
+            if delta:
+                a = np.cumsum(a, dtype=np.int64)
+            arrays[name] = a.astype(dtype, copy=a.dtype != np.dtype(dtype)).reshape(shape)
+    except (zlib.error, struct.error, ValueError, KeyError, TypeError) as e:
+        raise CorruptShardError(f"undecodable piece: {type(e).__name__}: {e}") from e
+    known = {f.name for f in dataclasses.fields(NoteTable)}
+    kw = {k: v for k, v in arrays.items() if k in known}
+    kw.update({k: _untag(v) for k, v in meta["values"].items() if k in known and k != "sheet"})
+    try:
+        table = NoteTable(**kw)
+    except TypeError as e:  # a field this reader needs and the writer did not have
+        raise MidiReadError(f"shard piece lacks a field: {e}") from e
+    for name, (lo, hi) in _NOTE_LIMITS.items():  # the same note limits a prepared JSON is held to
+        a = kw.get(name)
+        if a is not None and len(a) and not (a.min() >= lo and a.max() <= hi):
+            bad = a[(a < lo) | (a > hi)][0]
+            raise MidiReadError(f"invalid shard piece: {name} {bad.item()!r} (allowed {lo}..{hi})")
+    if meta.get("sheet") is not None:
+        events, ws = arrays["sheet.events"].astype(np.int64), arrays["sheet.word_starts"]
+        events.flags.writeable = ws.flags.writeable = False
+        table.sheet = check_sheet({"config": meta["sheet"], "events": events, "word_starts": ws}, table)
+    return table
+
+
+# ------------------------------------------------------------------------------------------- shard files
+def write_shard(path: str | os.PathLike, pieces: list[tuple[str, str, bytes]]) -> None:
+    """Write one shard atomically: ``pieces`` = (source path, source SHA-256, blob) in order."""
+    from midiforge.fsio import atomic_write_bytes
+
+    offsets = np.cumsum([0] + [len(b) for _, _, b in pieces[:-1]]).tolist() if pieces else []
+    header = json.dumps(
+        {
+            "schema": SCHEMA,
+            "source": [s for s, _, _ in pieces],
+            "source_sha256": [h for _, h, _ in pieces],
+            "sha256": [hashlib.sha256(b).hexdigest() for _, _, b in pieces],
+            "offset": offsets,
+            "length": [len(b) for _, _, b in pieces],
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    ).encode()
+    out = [MAGIC, struct.pack("<Q", len(header)), hashlib.sha256(header).digest(), header]
+    out += [b for _, _, b in pieces]
+    atomic_write_bytes(path, b"".join(out), durable=False)
+
+
+_OPEN: OrderedDict = OrderedDict()  # (path, size, mtime) → header; per process, a few shards
+_OPEN_MAX = 8
+
+
+def shard_header(path: str | os.PathLike) -> dict:
+    """The checked header of a shard (cached per process while the file is unchanged)."""
+    p = os.fspath(path)
+    st = os.stat(p)
+    key = (p, st.st_size, st.st_mtime_ns)
+    header = _OPEN.get(key)
+    if header is not None:
+        _OPEN.move_to_end(key)
+        return header
+    with open(p, "rb") as f:
+        pre = f.read(_PREAMBLE)
+        if len(pre) != _PREAMBLE or pre[: len(MAGIC)] != MAGIC:
+            raise CorruptShardError(f"{p}: not a midiforge shard (bad magic or truncated)")
+        (n,) = struct.unpack_from("<Q", pre, len(MAGIC))
+        raw = f.read(n) if n <= st.st_size else b""
+    if len(raw) != n or hashlib.sha256(raw).digest() != pre[len(MAGIC) + 8 :]:
+        raise CorruptShardError(f"{p}: shard header fails its checksum")
+    header = json.loads(raw)
+    if header.get("schema") != SCHEMA:
+        raise CorruptShardError(f"{p}: unknown shard schema {header.get('schema')!r}")
+    header["base"] = _PREAMBLE + n
+    _OPEN[key] = header
+    if len(_OPEN) > _OPEN_MAX:
+        _OPEN.popitem(last=False)
+    return header
+
+
+def _split_ref(ref) -> tuple[str, int]:
+    p, _, i = os.fspath(ref).rpartition("#")
+    return p, int(i)
+
+
+def piece_sha256(ref) -> str:
+    """The SHA-256 of a piece's blob (its content key), from the shard header."""
+    path, i = _split_ref(ref)
+    header = shard_header(path)
+    if not 0 <= i < len(header["sha256"]):
+        raise CorruptShardError(f"{ref}: the shard holds {len(header['sha256'])} pieces")
+    return header["sha256"][i]
+
+
+def read_piece(ref) -> NoteTable:
+    """The NoteTable of ``SHARD#INDEX``; CorruptShardError when its bytes fail their checksum."""
+    path, i = _split_ref(ref)
+    header = shard_header(path)
+    if not 0 <= i < len(header["sha256"]):
+        raise CorruptShardError(f"{ref}: the shard holds {len(header['sha256'])} pieces")
+    length = header["length"][i]
+    with open(path, "rb") as f:
+        f.seek(header["base"] + header["offset"][i])
+        blob = f.read(length)
+    if len(blob) != length or hashlib.sha256(blob).hexdigest() != header["sha256"][i]:
+        raise CorruptShardError(f"{ref}: piece fails its checksum (damaged shard; run prepare again)")
+    return decode_piece(blob)
+
+
+def expand_pieces(paths) -> list[str]:
+    """Paths as strings, each shard file replaced by its pieces (``SHARD#0``, ``SHARD#1``, ...); a shard whose
+    header is unreadable becomes one entry ``SHARD#0``, so that reading it reports why."""
+    out = []
+    for p in paths:
+        s = os.fspath(p)
+        if s.endswith(SHARD_SUFFIX):
+            try:
+                n = len(shard_header(s)["sha256"])
+            except (OSError, ValueError):
+                out.append(s + "#0")
+                continue
+            out.extend(f"{s}#{i}" for i in range(n))
+        else:
+            out.append(s)
+    return out
+
+
+def content_sha256(path) -> str:
+    """The content key of a data file or a shard piece (what the token cache is keyed by)."""
+    from midiforge.fsio import file_sha256
+
+    return piece_sha256(path) if is_piece_ref(path) else file_sha256(path)
+
+
+def shard_files(out_dir: str | os.PathLike) -> list[Path]:
+    return sorted(Path(out_dir).glob(f"shard-*{SHARD_SUFFIX}"))
+
+
+# ------------------------------------------------------------------------------------------- prepare
+_SHEET_TOKENIZER = None
+
+
+def shard_piece(path: str, sha256: str) -> tuple[str | None, bytes, int]:
+    """Worker task of :func:`prepare_shards`: ``(None, blob, num_notes)`` or ``(reason, b"", 0)``."""
+    global _SHEET_TOKENIZER
+    from midiforge.midi import load_score, score_to_notes
+
+    try:
+        table = score_to_notes(load_score(Path(path).read_bytes()))
+    except MidiReadError as e:
+        return str(e), b"", 0
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}", b"", 0
+    if table.tpq <= 0:  # the same checks as midi.read_notes and prepare_file, so every piece reads back
+        return f"invalid ticks per quarter note ({table.tpq})", b"", 0
+    if len(table) == 0:
+        return "no notes", b"", 0
+    if _SHEET_TOKENIZER is None:
+        from midiforge.tokenizer import MidiTokenizer
+
+        _SHEET_TOKENIZER = MidiTokenizer()
+    events, ws = _SHEET_TOKENIZER.events(table)
+    table.sheet = {"config": _SHEET_TOKENIZER.base_fingerprint, "events": events, "word_starts": ws}
+    return None, encode_piece(table), len(table)
+
+
+def prepare_shards(sources, out_dir, jobs=None, progress=True, *, pieces_per_shard=DEFAULT_PIECES_PER_SHARD):
+    """`prepare --format shards`: every usable MIDI file under ``sources`` into ``OUT/shard-NNNNN.mfshard``.
+
+    Pieces are stored in sorted path order (duplicates once), so the same inputs give the same shards. Memory
+    holds one shard's blobs at a time. A run rewrites the whole set (shards of an earlier, larger run that
+    are beyond the new count are removed); readers must not read a set while it is being rewritten.
+    """
+    import sys
+    import time
+
+    from tqdm import tqdm
+
+    from midiforge.errors import UsageError
+    from midiforge.fsio import file_sha256
+    from midiforge.midi import find_files
+    from midiforge.prepare import PrepareSummary, write_errors
+    from midiforge.workers import map_isolated
+
+    t0 = time.perf_counter()
+    if pieces_per_shard < 1:
+        raise UsageError(f"--shard-size must be at least 1 (got {pieces_per_shard})")
+    files = find_files(sources)
+    if not files:
+        raise UsageError(f"no .mid/.midi files found in {', '.join(map(str, sources))}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output is not a directory: {out}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create output directory {out}: {e.strerror or e}") from e
+    summary = PrepareSummary(out_dir=out, num_found=len(files))
+    bar = tqdm(total=len(files), desc="prepare", unit="file", disable=not progress, file=sys.stderr)
+    todo, seen, dups = [], {}, []
+    for path in files:
+        try:
+            sha = file_sha256(path)
+        except OSError as e:
+            summary.skipped[str(path)] = f"unreadable: {e.strerror or e}"
+            bar.update()
+            continue
+        if sha in seen:
+            dups.append((str(path), sha))
+            bar.update()
+        else:
+            seen[sha] = len(todo)
+            todo.append((str(path), sha))
+
+    failed: dict[str, str] = {}
+    pending: dict[int, tuple] = {}  # results that came back before an earlier task's: written in task order
+    buf: list[tuple[str, str, bytes]] = []
+    nxt = 0
+
+    def flush(final: bool = False) -> None:
+        nonlocal buf
+        while len(buf) >= pieces_per_shard or (final and buf):
+            name = out / f"shard-{len(summary.outputs):05d}{SHARD_SUFFIX}"
+            write_shard(name, buf[:pieces_per_shard])
+            summary.outputs.append(name)
+            buf = buf[pieces_per_shard:]
+
+    for i, ok, value in map_isolated(shard_piece, todo, jobs):
+        pending[i] = value if ok else (value, b"", 0)
+        while nxt in pending:
+            (path, sha), (reason, blob, num_notes) = todo[nxt], pending.pop(nxt)
+            if reason is None:
+                buf.append((path, sha, blob))
+                summary.num_written += 1
+                summary.num_notes += num_notes
+            else:
+                summary.skipped[path] = reason
+                failed[sha] = reason
+            nxt += 1
+            flush()
+        bar.update()
+        bar.set_postfix(written=summary.num_written, skipped=summary.num_skipped, refresh=False)
+    flush(final=True)
+    for path, sha in dups:
+        if sha in failed:
+            summary.skipped[path] = failed[sha]
+        else:
+            summary.num_duplicates += 1
+    bar.close()
+    for old in shard_files(out):  # shards of an earlier run with more pieces
+        if old not in summary.outputs:
+            old.unlink()
+    write_errors(out, summary)
+    summary.seconds = time.perf_counter() - t0
+    return summary
