@@ -19,6 +19,7 @@ COMMANDS = {
     "plot": ("midiforge.plot", "redraw ckpt/training.png from ckpt/metrics.json"),
     "evaluate": ("midiforge.evaluate", "measure a model: bits per note/second, sample statistics, copy check"),
     "demo-data": ("midiforge.demo", "build the embedded Bach chorale corpus (train/val MIDI)"),
+    "studio": ("midiforge.studio", "a local web page to generate, look at and listen to music"),
 }
 
 
