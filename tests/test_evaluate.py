@@ -259,3 +259,61 @@ def test_cli_bad_input_is_one_line_and_exit_2(tok, tmp_path, capsys, case):
     assert main(["evaluate", str(ckpt), "-d", data, *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("midiforge evaluate: error:") and "\n" not in err
+
+
+# ------------------------------------------------------------------------------------------- during training
+def test_training_records_val_bits_per_note_that_evaluate_reproduces_and_tensorboard_has_it(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from midiforge.plot import figure
+
+    ckpt, tb = tmp_path / "ck", tmp_path / "tb"
+    shape = ["--n-layer", "1", "--n-head", "2", "--d-model", "32", "--d-ff", "64", "--vocab-size", "1100"]
+    args = ["train", "1", str(ckpt), "-t", str(pop909(1)[0]), "-v", str(pop909(2)[0]), *shape]
+    args += ["-e", "96", "-b", str(8 * 96 * 96), "--device", "cpu", "--tensorboard", str(tb)]
+    assert main(args) == 0
+    row = json.loads((ckpt / "metrics.json").read_text())["epochs"][0]
+    assert row["val_bits_per_note"] > 0
+    capsys.readouterr()
+    # evaluate with stride = context scores the validation set in the very windows training used
+    assert (
+        main(
+            ["evaluate", str(ckpt), "-d", str(pop909(2)[0]), "--stride", "96", "-o", str(tmp_path / "r.json")]
+        )
+        == 0
+    )
+    total = json.loads((tmp_path / "r.json").read_text())["likelihood"]["total"]
+    assert total["bits_per_note"] == pytest.approx(row["val_bits_per_note"], rel=1e-5)
+    assert total["bits_per_token"] * math.log(2) == pytest.approx(row["val_loss"], rel=1e-5)
+    # the plot gets a second panel for it; the seed's curves stay on the first
+    fig = figure(json.loads((ckpt / "metrics.json").read_text()))
+    assert [line.get_label() for line in fig.axes[-1].get_lines()] == ["validation bits per note"]
+    assert list(fig.axes[-1].get_lines()[0].get_ydata()) == [row["val_bits_per_note"]]
+    # TensorBoard's own reader loads the event files with the expected tags
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0, "images": 0, "audio": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("train/loss", "train/perplexity", "train/lr", "train/tokens_per_second", "train/grad_norm"):
+        assert tag in tags["scalars"], tag
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == list(range(1, row["step"] + 1))
+    (bpn,) = acc.Scalars("epoch/val_bits_per_note")
+    assert bpn.step == row["step"] and bpn.value == pytest.approx(row["val_bits_per_note"], rel=1e-6)
+    assert acc.Scalars("epoch/val_loss")[0].value == pytest.approx(row["val_loss"], rel=1e-6)
+    assert tags["images"] == ["sample/pianoroll"] and tags["audio"] == ["sample/audio"]
+    img = acc.Images("sample/pianoroll")[0]
+    assert img.width > 400 and img.height > 200
+    assert acc.Audio("sample/audio")[0].sample_rate == 16000
+
+
+def test_tensorboard_flag_parses_bare_and_with_a_directory():
+    from midiforge.config import parse_args
+    from midiforge.tblog import log_dir
+
+    base = ["1", "ck", "-t", "x"]
+    assert parse_args(base).tensorboard is None
+    bare = parse_args([*base, "--tensorboard"])
+    assert bare.tensorboard == "" and log_dir(bare.tensorboard, Path("ck")) == Path("ck/tensorboard")
+    given = parse_args(["--tensorboard", "logs/run1", *base])
+    assert log_dir(given.tensorboard, Path("ck")) == Path("logs/run1")
+    assert given.to_dict()["tensorboard"] == "logs/run1"

@@ -209,6 +209,17 @@ class RunConfig:
         help="checkpoint and stop once the run has taken this many optimizer steps in all (re-run without it"
         " to go on); for trials and tests",
     )
+    tensorboard: str | None = opt(
+        None,
+        "--tensorboard",
+        group="run",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="write TensorBoard logs to DIR (given bare: CKPT_PATH/tensorboard): loss, perplexity, bits per note,"
+        " learning rate, tokens/s, gradient norm, and a short sample per epoch as piano roll and audio; needs"
+        " pip install 'midiforge[tensorboard]'. Put a bare --tensorboard after the positional arguments",
+    )
 
     # -- serialisation ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -1,6 +1,7 @@
 """Training curves: ``ckpt/training.png`` from ``ckpt/metrics.json`` (also `midiforge plot CKPT`).
 
-Losses on the left axis, perplexities on a log-scaled right axis, one x-axis in epochs: an epoch's values sit
+Losses on the left axis, perplexities on a log-scaled right axis, one x-axis in epochs (and, for runs that
+record it, validation bits per note in a second panel below): an epoch's values sit
 at x = its number (1..N, the end of that epoch), and the per-step training loss is a light red line at
 fractional epochs, so validation and training points of the same epoch line up.
 
@@ -25,6 +26,9 @@ STYLES = {
     "val_perplexity": {"color": "tab:blue", "linestyle": "--", "label": "validation perplexity"},
 }
 
+# Validation bits per note (loss x tokens / notes / ln 2, comparable across tokenizers): a panel of its own below.
+BITS_STYLE = {"color": "tab:purple", "linestyle": "-", "label": "validation bits per note"}
+
 
 def _series(epochs: list[dict], key: str) -> tuple[list[float], list[float]]:
     xs, ys = [], []
@@ -43,9 +47,11 @@ def figure(metrics: dict):
 
     epochs = metrics.get("epochs", [])
     steps = metrics.get("steps", [])
-    fig = Figure(figsize=(9, 5), dpi=100)
+    bx, by = _series(epochs, "val_bits_per_note")
+    rows = 2 if bx else 1  # a second panel only for runs that record bits per note
+    fig = Figure(figsize=(9, 5 + 2.6 * (rows - 1)), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    ax = fig.add_subplot(rows, 1, 1)
     ax2 = ax.twinx()
     lines = []
     if steps:
@@ -69,6 +75,15 @@ def figure(metrics: dict):
     if lines:
         ax.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize=8)
     ax.set_title("training curves" if epochs or steps else "training curves (no data yet)")
+    if rows == 2:
+        ax3 = fig.add_subplot(rows, 1, 2, sharex=ax)
+        ax3.plot(bx, by, marker="o", markersize=3, **BITS_STYLE)
+        ax3.set_xlabel("epoch")
+        ax3.set_ylabel("bits per note")
+        ax3.grid(True, alpha=0.3)
+        ax3.legend(loc="upper right", fontsize=8)
+        fig.subplots_adjust(left=0.08, right=0.9, bottom=0.07, top=0.95, hspace=0.25)
+        return fig
     fig.subplots_adjust(left=0.08, right=0.9, bottom=0.1, top=0.93)  # fixed: tight_layout costs ~0.4 s a draw
     return fig
 

@@ -70,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
 
 def launch(cfg: RunConfig) -> int:
     """Check the run, then train in this process, or spawn one worker per GPU when there are several."""
+    if cfg.tensorboard is not None:
+        from midiforge.tblog import check_available
+
+        check_available()  # before anything is trained
     setup = resolve(cfg)
     if setup.resume_state is not None:
         done = setup.resume_state
@@ -220,8 +224,12 @@ def _fit(setup, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
         f" d_model {model_cfg.d_model}, context {model_cfg.max_seq_len}), window {setup.window} tokens, device"
         f" {device}, amp {setup.amp}, {info.world_size} process(es), {batches_per_epoch} batches/epoch/process"
     )
-    val_loader = None
+    val_loader, val_notes = None, 0
     if val_ds is not None:
+        from midiforge.scoring import count_notes
+
+        # Once per run: the notes behind the validation tokens, for validation bits per note.
+        val_notes = sum(count_notes(tok, val_ds.piece_ids(p, 0)) for p in range(val_ds.num_pieces))
         val_batches = list(MidiDatasetSampler(val_ds, cfg.batch_budget, shuffle=False, seed=cfg.seed))
         val_loader = loader(val_ds, val_batches[info.rank :: info.world_size], tok, setup, cfg.seed)
     config = {
@@ -248,14 +256,28 @@ def _fit(setup, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
                 config=config,
             )
 
+    tb = None
+    if cfg.tensorboard is not None and info.is_main:
+        from midiforge.tblog import TensorBoardLog, log_dir
+
+        tb = TensorBoardLog(log_dir(cfg.tensorboard, setup.ckpt_dir))
+
+    def tb_step(status: str, loss_sum: float, tokens: int) -> None:
+        tb.step(trainer, run.state, status, loss_sum, tokens)
+
     def draw() -> None:
         if info.is_main:
             try:
                 plot_metrics(run.metrics, setup.ckpt_dir / ckpt_io.PLOT_FILE)
             except Exception as e:  # a plotting problem must never stop training
                 dist.note0(f"could not draw {ckpt_io.PLOT_FILE}: {type(e).__name__}: {e}")
+        if tb is not None:
+            try:
+                tb.epoch(run.metrics["epochs"][-1], trainer.raw, tok, device)
+            except Exception as e:  # nor a TensorBoard problem
+                dist.note0(f"--tensorboard: {type(e).__name__}: {e}")
 
-    return fit(
+    code = fit(
         Loop(
             trainer=trainer,
             state=run.state,
@@ -265,8 +287,13 @@ def _fit(setup, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
             val_loader=val_loader,
             save=save,
             end_of_epoch=draw,
+            val_notes=val_notes,
+            on_step=tb_step if tb is not None else None,
             policy=SavePolicy(cfg.save_every_minutes, cfg.max_steps),
             num_epochs=cfg.num_epochs,
             where=str(setup.ckpt_dir),
         )
     )
+    if tb is not None:
+        tb.close()
+    return code

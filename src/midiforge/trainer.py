@@ -261,6 +261,7 @@ class Trainer:
             dist.note0(f"out of memory: splitting batches into {self.pieces} pieces (consider lowering -b)")
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), GRAD_CLIP)
+        self.last_grad_norm = grad_norm.detach()  # read by --tensorboard only (a device sync there)
         # Identical on every rank (gradients are all-reduced), so every rank takes the same decision.
         grads_ok = bool(torch.isfinite(grad_norm))
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
@@ -315,6 +316,11 @@ def evaluate(trainer: Trainer, loader) -> tuple[float | None, int]:
 
 def perplexity(loss: float | None) -> float | None:
     return None if loss is None else math.exp(min(loss, 700.0))
+
+
+def bits_per_note(loss: float | None, tokens: int, notes: int) -> float | None:
+    """Total negative log-likelihood in bits over the number of notes: comparable across tokenizers."""
+    return None if loss is None or not notes else loss * tokens / notes / math.log(2)
 
 
 def _finite_or_none(loss: float | None, what: str) -> float | None:
@@ -400,6 +406,8 @@ class Loop:
     policy: SavePolicy
     num_epochs: int
     where: str  # the checkpoint directory, for messages
+    val_notes: int = 0  # validation notes, counted once: bits/note = loss * tokens / notes / ln 2
+    on_step: Callable[[str, float, int], None] | None = None  # (status, loss sum, tokens) per step
 
 
 def fit(loop: Loop) -> int:
@@ -435,6 +443,8 @@ def fit(loop: Loop) -> int:
             # 2. the metrics
             record_window(state, loop.metrics, epoch, n_batches)
             progress.update(state, n_total if status == "ok" else 0)
+            if loop.on_step is not None:
+                loop.on_step(status, float(out[0]), n_total)
             # 3. a save, if one is due
             stopping = loop.policy.stop(state.step)
             if state.batch < n_batches and (save_now or stopping):
@@ -464,7 +474,7 @@ def _end_epoch(loop: Loop, epoch: int, seconds: float) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()  # training activations out, validation batches in
     train_loss = state.mean_loss()
-    val_loss, _ = evaluate(trainer, loop.val_loader) if loop.val_loader is not None else (None, 0)
+    val_loss, val_tokens = evaluate(trainer, loop.val_loader) if loop.val_loader is not None else (None, 0)
     train_loss = _finite_or_none(train_loss, f"epoch {epoch + 1}: training loss")
     val_loss = _finite_or_none(val_loss, f"epoch {epoch + 1}: validation loss")
     if device.type == "cuda":
@@ -476,6 +486,7 @@ def _end_epoch(loop: Loop, epoch: int, seconds: float) -> None:
             "train_perplexity": perplexity(train_loss),
             "val_loss": val_loss,
             "val_perplexity": perplexity(val_loss),
+            "val_bits_per_note": bits_per_note(val_loss, val_tokens, loop.val_notes),
             "tokens": state.loss_tokens,
             "seconds": round(seconds, 3),
             "lr": trainer.lr,
