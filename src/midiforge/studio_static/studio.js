@@ -161,12 +161,13 @@ function follow(id) {
 function show(job) {
   state.current = job.id;
   const head = $("#job-head");
-  head.replaceChildren(
+  head.replaceChildren(...[
     el("div", {}, el("strong", { text: `seed ${job.seed}` }), ` · ${job.checkpoint} · `,
       job.prompt ? `prompt: ${job.prompt}` : "from nothing",
       job.state === "failed" ? el("span", { class: "failed", text: ` · failed: ${job.error}` }) : null),
     el("code", { text: job.command, title: "the same generation on the command line" }),
-  );
+    job.report.length ? el("pre", { class: "job-report", text: job.report.join("\n") }) : null,
+  ].filter(Boolean));
   const results = $("#results");
   results.replaceChildren();
   for (const s of job.samples) {
