@@ -170,6 +170,23 @@ class RunConfig:
     augment: bool = opt(
         True, "--no-augment", group="run", help="no random transposition of the training pieces"
     )
+    infill_rate: float = opt(
+        0.5,
+        "--infill-rate",
+        type=float,
+        group="run",
+        help="share of training windows rearranged as infilling examples (a span given both sides, or a track given"
+        " the others; fim.py), so that generate --infill/--add-track/--replace-track/--harmonize work; 0: plain"
+        " continuation only. Validation windows stay ordinary (default: %(default)s)",
+    )
+    infill_track_share: float = opt(
+        0.5,
+        "--infill-track-share",
+        type=float,
+        group="run",
+        help="of the infilling examples, the share that write one track given others (windows with two tracks"
+        " or more); the rest fill a span (default: %(default)s)",
+    )
     num_workers: int | None = opt(
         None,
         "--num-workers",
@@ -317,6 +334,9 @@ def value_problems(cfg: RunConfig, base_vocab: int) -> list[str]:
         errors.append(
             f"{flag('bpe_sample_events')} must be >= 0 (0: every file), got {cfg.bpe_sample_events}"
         )
+    for name in ("infill_rate", "infill_track_share"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            errors.append(f"{flag(name)} must be in [0, 1], got {getattr(cfg, name)}")
     if not cfg.weight_decay >= 0:
         errors.append(f"{flag('weight_decay')} must be >= 0, got {cfg.weight_decay}")
     if cfg.dropout is not None and not 0 <= cfg.dropout < 1:

@@ -241,6 +241,7 @@ class MidiDataset(torch.utils.data.Dataset):
         self.num_encoded = 0  # files encoded by this construction (0 when everything came from the cache)
         self.encode_missing = encode_missing
         self.controls = controls  # a midiforge.prefix.ControlPrefix: control prefix after BOS (None: none)
+        self.infill = None  # a midiforge.fim.Rearranger: some windows become infilling examples (None: none)
 
         files = expand_pieces(find_files(paths, suffixes=DATA_SUFFIXES))  # a shard → SHARD#0, SHARD#1, ...
         shas: dict[str, str] = {}
@@ -403,6 +404,10 @@ class MidiDataset(torch.utils.data.Dataset):
             labels = w[1:].clone()
             labels[: len(pre)] = -100  # sampler.IGNORE_INDEX
             return w[:-1], labels
+        if self.infill is not None:  # seeded per (seed, epoch, window): a resumed run rebuilds the same examples
+            fim = self.infill(w, self.infill.rng(self.seed, self.epoch, i))
+            if fim is not None:
+                return torch.from_numpy(fim[0]), torch.from_numpy(fim[1])
         w = torch.from_numpy(w)
         return w[:-1], w[1:]
 

@@ -278,6 +278,7 @@ def generate(
     )
     if problems:
         raise ValueError("; ".join(problems))
+    from midiforge.fim import sentinel_ids
     from midiforge.steer import Steering
 
     steer = Steering.build(tokenizer, controls, min_new_tokens or 0, min_seconds)
@@ -290,6 +291,7 @@ def generate(
         generator.manual_seed(seed)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     banned = [tokenizer.pad_id, tokenizer.bos_id] + ([tokenizer.eos_id] if ignore_eos else [])
+    banned += sentinel_ids(tokenizer).tolist()  # the infilling sentinels belong to infill.py's inputs only
     B = num_samples
     was_training = model.training
     model.eval()
@@ -385,6 +387,9 @@ def configure_parser(p) -> None:
     from midiforge.copycheck import add_arguments as add_copy_arguments
 
     add_copy_arguments(p)  # --check-copies, --train, --copy-threshold
+    from midiforge.infill import add_arguments as add_infill_arguments
+
+    add_infill_arguments(p)  # --infill, --add-track, --replace-track, --harmonize
 
 
 def _check_device(name: str) -> torch.device:
@@ -418,6 +423,10 @@ def write_midi(score: symusic.Score, path: Path) -> None:
 
 
 def run(args) -> int:
+    from midiforge import infill
+
+    if (request := infill.request_of(args)) is not None:  # an edit inside the prompt: infill.py
+        return infill.run(args, request)
     problems = argument_problems(
         max_new_tokens=args.max_tokens,
         max_seconds=args.max_seconds,

@@ -236,6 +236,9 @@ def build_datasets(setup: Setup, tok, info: dist.DistInfo):
     if not builder:
         dist.barrier()
     train_ds = build(setup.train_files, cfg.augment)
+    from midiforge import fim
+
+    train_ds.infill = fim.from_config(cfg, tok)  # infilling examples in training windows only (fim.py)
     val_ds = build(setup.val_files, False) if setup.val_files else None
     if builder:
         dist.barrier()

@@ -45,6 +45,9 @@ class _Vocab:
             "keysig": 30,  # (sharps + 7) * 2 + tonality
             "pedal": 2,  # 0 = off, 1 = on
             **{k: CONTROL_SIZES[k](self) for k in CONTROL_SIZES},
+            # Infilling sentinels (fim.py): never produced by events(), so ordinary pieces, EVENTS_VERSION and
+            # token caches are unchanged; only the rearranged training windows and infill prompts hold them.
+            "fim": 4,  # 0 = FIM_SUFFIX, 1 = FIM_MIDDLE, 2 = FIM_END, 3 = FIM_TRACKS
         }
         self.start: dict[str, int] = {}
         n = 0
