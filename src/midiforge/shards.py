@@ -154,7 +154,9 @@ def decode_piece(blob: bytes) -> NoteTable:
             pos += a.nbytes
             if delta:
                 a = np.cumsum(a, dtype=np.int64)
-            arrays[name] = a.astype(dtype, copy=a.dtype != np.dtype(dtype)).reshape(shape)
+            if a.dtype.str != dtype:
+                a = a.astype(dtype)
+            arrays[name] = a if len(shape) == 1 else a.reshape(shape)
     except (zlib.error, struct.error, ValueError, KeyError, TypeError) as e:
         raise CorruptShardError(f"undecodable piece: {type(e).__name__}: {e}") from e
     known = {f.name for f in dataclasses.fields(NoteTable)}
