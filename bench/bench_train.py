@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib import flops_per_token
 
 from midiforge import distributed as dist
 from midiforge.data import IGNORE_INDEX, MidiDataset, MidiDatasetSampler, collate, padding_fraction
@@ -81,6 +82,60 @@ def run(name, dataset, batches, tok, args, window) -> dict:
     }
 
 
+def model_rows(dataset, batches, tok, args, window) -> list[dict]:
+    """Ours eager, ours compiled, HF LlamaForCausalLM eager: same shape, same batches, same Trainer step."""
+    from benchlib import FLOP_FORMULA, HFLogits, hf_llama, machine, peak_memory, rate, reset_peak
+
+    device = torch.device(args.device)
+    amp = "bf16" if device.type == "cuda" else "off"
+    data = [collate([dataset[i] for i in b], tok.pad_id) for b in batches[: args.steps + 1]]
+    print(f"\n{machine(device)}; amp {amp}; FLOPs: {FLOP_FORMULA}")
+    rows = []
+    for preset in args.presets:
+        cfg = ModelConfig(vocab_size=len(tok), max_seq_len=window, dropout=0.0, **PRESETS[preset])
+        kinds = [("ours eager", False), ("ours compiled", True), ("HF Llama eager", False)]
+        for name, compiled in kinds:
+            if compiled and not args.compile_rows:
+                continue
+            torch.manual_seed(0)
+            model = Transformer(cfg) if name.startswith("ours") else hf_llama(cfg, device)
+            if model is None:
+                print(f"{name}: transformers not installed (pip install -e '.[bench]')")
+                continue
+            model = model if name.startswith("ours") else HFLogits(model)
+            trainer = Trainer(model, device, dist.DistInfo(), learning_rate=1e-3, weight_decay=0.01, amp=amp,
+                              compile=compiled)  # fmt: skip
+            trainer.set_schedule(0, args.steps + 1)
+            reset_peak(device)
+            t = time.perf_counter()
+            x, y = data[0]  # first step: compilation (when on) and first-call overheads
+            trainer.train_step(x.to(device), y.to(device), float((y != IGNORE_INDEX).sum()))
+            first = time.perf_counter() - t
+            tokens = flops = 0.0
+            t0 = time.perf_counter()
+            for x, y in data[1:]:
+                n = float((y != IGNORE_INDEX).sum())
+                trainer.train_step_async(x.to(device, non_blocking=True), y.to(device, non_blocking=True), n)
+                tokens += n
+                flops += n * flops_per_token(cfg, x.size(1), training=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            total = time.perf_counter() - t0
+            rows.append(
+                {
+                    "preset": preset,
+                    "model": name,
+                    "tok/s": f"{tokens / total:,.0f}",
+                    "FLOP rate": rate(flops, total, device),
+                    "peak memory": peak_memory(device),
+                    "first step s (compile)": f"{first:.1f}",
+                    "steady s/step": f"{total / max(1, len(data) - 1):.3f}",
+                }
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", type=Path, default=CORPUS)
@@ -97,6 +152,14 @@ def main() -> int:
     p.add_argument(
         "--repeats", type=int, default=2, help="timed runs per batcher, alternating; best is shown"
     )
+    p.add_argument(
+        "--mode",
+        choices=("batcher", "models"),
+        default="batcher",
+        help="batcher: our sampler vs naive batches; models: ours eager/compiled vs HF Llama, per preset",
+    )
+    p.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(PRESETS))
+    p.add_argument("--compile-rows", action="store_true", help="models mode: also ours + torch.compile")
     args = p.parse_args()
     if not args.corpus.is_dir():
         print(f"corpus not found: {args.corpus}", file=sys.stderr)
@@ -114,6 +177,10 @@ def main() -> int:
             f" budget {args.budget}, {args.steps} timed steps, {torch.get_num_threads()} threads"
         )
         ours = list(MidiDatasetSampler(ds, args.budget, shuffle=True, seed=0))
+        if args.mode == "models":
+            rows = model_rows(ds, ours, tok, args, window)
+            _table(rows)
+            return 0
         naive = naive_batches(ds.lengths, max(1, args.budget // window**2), seed=0)
         naive_name = f"naive B={max(1, args.budget // window**2)}"
         rows = {}
@@ -123,23 +190,31 @@ def main() -> int:
                 if name not in rows or r["tok/s"] > rows[name]["tok/s"]:
                     rows[name] = r
         rows = list(rows.values())
+    _table(
+        [
+            {
+                k: f"{v:.1%}"
+                if k.startswith(("padding", "data"))
+                else f"{v:,.0f}"
+                if isinstance(v, float) and k == "tok/s"
+                else f"{v:.1f}"
+                if isinstance(v, float)
+                else str(v)
+                for k, v in r.items()
+            }
+            for r in rows
+        ]
+    )
+    print(f"speed-up (tok/s): {rows[0]['tok/s'] / rows[1]['tok/s']:.2f}x")
+    return 0
+
+
+def _table(rows: list[dict]) -> None:
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
-        cells = [
-            f"{v:.1%}"
-            if k.startswith(("padding", "data"))
-            else f"{v:,.0f}"
-            if isinstance(v, float) and k == "tok/s"
-            else f"{v:.1f}"
-            if isinstance(v, float)
-            else str(v)
-            for k, v in r.items()
-        ]
-        print("| " + " | ".join(cells) + " |")
-    print(f"speed-up (tok/s): {rows[0]['tok/s'] / rows[1]['tok/s']:.2f}x")
-    return 0
+        print("| " + " | ".join(str(v) for v in r.values()) + " |")
 
 
 if __name__ == "__main__":

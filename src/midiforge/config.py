@@ -167,6 +167,14 @@ class RunConfig:
     device: str | None = opt(
         None, "--device", group="run", help="cpu, cuda or cuda:N (default: cuda when available)"
     )
+    compile: str = opt(
+        "auto",
+        "--compile",
+        group="run",
+        choices=("auto", "on", "off"),
+        help="torch.compile the model (dynamic shapes): auto = on for CUDA, off on CPU, where it gained nothing"
+        " at tiny/small sizes and costs minutes of compiling (default: %(default)s)",
+    )
     augment: bool = opt(
         True, "--no-augment", group="run", help="no random transposition of the training pieces"
     )

@@ -1,12 +1,11 @@
 """Generate music with a trained model: sampling, prompts, a sliding context window, and the CLI command.
 
-Layered like litgpt: :func:`sample` turns logits into token ids, :func:`next_token` runs the model for one step,
-:func:`generate` is the loop (batch of samples, prompt, per-sample stopping, sliding window), and ``run`` is the
-``midiforge generate`` command over it.
-
-Determinism: one ``torch.Generator`` (CPU, seeded) supplies exactly one uniform number per sample per step,
-whatever happens, and sampling runs in float32 on the CPU; so a seed gives the same music on every run, and the
-KV cache and full recomputation give the same tokens (their logits agree to float rounding).
+Layered like litgpt: :func:`sample` turns logits into token ids, :func:`generate` runs the loop (decode.py: batch
+of samples, prompt, per-sample stopping, sliding window, all on the model's device; ``_decode_loop`` with
+:func:`next_token` is the reference loop it must agree with), and ``run`` is the ``midiforge generate`` command.
+Determinism: one seeded ``torch.Generator`` of the model's device supplies exactly one uniform number per sample
+per step, and sampling runs in float32; so a seed gives the same music on every run on one kind of device, and
+the KV cache and full recomputation give the same tokens (their logits agree to float rounding).
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import numpy as np
 import symusic
 import torch
 
+from midiforge.decode import decode
 from midiforge.errors import UsageError
 from midiforge.fsio import atomic_write_bytes
 from midiforge.midi import MidiReadError, load_score
@@ -284,7 +284,7 @@ def generate(
     steer = Steering.build(tokenizer, controls, min_new_tokens or 0, min_seconds)
     steer = steer.with_defaults(prompt is not None, max_new_tokens)
     head = steer.head(prompt_ids(tokenizer, prompt, prompt_bars))
-    generator = torch.Generator()
+    generator = torch.Generator(device=device)  # sampling runs where the model is (decode.py)
     if seed is None:
         generator.seed()
     else:
@@ -296,7 +296,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        ids, stop = _decode_loop(
+        ids, stop = decode(
             model,
             tokenizer,
             head,

@@ -28,6 +28,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from midiforge import accel  # noqa: E402
 from midiforge import checkpoint as ckpt_io  # noqa: E402
 from midiforge import distributed as dist  # noqa: E402
 from midiforge.config import RunConfig, add_arguments, parse_args  # noqa: E402
@@ -197,8 +198,15 @@ def _fit(setup, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
         torch.manual_seed(
             cfg.seed + 1_000_003 * info.rank
         )  # the same init everywhere, different dropout masks
+    compiled = accel.compile_enabled(cfg.compile, device)
     trainer = Trainer(
-        model, device, info, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, amp=setup.amp
+        model,
+        device,
+        info,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        amp=setup.amp,
+        compile=compiled,
     )
     sampler = MidiDatasetSampler(
         train_ds, cfg.batch_budget, shuffle=True, seed=cfg.seed, rank=info.rank, world_size=info.world_size
@@ -222,7 +230,8 @@ def _fit(setup, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
     dist.print0(
         f"model: {trainer.raw.num_parameters() / 1e6:.2f}M parameters ({model_cfg.n_layer} layers,"
         f" d_model {model_cfg.d_model}, context {model_cfg.max_seq_len}), window {setup.window} tokens, device"
-        f" {device}, amp {setup.amp}, {info.world_size} process(es), {batches_per_epoch} batches/epoch/process"
+        f" {device}, amp {setup.amp}, compile {'on' if compiled else 'off'}, {info.world_size} process(es),"
+        f" {batches_per_epoch} batches/epoch/process"
     )
     val_loader, val_notes = None, 0
     if val_ds is not None:
@@ -240,6 +249,7 @@ def _fit(setup, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
             "amp": setup.amp,
             "world_size": info.world_size,
             "device": str(device),
+            "compile": compiled,
         },
         "tokenizer": ckpt_io.tokenizer_record(tok),
     }
@@ -292,6 +302,8 @@ def _fit(setup, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
             policy=SavePolicy(cfg.save_every_minutes, cfg.max_steps),
             num_epochs=cfg.num_epochs,
             where=str(setup.ckpt_dir),
+            # CUDA (fused step): results stay on the GPU for up to READBACK_EVERY steps; CPU: read every step
+            readback_every=accel.READBACK_EVERY if trainer.fused else 1,
         )
     )
     if tb is not None:

@@ -10,19 +10,19 @@ by their total; perplexity is exp(mean token loss), never a mean of exponentials
 from __future__ import annotations
 
 import math
-import random
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from midiforge import accel
 from midiforge import distributed as dist
 from midiforge.errors import UsageError
+from midiforge.rng import rng_state, seed_everything, set_rng_state  # noqa: F401 (re-exported)
 from midiforge.sampler import IGNORE_INDEX
 
 MAX_BAD_STEPS = 20  # consecutive non-finite steps before giving up
@@ -40,35 +40,6 @@ class TrainingDiverged(UsageError):
     """The loss stayed non-finite: stop without touching the last good checkpoint."""
 
     exit_code = 1
-
-
-# ---------------------------------------------------------------------------------------------- RNG
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Every global RNG, as plain tensors/lists (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ---------------------------------------------------------------------------------------------- state
@@ -161,8 +132,14 @@ class Trainer:
         learning_rate: float,
         weight_decay: float,
         amp: str = "off",
+        compile: bool = False,
+        fused: bool | None = None,
     ):
         self.device, self.info = device, info
+        # fused AdamW + device-side step outcome (accel.finish_step); default on CUDA only, so that the CPU
+        # keeps its exact results. ``compile`` wraps the forward in torch.compile; ``raw`` stays the plain
+        # module, so state_dict() never carries the wrapper's ``_orig_mod.`` prefix.
+        self.fused = device.type == "cuda" if fused is None else fused
         self.learning_rate, self.weight_decay = learning_rate, weight_decay
         self.warmup_steps = WARMUP_STEPS
         self.raw = model.to(device)
@@ -173,14 +150,17 @@ class Trainer:
             self.model = DistributedDataParallel(
                 self.raw, device_ids=[device] if device.type == "cuda" else None
             )
+        if compile:
+            self.model = accel.compile_module(self.model)  # DDP inside: compiled per bucket (DDPOptimizer)
         # Weight decay only on matrices of the blocks: not norms, biases or the (tied) embedding.
         decay, no_decay = [], []
         for name, p in self.raw.named_parameters():
             (no_decay if p.ndim < 2 or name.startswith("tok_emb") else decay).append(p)
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = accel.adamw(
             [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=learning_rate,
-            betas=BETAS,
+            learning_rate,
+            BETAS,
+            self.fused,
         )
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
@@ -242,7 +222,25 @@ class Trainer:
         Returns this rank's loss sum and what became of the step: ``"ok"``, ``"scaler_skip"`` (fp16: the
         loss was finite but the scaled gradients overflowed, so the scaler lowered its scale and skipped the
         update -- routine, especially early) or ``"bad"`` (non-finite loss or gradients, nothing applied).
+        Reading the status synchronises with the device; :meth:`train_step_async` does not.
         """
+        loss_sum = self._forward_backward_retry(inputs, labels, norm)
+        if self.fused:
+            return loss_sum, accel.status_of(float(accel.finish_step(self, loss_sum, GRAD_CLIP)), 1)
+        return loss_sum, self._finish_sync(loss_sum)
+
+    def train_step_async(self, inputs, labels, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`train_step` with the status as a code on the device (see :func:`accel.finish_step`); with
+        ``fused`` nothing in it waits for the device. ``norm`` may be a device tensor (DDP on CUDA)."""
+        loss_sum = self._forward_backward_retry(inputs, labels, norm)
+        if self.fused:
+            return loss_sum, accel.finish_step(self, loss_sum, GRAD_CLIP)
+        code = {"ok": accel.OK, "scaler_skip": accel.SKIP}.get(self._finish_sync(loss_sum))
+        code = float(self.info.world_size + 1) if code is None else code
+        return loss_sum, torch.tensor(code, device=self.device, dtype=torch.float64)
+
+    def _forward_backward_retry(self, inputs, labels, norm) -> torch.Tensor:
+        """Forward and backward, halving the batch into more pieces after each out-of-memory error."""
         while True:
             try:
                 loss_sum = self._forward_backward(inputs, labels, norm)
@@ -259,6 +257,10 @@ class Trainer:
                 torch.cuda.empty_cache()
             self.pieces *= 2
             dist.note0(f"out of memory: splitting batches into {self.pieces} pieces (consider lowering -b)")
+        return loss_sum
+
+    def _finish_sync(self, loss_sum: torch.Tensor) -> str:
+        """Unscale, clip, step, schedule, deciding on the host (the unfused CPU path, as it always was)."""
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), GRAD_CLIP)
         self.last_grad_norm = grad_norm.detach()  # read by --tensorboard only (a device sync there)
@@ -275,14 +277,11 @@ class Trainer:
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
             self.scheduler.step()
         if not bool(torch.isfinite(loss_sum)):
-            return loss_sum, "bad"
+            return "bad"
         if grads_ok:
-            return loss_sum, "ok"
+            return "ok"
         # Finite loss, non-finite gradients: with loss scaling the scaler has lowered its scale and skipped.
-        return (
-            loss_sum,
-            "scaler_skip" if self.scaler.is_enabled() and self.scaler.get_scale() < scale else "bad",
-        )
+        return "scaler_skip" if self.scaler.is_enabled() and self.scaler.get_scale() < scale else "bad"
 
 
 def _split(inputs, labels, pieces: int):
@@ -408,6 +407,17 @@ class Loop:
     where: str  # the checkpoint directory, for messages
     val_notes: int = 0  # validation notes, counted once: bits/note = loss * tokens / notes / ln 2
     on_step: Callable[[str, float, int], None] | None = None  # (status, loss sum, tokens) per step
+    readback_every: int = 1  # steps whose results stay on the device before one read-back (accel.Readback)
+
+
+def _replay(loop: Loop, readback, world: int, epoch: int, n_batches: int, progress: Progress) -> None:
+    """The steps read back, in order, counted exactly as if each had been read right after it ran."""
+    for status, loss, n in readback.drain(world):
+        loop.state.add_step(status, loss, n, loop.where)
+        record_window(loop.state, loop.metrics, epoch, n_batches)
+        progress.update(loop.state, n if status == "ok" else 0)
+        if loop.on_step is not None:
+            loop.on_step(status, loss, n)
 
 
 def fit(loop: Loop) -> int:
@@ -420,33 +430,22 @@ def fit(loop: Loop) -> int:
         n_batches = len(loop.sampler)
         progress = Progress(epoch, loop.num_epochs, n_batches, state.batch)
         t_epoch = time.monotonic() - state.seconds
-        stopping = False
+        stopping, readback = False, accel.Readback(loop.readback_every)
         for inputs, labels in loop.make_loader(epoch):
-            n_local = int((labels != IGNORE_INDEX).sum())
+            n_local = int((labels != IGNORE_INDEX).sum())  # the loader's CPU tensor: no device wait
             inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            # Every rank must agree on the step's token count and on saving (rank 0's clock decides).
-            flags = torch.tensor(
-                [n_local, float(dist.current().is_main and loop.policy.due())], dtype=torch.float64
-            )
-            flags = dist.all_reduce_sum(flags.to(device))
-            n_total, save_now = int(flags[0]), bool(flags[1] > 0)
-            # 1. the step
-            loss_sum, status = trainer.train_step(inputs, labels, max(1.0, n_total / world))
-            codes = {"ok": 0.0, "scaler_skip": 1.0, "bad": float(world + 1)}  # any bad rank makes it bad
-            out = dist.all_reduce_sum(
-                torch.stack(
-                    [loss_sum.double(), torch.tensor(codes[status], device=device, dtype=torch.float64)]
-                )
-            )
-            status = "ok" if out[1] == 0 else ("bad" if out[1] > world else "scaler_skip")
-            state.add_step(status, float(out[0]), n_total, loop.where)
+            n_total, norm, save_now = accel.agree_step(loop.policy, n_local, device, world, readback.every)
+            # 1. the step; its loss and status stay on the device until read back
+            loss_sum, code = trainer.train_step_async(inputs, labels, norm)
+            readback.push(loss_sum, code, n_total)
+            stopping = loop.policy.stop(state.step + len(readback))
+            if not readback.due(stopping or state.batch + len(readback) >= n_batches):
+                continue
+            if save_now is None:  # deferred read-back: rank 0's clock is asked only now
+                save_now = accel.save_due(loop.policy, device)
             # 2. the metrics
-            record_window(state, loop.metrics, epoch, n_batches)
-            progress.update(state, n_total if status == "ok" else 0)
-            if loop.on_step is not None:
-                loop.on_step(status, float(out[0]), n_total)
+            _replay(loop, readback, world, epoch, n_batches, progress)
             # 3. a save, if one is due
-            stopping = loop.policy.stop(state.step)
             if state.batch < n_batches and (save_now or stopping):
                 state.seconds = time.monotonic() - t_epoch
                 # Not mid-epoch while non-finite steps go on (``bad`` is the same on every rank): should they
@@ -459,6 +458,7 @@ def fit(loop: Loop) -> int:
                     what = "nothing saved (non-finite steps)" if state.bad else "checkpoint saved"
                     dist.print0(f"stopped after {state.step} steps (--max-steps); {what}")
                     return 0
+        _replay(loop, readback, world, epoch, n_batches, progress)
         progress.close()
         _end_epoch(loop, epoch, time.monotonic() - t_epoch)
         if stopping and epoch + 1 < loop.num_epochs:

@@ -1,0 +1,234 @@
+"""Issue 8's speed paths, checked on the CPU against the reference paths they must agree with: the decode loop
+on the device (tokens), the one-token static step (logits), the fused no-sync training step (losses, skipped
+steps), deferred read-back of step results (metrics bit for bit) and compilation (loss, checkpoint keys)."""
+
+import pytest
+import torch
+
+from midiforge import accel
+from midiforge import distributed as dist
+from midiforge.decode import decode, static_step
+from midiforge.generate import _decode_loop, prompt_ids
+from midiforge.model import ModelConfig, Transformer
+from midiforge.sampler import IGNORE_INDEX
+from midiforge.steer import Steering
+from midiforge.tokenizer import MidiTokenizer
+from midiforge.trainer import Loop, SavePolicy, Trainer, TrainState, fit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tok() -> MidiTokenizer:
+    return MidiTokenizer()
+
+
+def eos_prone_model(tok, max_seq_len=64) -> Transformer:
+    """An untrained model whose EOS logit is large in some contexts, so that rows stop at different steps."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=len(tok), n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=max_seq_len)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        model.tok_emb.weight[tok.eos_id] *= 60
+    return model
+
+
+def both_loops(
+    model, tok, *, prompt=None, B=3, n=120, max_seconds=None, kv=True, ignore_eos=False, steer=None, **s
+):
+    head = prompt_ids(tok, prompt)
+    banned = [tok.pad_id, tok.bos_id] + ([tok.eos_id] if ignore_eos else [])
+    out = []
+    for loop in (_decode_loop, decode):
+        g = torch.Generator().manual_seed(7)
+        st = None if steer is None else Steering.build(tok, None, steer, None)
+        with torch.inference_mode():
+            ids, stop = loop(model, tok, head, B, n, max_seconds, kv, banned, dict(s, generator=g), "cpu", st)
+        out.append((ids, stop))
+    return out
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(top_k=20, temperature=0.9),
+        dict(top_p=0.9, max_seconds=3.0, n=200),
+        dict(kv=False, B=2, n=60),
+        dict(ignore_eos=True, B=2, n=150),  # past the 64-token window: the context slides
+        dict(prompt=[10, 20, 30, 40], steer=15, n=90),  # steer: no EOS before 15 new tokens
+    ],
+)
+def test_decode_gives_the_reference_tokens(tok, kw):
+    (ref, ref_stop), (fast, fast_stop) = both_loops(eos_prone_model(tok), tok, **kw)
+    assert fast_stop == ref_stop
+    assert torch.equal(fast[:, : ref.size(1)], ref)
+    # The fast loop looks at EOS only every SYNC_EVERY tokens: what it ran past the end is PAD.
+    assert (fast[:, ref.size(1) :] == tok.pad_id).all()
+
+
+def test_eos_prone_model_stops_rows_at_different_steps(tok):
+    (ref, stop), _ = both_loops(eos_prone_model(tok), tok, B=4, n=200)
+    assert stop.count("eos") >= 2  # the cases above really exercise per-row EOS stops
+    ends = {int((row == tok.eos_id).nonzero()[0]) for row in ref if (row == tok.eos_id).any()}
+    assert len(ends) >= 2
+
+
+def test_static_step_matches_the_cached_forward(tok):
+    model = eos_prone_model(tok)
+    prompt = torch.randint(3, len(tok), (2, 9), generator=torch.Generator().manual_seed(1))
+    nxt = torch.randint(3, len(tok), (2, 1), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        a, b = model.new_kv_cache(2, 32), model.new_kv_cache(2, 32)
+        model(prompt, a)
+        model(prompt, b)
+        want = model(nxt, a, last_only=True)[:, -1].float()
+        got = static_step(model, nxt, torch.tensor(b.pos), b)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.k[:, :, :, :10], a.k[:, :, :, :10])
+
+
+# --- training ----------------------------------------------------------------------------------------------
+def tiny_trainer(fused: bool, compile: bool = False, lr: float = 1e-2) -> Trainer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=64, dropout=0.0)
+    t = Trainer(Transformer(cfg), torch.device("cpu"), dist.DistInfo(), learning_rate=lr, weight_decay=0.01,
+                fused=fused, compile=compile)  # fmt: skip
+    t.set_schedule(0, 20)
+    return t
+
+
+def batches(shapes=((3, 17), (2, 40), (4, 9), (3, 33), (1, 20), (2, 25))):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for b, t in shapes:
+        x = torch.randint(0, 64, (b, t), generator=g)
+        y = torch.roll(x, -1, 1)
+        y[0, t // 2 :] = IGNORE_INDEX  # right padding in one row
+        out.append((x, y))
+    return out
+
+
+def test_fused_step_matches_the_reference_step():
+    ref, fused = tiny_trainer(False), tiny_trainer(True)
+    for x, y in batches():
+        n = float((y != IGNORE_INDEX).sum())
+        (la, sa), (lb, sb) = ref.train_step(x, y, n), fused.train_step(x, y, n)
+        assert sa == sb == "ok"
+        torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
+    for p, q in zip(ref.raw.parameters(), fused.raw.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("what", ["grad", "loss"])
+def test_fused_step_skips_a_non_finite_step_without_asking_the_host(what):
+    t = tiny_trainer(True)
+    x, y = batches()[0]
+    t.train_step(x, y, 10.0)
+    before = [p.detach().clone() for p in t.raw.parameters()]
+    steps = [s["step"].item() for s in t.optimizer.state.values()]
+    param = t.raw.blocks[0].mlp.up.weight
+    if what == "grad":  # finite loss, infinite gradient
+        h = param.register_hook(lambda g: torch.full_like(g, float("inf")))
+    else:  # NaN weights: NaN loss and gradients
+        with torch.no_grad():
+            param[0, 0] = float("nan")
+        before = [p.detach().clone() for p in t.raw.parameters()]
+    loss, code = t.train_step_async(x, y, 10.0)
+    assert code.device.type == "cpu" and code.dtype == torch.float64
+    assert accel.status_of(float(code), 1) == "bad"
+    assert torch.isfinite(loss) == (what == "grad")
+    for p, q in zip(before, t.raw.parameters(), strict=True):
+        assert (
+            torch.equal(
+                p,
+                q,
+            )
+            or (p.isnan() == q.isnan()).all()
+            and torch.equal(p.nan_to_num(), q.nan_to_num())
+        )
+    assert [s["step"].item() for s in t.optimizer.state.values()] == steps  # the kernel undid its count
+    if what == "grad":
+        h.remove()
+
+
+class _Sampler:
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def set_epoch(self, e):
+        pass
+
+
+def run_fit(every: int, fused: bool, poison_steps=(), max_steps=None):
+    """Two epochs of fit over fixed batches; the model outputs NaN at ``poison_steps`` (0-based, global)."""
+    t = tiny_trainer(fused, lr=3e-3)
+    data = batches()
+    calls = {"n": 0}
+
+    def poison(module, args, out):
+        calls["n"] += 1
+        return out * float("nan") if calls["n"] - 1 in poison_steps else out
+
+    t.raw.head.register_forward_hook(poison)
+    saves, state, metrics = [], TrainState(), {"epochs": [], "steps": []}
+    loop = Loop(
+        trainer=t, state=state, metrics=metrics, sampler=_Sampler(len(data)),
+        make_loader=lambda e: iter(data[state.batch :]), val_loader=None,
+        save=lambda: saves.append((state.step, state.bad, state.loss_sum)), end_of_epoch=lambda: None,
+        policy=SavePolicy(1e9, max_steps), num_epochs=2, where="mem", readback_every=every,
+    )  # fmt: skip
+    fit(loop)
+    for row in metrics["epochs"]:
+        row.pop("seconds")
+    return metrics, state.state_dict() | {"seconds": 0}, saves
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_deferred_readback_counts_exactly_as_reading_every_step(fused):
+    a = run_fit(1, fused, poison_steps=(2, 3, 8))
+    assert a[0]["steps"] and a[1]["step"] == 12 and len(a[2]) == 2
+    for every in (4, 5):
+        assert run_fit(every, fused, poison_steps=(2, 3, 8)) == a
+    # --max-steps in the middle of an epoch: the pending steps are read back before the stop's save
+    stopped = run_fit(5, fused, max_steps=9)
+    assert stopped[1]["step"] == 9 and stopped[2][-1][0] == 9
+    assert stopped == run_fit(1, fused, max_steps=9)
+
+
+# --- compilation -------------------------------------------------------------------------------------------
+def test_compile_switch():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not accel.compile_enabled("auto", cpu) and accel.compile_enabled("auto", cuda)
+    assert accel.compile_enabled("on", cpu) and not accel.compile_enabled("off", cuda)
+    with pytest.raises(ValueError):
+        accel.compile_enabled("yes", cpu)
+
+
+@pytest.mark.slow
+def test_compiled_loss_matches_eager_and_checkpoints_cross_load(monkeypatch):
+    monkeypatch.setattr(accel, "COMPILE_BACKEND", "aot_eager")  # inductor on a 2-core CPU takes minutes
+    torch._dynamo.reset()
+    eager, comp = tiny_trainer(False), tiny_trainer(False, compile=True)
+    assert comp.model is not comp.raw
+    for x, y in batches()[:4]:
+        n = float((y != IGNORE_INDEX).sum())
+        (la, _), (lb, _) = eager.train_step(x, y, n), comp.train_step(x, y, n)
+        torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
+    sd = comp.state_dict()
+    assert not any(k.startswith("_orig_mod.") for k in sd["model"])
+    assert any(k.startswith("_orig_mod.") for k in comp.model.state_dict())  # the wrapper would have
+    # A compiled run's checkpoint goes on uncompiled, and the other way round, with the same next loss.
+    fresh_eager, fresh_comp = tiny_trainer(False), tiny_trainer(False, compile=True)
+    fresh_eager.load_state_dict(sd)
+    fresh_comp.load_state_dict(eager.state_dict())
+    x, y = batches()[4]
+    n = float((y != IGNORE_INDEX).sum())
+    la, _ = fresh_eager.train_step(x, y, n)
+    lb, _ = fresh_comp.train_step(x, y, n)
+    lc, _ = comp.train_step(x, y, n)
+    torch.testing.assert_close(la, lc, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lb, la, rtol=1e-3, atol=1e-3)
