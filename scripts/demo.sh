@@ -3,6 +3,7 @@
 #   1. a virtual environment with midiforge (torch from the CPU wheel, music21 for the corpus)
 #   2. Bach's chorales from music21's corpus → MIDI, split 80/20 into train/val
 #   3. prepare them as JSON, train the tiny preset for a few epochs, generate three samples
+#   4. evaluate: held-out bits per note and per second, sample statistics, copy check
 # Everything goes under ./demo (override with DEMO_DIR); re-running reuses what is there and resumes training.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,12 @@ $mf generate "$DEMO_DIR/ckpt" -o "$DEMO_DIR/samples/chorale.mid" -n 3 --max-seco
     --seed 0 --wav --pianoroll
 
 echo
-echo "done in $(( $(date +%s) - start )) s"
 echo "  training curves : $DEMO_DIR/ckpt/training.png   (metrics: $DEMO_DIR/ckpt/metrics.json)"
 echo "  generated music : $DEMO_DIR/samples/chorale_{1,2,3}.mid  (+ .wav, .png)"
+echo "  evaluation      : $DEMO_DIR/report.json, $DEMO_DIR/report.png"
+echo
+# Last: what the model makes, measured on the validation chorales -- held-out bits per note and per second,
+# sample statistics against the validation set (ceiling: half vs half; floor: an untrained model), copy check.
+$mf evaluate "$DEMO_DIR/ckpt" -d "$DEMO_DIR/json/val" -o "$DEMO_DIR/report.json" --samples 8 \
+    --max-seconds 30 --top-p 0.95 --seed 0
+echo "done in $(( $(date +%s) - start )) s"
