@@ -24,10 +24,15 @@ $mf prepare "$DEMO_DIR/midi/val" -o "$DEMO_DIR/json/val"
     --preset tiny --vocab-size 1024 -e 512 -b $((4 * 512 * 512)) --device cpu
 $mf generate "$DEMO_DIR/ckpt" -o "$DEMO_DIR/samples/chorale.mid" -n 3 --max-seconds 45 --top-p 0.95 \
     --seed 0 --wav --pianoroll
+# Harmonisation (infill.py): the soprano of a validation chorale; alto, tenor and bass by the model, beside Bach's.
+.venv/bin/python scripts/chorale_melody.py "$DEMO_DIR/midi/val" "$DEMO_DIR/samples"
+$mf generate "$DEMO_DIR/ckpt" --prompt "$DEMO_DIR/samples/melody.mid" --harmonize \
+    -o "$DEMO_DIR/samples/harmonized.mid" --top-p 0.95 --seed 0 --wav --pianoroll
 
 echo
 echo "  training curves : $DEMO_DIR/ckpt/training.png   (metrics: $DEMO_DIR/ckpt/metrics.json)"
 echo "  generated music : $DEMO_DIR/samples/chorale_{1,2,3}.mid  (+ .wav, .png)"
+echo "  harmonisation   : $DEMO_DIR/samples/harmonized.mid beside Bach's $DEMO_DIR/samples/bach.mid (+ .wav, .png)"
 echo "  evaluation      : $DEMO_DIR/report.json, $DEMO_DIR/report.png"
 echo
 # Last: what the model makes, measured on the validation chorales -- held-out bits per note and per second,
