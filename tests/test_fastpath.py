@@ -232,3 +232,21 @@ def test_compiled_loss_matches_eager_and_checkpoints_cross_load(monkeypatch):
     lc, _ = comp.train_step(x, y, n)
     torch.testing.assert_close(la, lc, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(lb, la, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_loss_scaler_skip_is_told_apart_from_a_bad_step(fused):
+    """fp16 bookkeeping (CPU GradScaler stands in for CUDA's): an overflowing gradient with a finite loss is a
+    scaler skip, the scale halves and nothing is applied; the device-side code agrees with the host's answer."""
+    t = tiny_trainer(fused)
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    x, y = batches()[0]
+    assert t.train_step(x, y, 10.0)[1] == "ok"
+    before = [p.detach().clone() for p in t.raw.parameters()]
+    h = t.raw.blocks[0].mlp.up.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    loss, code = t.train_step_async(x, y, 10.0)
+    h.remove()
+    assert accel.status_of(float(code), 1) == "scaler_skip" and torch.isfinite(loss)
+    assert t.scaler.get_scale() == 2.0**15
+    assert all(torch.equal(p, q) for p, q in zip(before, t.raw.parameters(), strict=True))
+    assert t.train_step(x, y, 10.0)[1] == "ok"
