@@ -40,3 +40,5 @@ echo
 $mf evaluate "$DEMO_DIR/ckpt" -d "$DEMO_DIR/json/val" -o "$DEMO_DIR/report.json" --samples 8 \
     --max-seconds 30 --top-p 0.95 --seed 0
 echo "done in $(( $(date +%s) - start )) s"
+echo
+echo "listen and generate in the browser:  $mf studio $DEMO_DIR/ckpt   then open http://127.0.0.1:7860/"
