@@ -111,6 +111,7 @@ def test_an_option_added_to_generate_later_appears_and_is_parsed():
         g.add_argument("--bars-to-redo", metavar="BARS", help="bars")
         g.add_argument("--voice", action="append", metavar="NAME", help="repeatable")
         g.add_argument("--style-file", metavar="PATH", help="a path: never from the client")
+        g.add_argument("--voices", nargs="?", const=3, type=int, metavar="N", help="alone or with a value")
 
     parser = studio_jobs.generate_parser(configure)
     fields = studio_jobs.option_fields(parser)
@@ -120,6 +121,10 @@ def test_an_option_added_to_generate_later_appears_and_is_parsed():
     argv = studio_jobs.request_argv(fields, {"bars_to_redo": "9-16", "voice": ["bass", "-drums"]})
     args = parser.parse_args(["ck", "-o", "x.mid", *argv])
     assert args.bars_to_redo == "9-16" and args.voice == ["bass", "-drums"]
+    assert by["voices"]["alone"] and by["voices"]["kind"] == "int"
+    for value, parsed in ((True, 3), ("4", 4)):
+        argv = studio_jobs.request_argv(fields, {"voices": value})
+        assert parser.parse_args(["ck", "-o", "x.mid", *argv]).voices == parsed
     with pytest.raises(UsageError, match="unknown option 'style_file'"):
         studio_jobs.request_argv(fields, {"style_file": "/etc/passwd"})
 

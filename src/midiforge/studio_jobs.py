@@ -107,6 +107,7 @@ def option_fields(parser: argparse.ArgumentParser) -> list[dict]:
             "help": _help(parser, a),
             "metavar": str(a.metavar or ""),
             "choices": [str(c) for c in a.choices] if a.choices is not None else None,
+            "alone": a.nargs == "?",  # nargs="?": the flag may also be given without a value (true)
             "group": group_of.get(id(a), "generation"),
         })  # fmt: skip
     return fields
@@ -122,6 +123,9 @@ def request_argv(fields: list[dict], options: dict) -> list[str]:
         f = by_dest.get(dest)
         if f is None:
             raise UsageError(f"unknown option {str(dest)[:40]!r}")
+        if f.get("alone") and value is True:
+            argv.append(f["flag"])  # e.g. --harmonize with its const
+            continue
         if f["kind"] == "flag":
             if not isinstance(value, bool):
                 raise UsageError(f"{f['flag']}: expected true or false")

@@ -4,7 +4,7 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { config: null, prompt: null, promptLabel: null, current: null, polling: null };
+const state = { config: null, prompt: null, promptLabel: null, current: null, polling: null, jobs: [] };
 
 function el(tag, attrs = {}, ...children) {
   const e = document.createElement(tag);
@@ -58,7 +58,10 @@ function fieldInput(f) {
     input = el("input", { type: "text", id, "data-dest": f.dest, placeholder: placeholder || "" });
     if (f.kind === "multi") input.setAttribute("placeholder", "values separated by ;");
   }
-  return el("label", { for: id, title: f.help }, el("span", { class: "name", text: f.flag }), input, help);
+  // An option that may stand alone (nargs "?", e.g. --harmonize [VOICES]): a box to give it without a value.
+  const alone = f.alone ? el("input", { type: "checkbox", "data-alone": f.dest, title: `give ${f.flag} alone` }) : null;
+  return el("label", { for: id, title: f.help },
+    el("span", { class: "name", text: f.flag }, alone ? " " : null, alone), input, help);
 }
 
 function buildForm(config) {
@@ -78,6 +81,8 @@ function readOptions() {
     const input = document.querySelector(`[data-dest="${f.dest}"]`);
     if (f.kind === "flag") { if (input.checked) options[f.dest] = true; continue; }
     const v = input.value.trim();
+    const alone = document.querySelector(`[data-alone="${f.dest}"]`);
+    if (!v && alone && alone.checked) { options[f.dest] = true; continue; }
     if (!v) continue;
     options[f.dest] = f.kind === "multi" ? v.split(";").map((s) => s.trim()).filter(Boolean) : v;
   }
@@ -90,8 +95,10 @@ function restoreForm(request) {
   for (const f of state.config.fields) {
     const input = document.querySelector(`[data-dest="${f.dest}"]`);
     const v = options[f.dest];
+    const alone = document.querySelector(`[data-alone="${f.dest}"]`);
+    if (alone) alone.checked = v === true;
     if (f.kind === "flag") input.checked = v === true;
-    else input.value = v == null ? "" : Array.isArray(v) ? v.join("; ") : String(v);
+    else input.value = v == null || v === true ? "" : Array.isArray(v) ? v.join("; ") : String(v);
   }
 }
 
@@ -190,6 +197,7 @@ function show(job) {
 
 async function refreshHistory() {
   const jobs = await api("/api/jobs");
+  state.jobs = jobs;
   const list = $("#history");
   list.replaceChildren();
   jobs.forEach((job, i) => {
@@ -197,7 +205,11 @@ async function refreshHistory() {
     const text = `${job.checkpoint}, seed ${job.seed}, ${job.prompt || "from nothing"}: ` +
       (job.state === "done" ? `${n} sample${n === 1 ? "" : "s"}` : job.state);
     const li = el("li", { "data-id": job.id, class: `state-${job.state}`, text, title: job.command });
-    li.addEventListener("click", () => { restoreForm(job.request); show(job); });
+    li.addEventListener("click", () => {
+      restoreForm(job.request);
+      setPrompt(job.request.prompt || null, job.prompt);
+      if (job.state === "queued" || job.state === "running") follow(job.id); else show(job);
+    });
     if (job.id === state.current) li.classList.add("current");
     list.append(li);
   });
@@ -215,8 +227,14 @@ async function main() {
   $("#upload").addEventListener("change", (e) => { if (e.target.files[0]) upload(e.target.files[0]); });
   $("#clear-prompt").addEventListener("click", () => setPrompt(null));
   $("#status").textContent = "ready";
+  await refreshHistory();
+  // After a reload: keep following a request still in the queue, else show the latest results.
+  const latest = state.jobs[0];
+  if (latest && (latest.state === "queued" || latest.state === "running")) {
+    $("#generate").disabled = true;
+    follow(latest.id);
+  } else if (latest) show(latest);
   document.body.dataset.ready = "1";
-  refreshHistory();
 }
 
 main();
