@@ -64,6 +64,7 @@ def finish_step(trainer, loss_sum: torch.Tensor, grad_clip: float) -> torch.Tens
     opt, scaler = trainer.optimizer, trainer.scaler
     scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainer.raw.parameters(), grad_clip)
+    trainer.last_grad_norm = grad_norm.detach()  # kept on the device; only --tensorboard reads it
     grads_ok = torch.isfinite(grad_norm)  # (), on the device
     if scaler.is_enabled():
         scale_before = scaler._scale.clone()  # the scale tensor itself: get_scale() would synchronise
