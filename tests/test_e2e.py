@@ -22,7 +22,7 @@ def test_main_job_end_to_end(tmp_path, monkeypatch, capsys):
         assert any((midi / split).glob("*.mid")), f"no {split} chorales among the first 12"
         assert main(["prepare", str(midi / split), "-o", str(js / split), "-j", "1"]) == 0
     argv = ["train", "2", str(ckpt), "-t", str(js / "train"), "-v", str(js / "val"), "--preset", "tiny",
-            "--n-layer", "1", "--d-model", "32", "--n-head", "2", "--d-ff", "64", "--vocab-size", "800",
+            "--n-layer", "1", "--d-model", "32", "--n-head", "2", "--d-ff", "64", "--vocab-size", "1100",
             "-e", "256", "-b", str(8 * 256 * 256), "-l", "3e-3", "--device", "cpu"]  # fmt: skip
     assert main(argv) == 0
     epochs = json.loads((ckpt / "metrics.json").read_text())["epochs"]
@@ -38,7 +38,7 @@ def test_main_job_end_to_end(tmp_path, monkeypatch, capsys):
     model, tokenizer = load_inference(ckpt)
     cfg = model.config
     assert (cfg.n_layer, cfg.n_head, cfg.d_model, cfg.d_ff) == (1, 2, 32, 64)
-    assert cfg.vocab_size == len(tokenizer) <= 800
+    assert cfg.vocab_size == len(tokenizer) <= 1100
     assert json.loads((ckpt / "config.json").read_text())["model"]["vocab_size"] == cfg.vocab_size
     # ...optimizer.pth is the AdamW state of exactly those parameters, after some steps...
     opt = torch.load(ckpt / "optimizer.pth", map_location="cpu", weights_only=True)

@@ -55,10 +55,11 @@ class RunConfig:
         "--train-dataset",
         type=Path,
         required=True,
-        help="training files/directories (.mid/.midi and prepared .json, mixed); may repeat",
+        help="training files/directories (.mid/.midi and prepared .json, mixed); may repeat. NAME=DIR tags"
+        " DIR's pieces with the style tag NAME (generate --tag NAME); a bare DIR has none",
     )
     val_dataset: list[Path] = opt(
-        [], "-v", "--val-dataset", type=Path, help="validation files/directories; may repeat"
+        [], "-v", "--val-dataset", type=Path, help="validation files/directories (NAME=DIR as -t); may repeat"
     )
     min_sequence_length: int = opt(
         8,
@@ -246,6 +247,34 @@ class RunConfig:
         " pip install 'midiforge[tensorboard]'. Put a bare --tensorboard after the positional arguments",
     )
 
+    controls: str | None = opt(
+        None,
+        "--controls",
+        group="controls",
+        choices=("on", "off"),
+        help="prefix each training piece with its measured controls (instruments, tempo, time signature, key,"
+        " density, polyphony, style tag) so that generate can be steered (default for a new run: on; a"
+        " checkpoint keeps its own, off for checkpoints and tokenizers from before controls)",
+    )
+    control_dropout: float | None = opt(
+        None,
+        "--control-dropout",
+        type=float,
+        group="controls",
+        metavar="P",
+        help="drop each control of each training piece with probability P per epoch, so that the model also"
+        " generates without it (default for a new run: 0.5; validation pieces keep all their controls)",
+    )
+    tags_csv: Path | None = opt(
+        None,
+        "--tags-csv",
+        type=Path,
+        group="controls",
+        metavar="FILE",
+        help="style tags from a CSV of 'path,tag' rows (paths relative to FILE's folder, files or folders of"
+        " the -t/-v data); applied after -t NAME=DIR",
+    )
+
     # -- serialisation ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -277,7 +306,11 @@ class RunConfig:
 
 
 # -- the command line ----------------------------------------------------------------------------------------
-GROUP_TITLES = {"model": "model shape (a new run; a checkpoint keeps its own shape)", "run": "run"}
+GROUP_TITLES = {
+    "model": "model shape (a new run; a checkpoint keeps its own shape)",
+    "run": "run",
+    "controls": "controls and style tags (see README, 'Steering')",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

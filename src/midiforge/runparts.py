@@ -8,13 +8,14 @@ UsageError. It only reads. Then :func:`build_tokenizer`, :func:`build_datasets`,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from midiforge import checkpoint as ckpt_io
 from midiforge import distributed as dist
+from midiforge import tagging
 from midiforge.config import DEFAULT_DROPOUT, DEFAULT_PRESET, DEFAULT_VOCAB, RunConfig, flag, value_problems
 from midiforge.data import DATA_SUFFIXES
 from midiforge.errors import UsageError
@@ -40,6 +41,8 @@ class Setup:
     resume_state: dict | None = None  # its TrainState as a dict when resuming
     tokenizer: object = None  # the checkpoint's tokenizer, when it has one
     notes: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)  # piece → style tag (-t NAME=DIR, --tags-csv)
+    tag_names: list[str] = field(default_factory=list)  # this run's tag names, in the order given
 
 
 def _dataset_files(paths, what: str, errors: list[str]) -> list[Path]:
@@ -118,12 +121,18 @@ def resolve(cfg: RunConfig) -> Setup:
 
     base_vocab = len(MidiTokenizer())
     errors, notes = value_problems(cfg, base_vocab), []
-    train_files = _dataset_files(cfg.train_dataset, flag("train_dataset"), errors)
-    val_files = _dataset_files(cfg.val_dataset, flag("val_dataset"), errors) if cfg.val_dataset else []
+    train_spec = tagging.split_specs(cfg.train_dataset, flag("train_dataset"), errors)
+    val_spec = tagging.split_specs(cfg.val_dataset, flag("val_dataset"), errors)
+    train_files = _dataset_files(train_spec.paths, flag("train_dataset"), errors)
+    val_files = _dataset_files(val_spec.paths, flag("val_dataset"), errors) if cfg.val_dataset else []
+    roots = train_spec.roots + val_spec.roots
+    roots += tagging.read_tags_csv(cfg.tags_csv, errors) if cfg.tags_csv is not None else []
+    tag_names = list(dict.fromkeys(t for t, _ in roots))
     errors += [f"distributed launch: {p}" for p in dist.env_problems()]
     device, amp = _device(cfg, errors)
     ckpt_dir = Path(cfg.ckpt_path)
     config, state, tok = _read_checkpoint(ckpt_dir, errors)
+    controls, control_dropout = tagging.resolve_controls(cfg, config, tok, tag_names, errors, notes)
 
     asked, window = cfg.shape(), cfg.window
     shape = dict(PRESETS[DEFAULT_PRESET], **asked)
@@ -161,7 +170,8 @@ def resolve(cfg: RunConfig) -> Setup:
     if num_workers is None:
         local = max(1, dist.from_env().local_world_size)
         num_workers = 0 if device.type == "cpu" else min(4, max(0, default_jobs() // local - 1))
-    return Setup(
+    cfg = replace(cfg, controls=controls, control_dropout=control_dropout)  # config.json records them
+    setup = Setup(
         cfg,
         ckpt_dir,
         train_files,
@@ -177,6 +187,8 @@ def resolve(cfg: RunConfig) -> Setup:
         tok,
         notes,
     )
+    setup.tags, setup.tag_names = tagging.tag_map(roots, DATA_SUFFIXES), tag_names
+    return setup
 
 
 # ------------------------------------------------------------------------------------------- building
@@ -192,6 +204,9 @@ def build_tokenizer(setup: Setup, info: dist.DistInfo):
             asked = setup.cfg.vocab_size
             if asked is not None and asked != len(tok):
                 dist.note0(f"--vocab-size {asked} ignored: {path} has {len(tok)} tokens")
+        if setup.cfg.controls == "on":  # new tag names take the next slots (rank 0 writes tokenizer.json)
+            path = ckpt_dir / ckpt_io.TOKENIZER_FILE
+            tagging.apply_tags(tok, setup.tag_names, path, dist.note0, write=info.is_main)
         return tok
     if info.is_main:
         size = setup.cfg.vocab_size or DEFAULT_VOCAB
@@ -203,6 +218,7 @@ def build_tokenizer(setup: Setup, info: dist.DistInfo):
         stats, budget = SampleStats(), setup.cfg.bpe_sample_events or None
         sources = expand_pieces(setup.train_files)  # a shard → its pieces, so the sample draws pieces
         tok.train_bpe(sources, size, sample_events=budget, seed=setup.cfg.seed, stats=stats)
+        tok.tags = list(setup.tag_names) if setup.cfg.controls == "on" else []
         whole = "all of them" if stats.exhausted else f"a seeded sample of {budget:,} base events"
         dist.print0(f"BPE learned from {stats.pieces_used:,} pieces ({stats.events:,} base events, {whole})")
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -214,10 +230,16 @@ def build_tokenizer(setup: Setup, info: dist.DistInfo):
 
 def build_datasets(setup: Setup, tok, info: dist.DistInfo):
     from midiforge.data import MidiDataset
+    from midiforge.prefix import ControlPrefix
 
     cfg = setup.cfg
 
     def build(files, augment: bool) -> MidiDataset:
+        # Training pieces drop controls (seeded per epoch and piece); validation pieces keep them all.
+        controls = None
+        if cfg.controls == "on":
+            p = cfg.control_dropout if files is setup.train_files else 0.0
+            controls = ControlPrefix(tok, dropout=p, seed=cfg.seed, tags=setup.tags)
         return MidiDataset(
             files,
             tok,
@@ -227,6 +249,7 @@ def build_datasets(setup: Setup, tok, info: dist.DistInfo):
             augment=augment,
             seed=cfg.seed,
             encode_missing=builder,  # the others read what their builder encoded, never encode themselves
+            controls=controls,
         )
 
     # One builder per cache: global rank 0 for a shared cache, local rank 0 of each node for node-local ones

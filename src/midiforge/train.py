@@ -42,6 +42,7 @@ from midiforge.runparts import (  # noqa: E402
     resolve,
     restore,
 )
+from midiforge.tagging import signature as controls_signature  # noqa: E402
 from midiforge.trainer import (  # noqa: E402
     Loop,
     SavePolicy,
@@ -222,6 +223,8 @@ def _fit(setup, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
         "seed": cfg.seed,
         "world_size": info.world_size,
         "tokenizer": tok.fingerprint,
+        # Only runs with controls carry the key: checkpoints from before controls keep their signature.
+        **(controls_signature(setup.tags, cfg.control_dropout) if cfg.controls == "on" else {}),
     }
     run = _Run(trainer, TrainState(), sampler)
     if setup.resume_state is not None:
