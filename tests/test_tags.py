@@ -21,7 +21,20 @@ from midiforge.errors import UsageError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ckpt_v1"
-TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "32", "--d-ff", "64", "-b", "16384", "--vocab-size", "1000"]
+TINY = [
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--d-model",
+    "32",
+    "--d-ff",
+    "64",
+    "-b",
+    "16384",
+    "--vocab-size",
+    "1000",
+]
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +105,12 @@ def test_tagged_run_then_generate_with_tag_and_soft_controls(styles, tmp_path, c
     x, y = val_ds[0]
     names = tok.token_names(x[:9].tolist())
     assert names[:2] == ["<bos>", "CTL_TAG_1"] and "CTL_PROGRAM_0" in names and "CTL_PROGRAM_33" in names
-    assert sum(n.startswith("CTL_") for n in names) == 8  # tag, 2 programs, tempo, time sig, key, density, poly
-    tagged = [train_ds.controls.controls(f, train_ds.piece_ids(p), 0).tag for p, f in enumerate(train_ds.files)]
+    assert (
+        sum(n.startswith("CTL_") for n in names) == 8
+    )  # tag, 2 programs, tempo, time sig, key, density, poly
+    tagged = [
+        train_ds.controls.controls(f, train_ds.piece_ids(p), 0).tag for p, f in enumerate(train_ds.files)
+    ]
     assert tagged == ["keys", "keys", "strings", "strings"]
 
     # generate: --tag and the soft controls on the trained checkpoint; a tag it never saw lists the valid ones.
@@ -128,7 +145,10 @@ def test_controls_off_trains_without_prefix_and_bad_dropout_exits_2(styles, tmp_
     capsys.readouterr()
     assert tr.main(["1", str(tmp_path / "x"), "-t", f"k={styles / 'keys'}", "--controls", "off", *TINY]) == 2
     assert "need controls, but --controls off" in capsys.readouterr().err
-    assert tr.main(["1", str(tmp_path / "x"), "-t", str(styles / "keys"), "--control-dropout", "1.5", *TINY]) == 2
+    assert (
+        tr.main(["1", str(tmp_path / "x"), "-t", str(styles / "keys"), "--control-dropout", "1.5", *TINY])
+        == 2
+    )
     assert "--control-dropout must be in [0, 1], got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -142,7 +162,9 @@ def test_checkpoint_from_before_controls_resolves_without_them(tmp_path):
     base = ["2", str(ckpt), "-b", "4096", "--seed", "1"]
     s = _setup([*base, "-t", str(tmp_path / "train")])
     assert s.cfg.controls == "off" and s.tags == {}
-    with pytest.raises(UsageError, match=r"style tags \(pop\) need controls, but the checkpoint trains without"):
+    with pytest.raises(
+        UsageError, match=r"style tags \(pop\) need controls, but the checkpoint trains without"
+    ):
         _setup([*base, "-t", f"pop={tmp_path / 'train'}"])
     with pytest.raises(UsageError, match=r"predates control events"):
         _setup([*base, "-t", str(tmp_path / "train"), "--controls", "on"])

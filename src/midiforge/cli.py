@@ -18,7 +18,7 @@ COMMANDS = {
     "generate": ("midiforge.generate", "generate music from a checkpoint"),
     "plot": ("midiforge.plot", "redraw ckpt/training.png from ckpt/metrics.json"),
     "evaluate": ("midiforge.evaluate", "measure a model: bits per note/second, sample statistics, copy check"),
-    "demo-data": ("midiforge.demo", "build the embedded Bach chorale corpus (train/val MIDI)"),
+    "demo-data": ("midiforge.demo", "build the embedded corpus: Bach chorales, or tagged styles (--styles)"),
     "studio": ("midiforge.studio", "a local web page to generate, look at and listen to music"),
 }
 

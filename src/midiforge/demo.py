@@ -4,6 +4,8 @@ The chorales are music21's Bach corpus files (MusicXML, a few Humdrum ``.krn``);
 formats the MusicXML one is used. Each becomes ``OUT/{train,val}/<name>.mid`` (a tempo, one track per part,
 as music21 writes them). The split is a stable hash of the chorale name (~80/20), so it never depends on
 which chorales were converted, in what order, or with ``--limit``. Files already there are reused.
+
+``--styles`` builds a multi-style, tagged corpus from the rest of music21's corpus instead (demo_styles.py).
 """
 
 from __future__ import annotations
@@ -74,13 +76,22 @@ def convert_chorale(src: str, out_path: str) -> str | None:
     The MIDI is checked with the same reader training uses, so every file written is usable.
     """
     from music21 import converter
-    from music21.midi.translate import streamToMidiFile
 
     try:
         # forceSource: parse the file itself, without reading or writing music21's pickle cache.
         stream = converter.parse(src, forceSource=True)
-        data = bytes(streamToMidiFile(stream).writestr())
     except Exception as e:  # music21 raises many types (e.g. ExpanderException on bad repeats)
+        return f"music21 could not convert it: {type(e).__name__}: {str(e).strip()[:200]}"
+    return write_stream(stream, out_path)
+
+
+def write_stream(stream, out_path: str) -> str | None:
+    """Write a music21 stream as MIDI at ``out_path`` after checking it with the training reader."""
+    from music21.midi.translate import streamToMidiFile
+
+    try:
+        data = bytes(streamToMidiFile(stream).writestr())
+    except Exception as e:
         return f"music21 could not convert it: {type(e).__name__}: {str(e).strip()[:200]}"
     try:
         table = score_to_notes(load_score(data))
@@ -176,6 +187,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", metavar="N", help="convert only the first N chorales (natural order of names)")
     p.add_argument("-j", "--jobs", metavar="JOBS", help="worker processes (default: number of CPUs)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--styles",
+        metavar="LIST",
+        help="instead of the chorales: a multi-style corpus, OUT/{train,val}/<tag>/ per style, from 'all' or"
+        " a comma list of bach, palestrina, monteverdi, trecento, quartets, folk (train with"
+        " -t palestrina=OUT/train/palestrina ...)",
+    )
+    p.add_argument("--per-style", metavar="N", help="with --styles: at most N pieces of each style")
 
 
 def run(args) -> int:
@@ -188,10 +207,34 @@ def run(args) -> int:
             limit = int(args.limit)
         except ValueError:
             raise UsageError(f"--limit must be a whole number (got {args.limit!r})") from None
+    if getattr(args, "styles", None) is not None:
+        return _run_styles(args)
     summary = build_demo_corpus(args.out, limit=limit, jobs=parse_jobs(args.jobs), progress=not args.quiet)
     for name, reason in summary.failed.items():
         print(f"midiforge demo-data: skipped {name}: {reason}", file=sys.stderr)
     print(f"midiforge demo-data: {summary.line()}")
     if not summary.train and not summary.val:
         raise UsageError(f"no chorale could be converted (see {summary.out_dir / ERRORS_FILE})")
+    return 0
+
+
+def _run_styles(args) -> int:
+    from midiforge.demo_styles import build_styles_corpus, parse_styles, tag_args
+
+    if args.limit is not None:
+        raise UsageError("--limit is for the chorales; with --styles use --per-style")
+    per = None
+    if args.per_style is not None:
+        try:
+            per = int(args.per_style)
+        except ValueError:
+            raise UsageError(f"--per-style must be a whole number (got {args.per_style!r})") from None
+    styles = parse_styles(args.styles)
+    summary = build_styles_corpus(args.out, styles, per, jobs=parse_jobs(args.jobs), progress=not args.quiet)
+    for name, reason in summary.failed.items():
+        print(f"midiforge demo-data: skipped {name}: {reason}", file=sys.stderr)
+    print(f"midiforge demo-data: {summary.line()}")
+    if not any(sum(n) for n in summary.per_style.values()):
+        raise UsageError(f"no piece could be converted (see {summary.out_dir / ERRORS_FILE})")
+    print("train with: " + " ".join(f"-t {a}" for a in tag_args(args.out)))
     return 0
