@@ -13,6 +13,7 @@ Needs `pip install -e .[browser]` and `apt install chromium`.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import tempfile
@@ -62,7 +63,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 before = len(studio.queue.jobs)
                 t0 = time.perf_counter()
-                page.click("#generate")
+                page.click("#generate")  # clears the results area before it sends the request
                 page.wait_for_function(FIRST, timeout=0)
                 first = time.perf_counter() - t0
                 page.wait_for_function(READY, arg=int(args.num_samples), timeout=0)
@@ -75,8 +76,14 @@ def main() -> None:
             browser.close()
     finally:
         server.shutdown()
+        studio.queue.close()
         shutil.rmtree(out, ignore_errors=True)
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    load = os.getloadavg()[0]
+    print(f"load average (1 min) at the end: {load:.1f}")
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), ""
+    )
+    print(f"machine: {cpu or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, no GPU; checkpoint {args.checkpoint}")  # fmt: skip
     print(
         f"options: --seed {args.seed} -n {args.num_samples} --max-seconds {args.max_seconds} --top-p {args.top_p}"
@@ -84,7 +91,7 @@ def main() -> None:
     print("| run | Generate → first audio playable | → all audio playable | generate's own line |")
     print("|---|---|---|---|")
     for i, (first, every, gen) in enumerate(rows, 1):
-        print(f"| {i} | {first:.1f} s | {every:.1f} s | {gen} |")
+        print(f"| {i} | {first:.1f} s | {every:.1f} s | {gen} |", flush=True)
 
 
 if __name__ == "__main__":

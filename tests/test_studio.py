@@ -59,6 +59,7 @@ def live(ckpt, tmp_path_factory):
     yield studio, url, out
     server.shutdown()
     server.server_close()
+    studio.queue.close()
 
 
 def call(url, path, data=None, ctype="application/json", headers=None):
@@ -346,5 +347,6 @@ def test_bounded_queue_and_a_crashing_job(ckpt, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+        studio.queue.close()
     written = {p.relative_to(tmp_path) for p in tmp_path.rglob("*")}
     assert all(p.parts[0] == "out" for p in written)

@@ -141,3 +141,4 @@ def test_generate_two_samples_in_a_real_browser(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+        studio.queue.close()

@@ -219,9 +219,23 @@ class JobQueue:
         with self._lock:
             return self._waiting.index(job_id) + 1 if job_id in self._waiting else None
 
+    def close(self) -> None:
+        """Let the running job finish, drop the waiting ones, stop the worker (tests, scripts)."""
+        with self._lock:
+            while not self._queue.empty():
+                job = self._queue.get_nowait()
+                job.state, job.error = "failed", "the studio stopped"
+                job.done.set()
+                self._waiting.remove(job.id)
+                self._queue.task_done()
+        self._queue.put(None)  # type: ignore[arg-type]  # the worker's signal to stop
+        self._worker.join()
+
     def _work(self) -> None:
         while True:
             job = self._queue.get()
+            if job is None:
+                return
             with self._lock:
                 self._waiting.remove(job.id)
             job.state, job.started = "running", time.time()

@@ -129,6 +129,9 @@ async function generate(event) {
   showError("");
   const request = { checkpoint: Number($("#checkpoint").value), prompt: state.prompt, options: readOptions() };
   $("#generate").disabled = true;
+  // The new request takes the results area (earlier ones stay in the history).
+  $("#results").replaceChildren();
+  $("#job-head").replaceChildren();
   try {
     const job = await api("/api/generate", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(request),
