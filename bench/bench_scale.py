@@ -7,8 +7,8 @@ synthetic corpora of 1k, 10k (and 100k) files, each step in its own process with
 
 Corpora come from bench/scale_corpus.py (deterministic transpositions, tempo changes and delays of the 300
 POP909 songs in ../shared/corpus) and are kept in --work between runs; outputs of the steps are rebuilt.
-Peak RSS: the step's own process (ru_maxrss of RUSAGE_SELF) and the largest of its worker processes
-(RUSAGE_CHILDREN), read by the step itself when it ends. Times are wall clock on a shared machine.
+Peak RSS: the step's own process (ru_maxrss of RUSAGE_SELF), and its worker processes (forkserver children, which
+RUSAGE_CHILDREN misses) sampled from /proc every 0.25 s: the largest one and all of them together. Times are wall clock on a shared machine.
 """
 
 from __future__ import annotations
@@ -116,10 +116,47 @@ def run_step(name: str, **a) -> dict:
     return res
 
 
+def _descendant_rss_mb(root: int) -> tuple[float, float]:
+    """(largest RSS of one descendant process, RSS of all descendants together) in MB, from /proc."""
+    parent, rss = {}, {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            parent[int(d)] = int(fields[1])
+            rss[int(d)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, IndexError, ValueError):
+            continue
+    mine, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p and c not in mine]
+        mine.update(kids)
+        todo += kids
+    values = [rss[c] for c in mine if c in rss]
+    return (max(values, default=0.0), sum(values))
+
+
 def _step_main(name: str, arg: str) -> None:
+    import threading
+
+    # Worker processes come from a forkserver, so RUSAGE_CHILDREN does not see them: sample /proc instead.
+    peak = [0.0, 0.0]
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(0.25):
+            one, total = _descendant_rss_mb(os.getpid())
+            peak[0], peak[1] = max(peak[0], one), max(peak[1], total)
+
+    threading.Thread(target=watch, daemon=True).start()
     res = step(name, json.loads(arg))
+    done.set()
     res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    res["child_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    res["child_rss_mb"] = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, peak[0])
+    res["children_total_mb"] = peak[1]
     print(json.dumps(res))
 
 
@@ -155,7 +192,9 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def rss(r: dict) -> str:
-    return f"{r['rss_mb']:,.0f}" + (f" (workers {r['child_rss_mb']:,.0f})" if r["child_rss_mb"] > 1 else "")
+    if r["child_rss_mb"] <= 1:
+        return f"{r['rss_mb']:,.0f}"
+    return f"{r['rss_mb']:,.0f} (largest other process {r['child_rss_mb']:,.0f}, all others {r['children_total_mb']:,.0f})"
 
 
 def scale(args) -> None:
@@ -214,7 +253,7 @@ def scale(args) -> None:
             elif key == "train":
                 extra = "BPE + cache + one step (tiny model); from shards"
             rows.append([n, key, f"{r['wall_s']:.1f}", rss(r), extra])
-    print(table(["files", "step", "wall s", "peak RSS MB (main, largest worker)", "notes"], rows))
+    print(table(["files", "step", "wall s", "peak RSS MB: main process (workers)", "notes"], rows))
     print()
     print(table(["files", "MIDI MB", "JSON MB", "shards MB", "token cache MB", "cached tokens"], sizes))
 
