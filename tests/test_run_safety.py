@@ -29,6 +29,7 @@ from midiforge.tokenizer import MidiTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ckpt_v1"
+VOCAB = len(MidiTokenizer()) + 40  # a BPE a little above the base vocabulary (which grows with the events)
 TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "32", "--d-ff", "64", "-b", "16384"]
 
 
@@ -41,9 +42,9 @@ def data(tmp_path_factory):
             make_score(seed=i, num_notes=120).dump_midi(str(root / name / f"p{i}.mid"))
     for name in ("train", "other"):
         tok = MidiTokenizer()
-        tok.train_bpe(sorted(str(p) for p in (root / name).iterdir()), 700)
+        tok.train_bpe(sorted(str(p) for p in (root / name).iterdir()), VOCAB)
         assert (
-            len(tok) == 700
+            len(tok) == VOCAB
         )  # both reach the size: the usual case where only the fingerprint tells them apart
         tok.save(root / f"tokenizer-{name}.json")
     return root
@@ -182,7 +183,7 @@ def test_a_tokenizer_of_another_run_is_refused_everywhere(data, tmp_path, capsys
     ckpt = _trained(data, tmp_path / "ckpt")
     assert json.loads((ckpt / "config.json").read_text())["tokenizer"] == {
         "fingerprint": MidiTokenizer.load(data / "tokenizer-train.json").fingerprint,
-        "size": 700,
+        "size": VOCAB,
     }
     shutil.copy(data / "tokenizer-other.json", ckpt / "tokenizer.json")  # same size, other merges
     capsys.readouterr()

@@ -29,6 +29,7 @@ from midiforge.errors import UsageError
 from midiforge.tokenizer import MidiTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+VOCAB = len(MidiTokenizer()) + 40  # a BPE a little above the base vocabulary (which grows with the events)
 TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "32", "--d-ff", "64", "-b", "16384"]
 
 
@@ -42,7 +43,7 @@ def data(tmp_path_factory):
         make_score(seed=i, num_notes=120).dump_midi(str(root / "train" / f"p{i}.mid"))
     make_score(seed=9, num_notes=120).dump_midi(str(root / "val" / "v.mid"))
     tok = MidiTokenizer()
-    tok.train_bpe(sorted(str(p) for p in (root / "train").iterdir()), 700)
+    tok.train_bpe(sorted(str(p) for p in (root / "train").iterdir()), VOCAB)
     tok.save(root / "tokenizer.json")
     return root
 
@@ -229,7 +230,7 @@ def _two_processes(argv):
 def test_two_process_gloo_ddp(data, tmp_path):
     # --device cpu: on a machine with one GPU the default (cuda) is refused for two ranks, see below.
     ckpt = tmp_path / "ckpt"
-    _two_processes(_argv(1, ckpt, data, "--vocab-size", "700", "--device", "cpu"))
+    _two_processes(_argv(1, ckpt, data, "--vocab-size", str(VOCAB), "--device", "cpu"))
     outs = _two_processes(_argv(2, ckpt, data, "--device", "cpu"))  # resumes on both ranks (rank 1 reseeds)
     assert "resuming" in outs[0]
     got = ck.load(ckpt)
@@ -368,7 +369,7 @@ def test_real_corpus_quick(tmp_path):
         "-b",
         "65536",
         "--vocab-size",
-        "1000",
+        str(VOCAB),
         "--no-augment",
         "-l",
         "3e-3",
@@ -377,7 +378,7 @@ def test_real_corpus_quick(tmp_path):
     m = _metrics(tmp_path / "ckpt")
     assert m["epochs"][-1]["train_loss"] < m["steps"][0][1] - 0.5
     model, tok = ck.load_inference(tmp_path / "ckpt")
-    assert len(tok) <= 1000 and model.config.max_seq_len == 256
+    assert len(tok) <= VOCAB and model.config.max_seq_len == 256
 
 
 def _spawned_sum(out_dir: str) -> int:
