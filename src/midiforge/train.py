@@ -76,17 +76,18 @@ def launch(cfg: RunConfig) -> int:
         from midiforge.tblog import check_available
 
         check_available()  # before anything is trained
+    dist.set_current(dist.from_env())  # one voice per job: messages below come from rank 0 only
     setup = resolve(cfg)
     if setup.resume_state is not None:
         done = setup.resume_state
         if done.get("epoch", 0) >= cfg.num_epochs:
-            print(
+            dist.print0(
                 f"{setup.ckpt_dir}: already trained {done['epoch']} epochs (asked {cfg.num_epochs}); nothing to"
                 " do. Pass a larger num_epochs to train further."
             )
             return 0
         if cfg.max_steps is not None and done.get("step", 0) >= cfg.max_steps:
-            print(
+            dist.print0(
                 f"{setup.ckpt_dir}: already at step {done['step']} (--max-steps {cfg.max_steps}); nothing to do."
             )
             return 0
