@@ -1,0 +1,267 @@
+"""How well a small model trained with controls follows them (issue 11), against the unconditioned rate.
+
+Run from the repository root (about 15-20 minutes on 2 CPU cores; the corpus is reused by later runs)::
+
+    .venv/bin/python bench/bench_controls.py --work /tmp/bench_controls
+
+1. ``midiforge demo-data --styles`` builds a tagged multi-style corpus (``--styles``, ``--per-style`` pieces
+   each) under WORK/corpus; every style folder is one ``-t TAG=DIR``.
+2. A small model (``--preset``, ``--max-steps``) trains on it with controls on (control dropout 0.5).
+3. For each control and each of its most common training values (labels measured by
+   :func:`midiforge.controls.measure` on the training pieces), ``--samples`` pieces are generated with that
+   control alone; the same estimator measures each sample. Adherence = share of samples whose measured value
+   equals the request, averaged over the requested values. The baseline = the share of ``--uncond`` samples
+   generated without any control that happen to have the requested value (same values, same average).
+4. Style tags have no estimator of their own: a nearest-centroid classifier over the statistics of
+   ``evaluate`` (:func:`midiforge.stats.piece_stats`: pitch classes, durations, inter-onset intervals,
+   polyphony, range, ...) is fit on the training pieces; the table gives how often it assigns a tagged sample
+   to its requested tag, against chance (1/tags), the unconditioned samples, and the real validation pieces.
+
+Prints markdown: machine, settings, the table. Sampling: temperature 1, top-k --top-k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+
+import torch  # noqa: E402
+
+from midiforge import checkpoint as ck  # noqa: E402
+from midiforge.controls import Controls, measure  # noqa: E402
+from midiforge.demo_styles import build_styles_corpus, tag_args  # noqa: E402
+from midiforge.generate import generate  # noqa: E402
+from midiforge.midi import find_files, read_notes, score_to_notes  # noqa: E402
+from midiforge.stats import piece_stats  # noqa: E402
+
+KINDS = ("instruments", "time_sig", "tempo", "key", "density", "polyphony")
+GOALS = {"instruments": "100% (hard)", "time_sig": ">= 90%", "tempo": ">= 90%", "key": ">= 70%",
+         "density": "-", "polyphony": "-", "tag": "> chance"}  # fmt: skip
+
+
+def features(notes) -> np.ndarray:
+    """A fixed-length vector of a piece's evaluate statistics (for the tag classifier)."""
+    s = piece_stats(notes)
+    pc = np.asarray(s["pitch_class"], np.float64)
+    pc = pc / max(pc.sum(), 1.0)
+    pc = np.roll(pc, -int(np.argmax(pc)))  # transposition-invariant: the commonest pitch class first
+
+    def mstd(a):
+        a = np.asarray(a, np.float64)
+        return [float(a.mean()), float(a.std())] if len(a) else [0.0, 0.0]
+
+    pitch = notes.pitch[~notes.is_drum].astype(np.float64)
+    return np.array([*pc, *mstd(s["ioi"]), *mstd(s["duration"]), *mstd(s["velocity"]), s["polyphony"],
+                     s["pitch_range"], s["in_scale"], *mstd(pitch), s["note_density"]])  # fmt: skip
+
+
+class Centroids:
+    """Nearest centroid on z-scored features."""
+
+    def __init__(self, x: np.ndarray, y: list[str]):
+        self.mu, self.sd = x.mean(0), x.std(0) + 1e-9
+        z = (x - self.mu) / self.sd
+        self.tags = sorted(set(y))
+        self.c = np.stack([z[[t == u for t in y]].mean(0) for u in self.tags])
+
+    def predict(self, x: np.ndarray) -> list[str]:
+        z = (x - self.mu) / self.sd
+        d = ((z[:, None, :] - self.c[None]) ** 2).sum(-1)
+        return [self.tags[i] for i in d.argmin(1)]
+
+
+def value_of(c: Controls, kind: str):
+    return getattr(c, kind)
+
+
+def request(kind: str, value) -> dict:
+    """The generate() spelling of one control value."""
+    if kind == "instruments":
+        return {"instruments": list(value)}
+    if kind == "time_sig":
+        return {"time_sig": f"{value[0]}/{value[1]}"}
+    if kind == "tempo":
+        from midiforge.controls import TEMPO_EDGES
+
+        lo = TEMPO_EDGES[value - 1] if value > 0 else 40.0
+        hi = TEMPO_EDGES[value] if value < len(TEMPO_EDGES) else lo + 30
+        return {"tempo": (lo + hi) / 2}
+    if kind == "key":
+        from midiforge.controls import key_name
+
+        return {"key": key_name(value)}
+    from midiforge.controls import LEVELS
+
+    return {kind: LEVELS[value]}
+
+
+def describe(kind: str, value) -> str:
+    return str(Controls(**{kind: value}).describe()[kind])
+
+
+def sample(model, tok, controls, n, args, seed) -> list:
+    gens = generate(model, tok, max_new_tokens=args.tokens, min_new_tokens=args.min_tokens, num_samples=n,
+                    seed=seed, top_k=args.top_k, controls=controls)  # fmt: skip
+    return [score_to_notes(g.score) for g in gens]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench_controls"))
+    ap.add_argument("--styles", default="bach,palestrina,monteverdi,trecento,folk")
+    ap.add_argument("--per-style", type=int, default=40)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--vocab", type=int, default=1500)
+    ap.add_argument("--batch-budget", type=int, default=8 * 384**2)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--max-steps", type=int, default=600)
+    ap.add_argument("--values", type=int, default=3, help="most common training values requested per control")
+    ap.add_argument("--samples", type=int, default=8, help="samples per requested value")
+    ap.add_argument("--uncond", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=320)
+    ap.add_argument("--min-tokens", type=int, default=192)
+    ap.add_argument("--top-k", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    t_all = time.perf_counter()
+
+    corpus = args.work / "corpus"
+    t0 = time.perf_counter()
+    s = build_styles_corpus(corpus, args.styles.split(","), args.per_style, progress=False)
+    t_corpus = time.perf_counter() - t0
+    print(f"corpus: {s.line()}", file=sys.stderr)
+
+    ckpt = args.work / f"ckpt-{args.preset}-{args.max_steps}"
+    from midiforge import train as tr
+
+    t0 = time.perf_counter()
+    targs = [str(args.epochs), str(ckpt)]
+    for a in tag_args(corpus, "train"):
+        targs += ["-t", a]
+    for a in tag_args(corpus, "val"):
+        targs += ["-v", a]
+    targs += ["--preset", args.preset, "--vocab-size", str(args.vocab), "-b", str(args.batch_budget),
+              "--max-steps", str(args.max_steps), "--seed", str(args.seed), "--save-every-minutes", "1000"]  # fmt: skip
+    if tr.main(targs) != 0:
+        return 1
+    t_train = time.perf_counter() - t0
+    metrics = ck.load(ckpt).metrics
+    model, tok = ck.load_inference(ckpt)
+    model.eval()
+
+    # Training labels: the estimator on each training piece as it is (transposition 0).
+    train_files = {tag: find_files([corpus / "train" / tag]) for tag in tok.tags}
+    labels, feats, ys = [], [], []
+    for tag, files in train_files.items():
+        for f in files:
+            n = read_notes(f)
+            labels.append(measure(n))
+            feats.append(features(n))
+            ys.append(tag)
+    clf = Centroids(np.stack(feats), ys)
+    val_x, val_y = [], []
+    for tag in tok.tags:
+        for f in find_files([corpus / "val" / tag]) if (corpus / "val" / tag).is_dir() else []:
+            val_x.append(features(read_notes(f)))
+            val_y.append(tag)
+
+    t0 = time.perf_counter()
+    uncond = sample(model, tok, None, args.uncond, args, args.seed)
+    un_measured = [measure(n) for n in uncond]
+    rows = []
+    seed = args.seed + 1
+    for kind in KINDS:
+        common = Counter(value_of(c, kind) for c in labels).most_common(args.values)
+        values = [v for v, _ in common]
+        if kind == "instruments":  # also a set the corpus never has: the hard constraint does not need data
+            values.append((40, 42))
+        hits, base, detail = [], [], []
+        for v in values:
+            got = [
+                value_of(measure(n), kind)
+                for n in sample(model, tok, request(kind, v), args.samples, args, seed)
+            ]
+            seed += 1
+            if kind == "instruments":  # the constraint: every note's program is in the set
+                ok = [g is not None and set(g) <= set(v) for g in got]
+            else:
+                ok = [g == v for g in got]
+            b = [value_of(c, kind) for c in un_measured]
+            b = [(g is not None and set(g) <= set(v)) if kind == "instruments" else g == v for g in b]
+            hits.append(np.mean(ok))
+            base.append(np.mean(b))
+            detail.append(f"{describe(kind, v)} {np.mean(ok):.0%}/{np.mean(b):.0%}")
+        rows.append((kind, np.mean(hits), np.mean(base), "; ".join(detail)))
+    # Tags: classifier accuracy on tagged samples vs chance, unconditioned samples and real validation pieces.
+    tag_hits, tag_base, detail = [], [], []
+    un_pred = clf.predict(np.stack([features(n) for n in uncond]))
+    for tag in tok.tags:
+        notes = sample(model, tok, {"tag": tag}, args.samples, args, seed)
+        seed += 1
+        pred = clf.predict(np.stack([features(n) for n in notes]))
+        tag_hits.append(np.mean([p == tag for p in pred]))
+        tag_base.append(np.mean([p == tag for p in un_pred]))
+        detail.append(f"{tag} {tag_hits[-1]:.0%}/{tag_base[-1]:.0%}")
+    val_acc = (
+        np.mean([p == y for p, y in zip(clf.predict(np.stack(val_x)), val_y, strict=True)]) if val_x else None
+    )
+    rows.append(("tag", np.mean(tag_hits), np.mean(tag_base), "; ".join(detail)))
+    t_gen = time.perf_counter() - t0
+
+    print(f"# bench_controls ({time.strftime('%Y-%m-%d %H:%M')})\n")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python"
+          f" {platform.python_version()}, torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}\n")  # fmt: skip
+    counts = ", ".join(f"{t} {len(f)}" for t, f in train_files.items())
+    e = metrics["epochs"][-1] if metrics["epochs"] else {}
+    print(
+        f"corpus: demo-data --styles {args.styles} --per-style {args.per_style}: training pieces {counts};"
+        f" {len(val_y)} validation pieces\n"
+    )
+    print(
+        f"model: --preset {args.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters,"
+        f" vocabulary {len(tok)}, {ck.load(ckpt).state['train_state']['step']} steps"
+        f" (--max-steps {args.max_steps}), last training loss {metrics['steps'][-1][1]:.2f}, last validation loss"
+        f" {e.get('val_loss')}\n"
+    )
+    print(
+        f"sampling: {args.samples} samples per requested value ({args.values} most common training values"
+        f" per control), {args.uncond} unconditioned; {args.min_tokens}..{args.tokens} new tokens, top-k"
+        f" {args.top_k}\n"
+    )
+    print(
+        "| control | adherence | unconditioned (baseline) | goal | per requested value (adherence/baseline) |"
+    )
+    print("|---|---|---|---|---|")
+    for kind, a, b, d in rows:
+        print(f"| {kind} | {a:.0%} | {b:.0%} | {GOALS[kind]} | {d} |")
+    chance = 1 / max(len(tok.tags), 1)
+    print(f"\ntag: nearest-centroid classifier on evaluate statistics, fit on the training pieces; chance"
+          f" {chance:.0%}; on the real validation pieces it is right {val_acc:.0%} of the time (ceiling)."
+          if val_acc is not None else "")  # fmt: skip
+    tempos = Counter(describe("tempo", c.tempo) for c in labels)
+    print(
+        f"\ntraining labels: tempo bins {dict(tempos)}; time signatures"
+        f" {dict(Counter(describe('time_sig', c.time_sig) for c in labels).most_common(6))}\n"
+    )
+    print(
+        f"time: corpus {t_corpus:.0f} s, training {t_train:.0f} s, sampling {t_gen:.0f} s,"
+        f" total {time.perf_counter() - t_all:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
