@@ -9,11 +9,12 @@ from midiforge import accel
 from midiforge import distributed as dist
 from midiforge.decode import decode, static_step
 from midiforge.generate import _decode_loop, prompt_ids
+from midiforge.loop import Loop, SavePolicy, fit
 from midiforge.model import ModelConfig, Transformer
 from midiforge.sampler import IGNORE_INDEX
 from midiforge.steer import Steering
 from midiforge.tokenizer import MidiTokenizer
-from midiforge.trainer import Loop, SavePolicy, Trainer, TrainState, fit
+from midiforge.trainer import Trainer, TrainState
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -25,6 +25,7 @@ from midiforge.decode import decode
 from midiforge.errors import UsageError
 from midiforge.fsio import atomic_write_bytes
 from midiforge.midi import MidiReadError, load_score
+from midiforge.scoretime import clip_seconds
 
 MAX_SECONDS_CHECK_EVERY = 32  # tokens between checks of the decoded length against max_seconds
 WINDOW_KEEP = 0.75  # fraction of the window kept when the context slides (the rest is dropped, oldest first)
@@ -168,33 +169,6 @@ def _window_cut(tokenizer, ids: torch.Tensor, start: int, stop: int, active: tor
     ok = np.logical_and.reduce([tokenizer.word_starts(r[start:stop].numpy()) for r in rows])
     hits = np.flatnonzero(ok)
     return start + int(hits[0]) if len(hits) else start
-
-
-def _seconds_to_tick(score: symusic.Score, seconds: float) -> int:
-    """The tick at ``seconds`` under the score's tempo map (120 quarters/min before the first tempo event)."""
-    tempos = sorted((t.time, t.mspq) for t in score.tempos)
-    if not tempos or tempos[0][0] > 0:
-        tempos.insert(0, (0, 500_000))
-    elapsed = 0.0
-    for i, (tick, mspq) in enumerate(tempos):
-        sec_per_tick = mspq / 1e6 / score.ticks_per_quarter
-        span = (tempos[i + 1][0] - tick) * sec_per_tick if i + 1 < len(tempos) else math.inf
-        if elapsed + span >= seconds:
-            return tick + int((seconds - elapsed) / sec_per_tick)
-        elapsed += span
-    raise AssertionError("unreachable: the last tempo segment is infinite")
-
-
-def clip_seconds(score: symusic.Score, seconds: float) -> symusic.Score:
-    """Notes starting before ``seconds``, shortened to end by then; events after it dropped."""
-    end = _seconds_to_tick(score, seconds)
-    out = score.clip(0, end)
-    for track in out.tracks:
-        if len(track.notes):
-            a = track.notes.numpy()
-            dur = np.minimum(a["duration"], end - a["time"])
-            track.notes = symusic.Note.from_numpy(a["time"], dur, a["pitch"], a["velocity"])
-    return out
 
 
 def _decode_loop(

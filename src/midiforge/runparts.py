@@ -8,6 +8,7 @@ UsageError. It only reads. Then :func:`build_tokenizer`, :func:`build_datasets`,
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from midiforge import tagging
 from midiforge.config import DEFAULT_DROPOUT, DEFAULT_PRESET, DEFAULT_VOCAB, RunConfig, flag, value_problems
 from midiforge.data import DATA_SUFFIXES
 from midiforge.errors import UsageError
-from midiforge.trainer import TrainState, set_rng_state
+from midiforge.trainer import Trainer, TrainState, rng_state, set_rng_state
 from midiforge.workers import default_jobs
 
 
@@ -374,3 +375,54 @@ def restore(
             metrics["steps"] = [s for s in metrics["steps"] if s[0] <= state.epoch]
     dist.print0(f"resuming {ckpt_dir} at epoch {state.epoch + 1}, batch {state.batch}, step {state.step}")
     return metrics
+
+
+# ------------------------------------------------------------------------------------------- writing
+@contextmanager
+def writer_lock(ckpt_dir: Path, info: dist.DistInfo):
+    """Rank 0 holds the directory's lock for the whole run (the other ranks never write); every rank learns
+    whether it got it, so that a refused start ends all ranks at once instead of leaving them at a barrier."""
+    lock, problem = ckpt_io.RunLock(ckpt_dir), None
+    if info.is_main:
+        try:
+            lock.acquire()
+            ckpt_io.recover(ckpt_dir)  # only the lock holder may finish or discard an interrupted save
+        except UsageError as e:
+            problem = str(e)
+    failed = dist.all_reduce_sum(torch.tensor([float(problem is not None)], device=_collective_device(info)))
+    if float(failed[0]):
+        raise UsageError(problem or "rank 0 could not lock the checkpoint directory")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _collective_device(info: dist.DistInfo) -> torch.device:
+    import torch.distributed as tdist
+
+    if info.enabled and tdist.is_initialized() and tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@dataclass
+class RunParts:
+    """The parts of a run that a checkpoint holds (besides the model and optimizer files)."""
+
+    trainer: Trainer
+    state: TrainState
+    sampler: object
+    metrics: dict = field(default_factory=lambda: {"epochs": [], "steps": []})
+
+    def checkpoint_state(self, data_sig: dict) -> dict:
+        """state.pth: every stateful part's state_dict (model and optimizer go to their own files)."""
+        return {
+            "format": 2,
+            "train_state": self.state.state_dict(),
+            # The DataLoader prefetches: the sampler has handed out more batches than were trained on.
+            "sampler": dict(self.sampler.state_dict(), position=self.state.batch),
+            "scaler": self.trainer.scaler.state_dict(),
+            "rng": rng_state(),
+            "data": data_sig,
+        }

@@ -4,7 +4,7 @@ Read top to bottom, a run is: the :class:`~midiforge.config.RunConfig` from the 
 checks it against the files, the device and the checkpoint (every problem at once, nothing written); the
 process that writes takes the checkpoint directory's lock; then the tokenizer, the datasets, the model and
 :class:`~midiforge.trainer.Trainer`, restored from the checkpoint when resuming; then
-:func:`midiforge.trainer.fit`. Checkpoint files are :mod:`midiforge.checkpoint`, process groups
+:func:`midiforge.loop.fit`. Checkpoint files are :mod:`midiforge.checkpoint`, process groups
 :mod:`midiforge.distributed`.
 """
 
@@ -22,9 +22,6 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import shutil  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -33,7 +30,9 @@ from midiforge import checkpoint as ckpt_io  # noqa: E402
 from midiforge import distributed as dist  # noqa: E402
 from midiforge.config import RunConfig, add_arguments, parse_args  # noqa: E402
 from midiforge.errors import UsageError, report  # noqa: E402
+from midiforge.loop import Loop, SavePolicy, fit  # noqa: E402
 from midiforge.runparts import (  # noqa: E402
+    RunParts,
     build_datasets,
     build_tokenizer,
     check_same_data,
@@ -41,17 +40,10 @@ from midiforge.runparts import (  # noqa: E402
     model_config,
     resolve,
     restore,
+    writer_lock,
 )
 from midiforge.tagging import signature as controls_signature  # noqa: E402
-from midiforge.trainer import (  # noqa: E402
-    Loop,
-    SavePolicy,
-    Trainer,
-    TrainState,
-    fit,
-    rng_state,
-    seed_everything,
-)
+from midiforge.trainer import Trainer, TrainState, seed_everything  # noqa: E402
 
 __all__ = ["configure_parser", "main", "run", "train", "resolve"]
 
@@ -108,34 +100,6 @@ def _spawned_worker(cfg: RunConfig) -> int:
     return report("midiforge train", train, cfg)
 
 
-@contextmanager
-def writer_lock(ckpt_dir: Path, info: dist.DistInfo):
-    """Rank 0 holds the directory's lock for the whole run (the other ranks never write); every rank learns
-    whether it got it, so that a refused start ends all ranks at once instead of leaving them at a barrier."""
-    lock, problem = ckpt_io.RunLock(ckpt_dir), None
-    if info.is_main:
-        try:
-            lock.acquire()
-            ckpt_io.recover(ckpt_dir)  # only the lock holder may finish or discard an interrupted save
-        except UsageError as e:
-            problem = str(e)
-    failed = dist.all_reduce_sum(torch.tensor([float(problem is not None)], device=_collective_device(info)))
-    if float(failed[0]):
-        raise UsageError(problem or "rank 0 could not lock the checkpoint directory")
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _collective_device(info: dist.DistInfo) -> torch.device:
-    import torch.distributed as tdist
-
-    if info.enabled and tdist.is_initialized() and tdist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def train(cfg: RunConfig) -> int:
     """Train in this process (one rank of a job when launched by torchrun or spawned)."""
     info = dist.from_env()
@@ -162,28 +126,6 @@ def train(cfg: RunConfig) -> int:
             return _fit(setup, tokenizer, train_ds, val_ds, info)
     finally:
         dist.shutdown()
-
-
-@dataclass
-class _Run:
-    """The parts of a run that a checkpoint holds (see :meth:`checkpoint`)."""
-
-    trainer: Trainer
-    state: TrainState
-    sampler: object
-    metrics: dict = field(default_factory=lambda: {"epochs": [], "steps": []})
-
-    def checkpoint_state(self, data_sig: dict) -> dict:
-        """state.pth: every stateful part's state_dict (model and optimizer go to their own files)."""
-        return {
-            "format": 2,
-            "train_state": self.state.state_dict(),
-            # The DataLoader prefetches: the sampler has handed out more batches than were trained on.
-            "sampler": dict(self.sampler.state_dict(), position=self.state.batch),
-            "scaler": self.trainer.scaler.state_dict(),
-            "rng": rng_state(),
-            "data": data_sig,
-        }
 
 
 def _fit(setup, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
@@ -227,7 +169,7 @@ def _fit(setup, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
         # Only runs with controls carry the key: checkpoints from before controls keep their signature.
         **(controls_signature(setup.tags, cfg.control_dropout) if cfg.controls == "on" else {}),
     }
-    run = _Run(trainer, TrainState(), sampler)
+    run = RunParts(trainer, TrainState(), sampler)
     if setup.resume_state is not None:
         run.metrics = restore(setup, trainer, run.state, sampler, data_sig, batches_per_epoch)
     trainer.set_schedule(run.state.step, cfg.num_epochs * batches_per_epoch)
