@@ -45,10 +45,17 @@ def test_main_job_end_to_end(tmp_path, monkeypatch, capsys):
     num_params = sum(len(g["params"]) for g in opt["param_groups"])
     assert num_params == len(list(model.parameters())) and len(opt["state"]) == num_params
     assert all(int(st["step"]) > 0 for st in opt["state"].values())
-    # ...and training.png (900 x 500) shows the curves: validation (blue) and train perplexity (green).
+    # ...and training.png shows the curves of metrics.json: validation (blue), train perplexity (green) and,
+    # in a second panel (900 x 760 in all), validation bits per note (purple).
+    from midiforge.plot import render_png
+
+    metrics = json.loads((ckpt / "metrics.json").read_text())
+    assert all(e["val_bits_per_note"] > 0 for e in metrics["epochs"])
+    assert (ckpt / "training.png").read_bytes() == render_png(metrics)
     img = read_png(ckpt / "training.png")
-    assert img.shape == (500, 900, 3)
+    assert img.shape == (760, 900, 3)
     assert color_mask(img, "tab:blue").sum() > 20 and color_mask(img, "tab:green").sum() > 20
+    assert color_mask(img, "tab:purple").sum() > 20
     capsys.readouterr()
 
     out = tmp_path / "samples" / "chorale.mid"
