@@ -156,6 +156,29 @@ def test_track_examples_write_one_track_given_others(tok):
         assert (y[m : m + 2] == -100).all()  # the PROGRAM/TRACK header is given, not learnt
 
 
+def test_short_windows_whose_given_tracks_fill_them_stay_ordinary(tok):
+    """A track example is cut to the window's planned length; when the given tracks alone fill it, the
+    FIM_MIDDLE sentinel is cut away and the window must stay ordinary (this crashed the demo's first epoch)."""
+    notes = read_notes(corpus_dir("pop909", "001.mid"))
+    ids = np.concatenate([[tok.bos_id], tok.encode_notes(notes), [tok.eos_id]]).astype(np.int64)
+    r = fim.Rearranger(tok, rate=1.0, track_share=1.0)
+    made = left = 0
+    for length in (24, 48, 96):
+        for start in range(0, len(ids) - length, 37):
+            w = ids[start : start + length + 1]
+            for s in range(3):
+                out = r(w, np.random.default_rng([s, start, length]))
+                if out is None:
+                    left += 1
+                    continue
+                x, y = out
+                assert len(x) == len(y) <= len(w) - 1
+                at = np.flatnonzero(x == r.middle)
+                assert len(at) == 1 and (y[at[0] :] != -100).any()  # something after FIM_MIDDLE to learn
+                made += 1
+    assert made > 100 and left > 0
+
+
 def test_rearrangement_is_seeded_and_on_by_default(tok):
     r = fim.from_config(RunConfig(num_epochs=1, ckpt_path="x"), tok)
     assert r is not None and r.rate == 0.5

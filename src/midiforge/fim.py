@@ -204,10 +204,13 @@ class Rearranger:
         if seq is None:
             return None
         seq = np.asarray(seq[: len(w)], np.int64)  # never longer than the window the sampler planned for
+        middle = np.flatnonzero(seq == self.middle)
+        if not len(middle) or middle[0] + n_header + 1 >= len(seq):
+            return None  # the given part alone filled the window: nothing is left to learn to write
         labels = seq[1:].copy()
         labels[np.isin(labels, list(self.given))] = IGNORE_INDEX
         if n_header:  # the header (which track to write) is the user's choice, not the model's
-            at = int(np.flatnonzero(seq == self.middle)[0])
+            at = int(middle[0])
             labels[at : at + n_header] = IGNORE_INDEX
         return seq[:-1], labels
 
