@@ -133,6 +133,22 @@ class PrepareSummary:
         )
 
 
+def sources_and_output(sources, out_dir) -> tuple[list[Path], Path]:
+    """The MIDI files under ``sources`` and the output folder, created; UsageError when either is unusable.
+    Shared by the JSON and the shard writers."""
+    files = find_files(sources)
+    if not files:
+        raise UsageError(f"no .mid/.midi files found in {', '.join(map(str, sources))}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output is not a directory: {out}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create output directory {out}: {e.strerror or e}") from e
+    return files, out
+
+
 def prepare(
     sources: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -152,16 +168,7 @@ def prepare(
         raise UsageError("no source given")
     if jobs is not None and jobs < 1:
         raise UsageError(f"JOBS must be at least 1 (got {jobs})")
-    files = find_files(sources)
-    if not files:
-        raise UsageError(f"no .mid/.midi files found in {', '.join(map(str, sources))}")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output is not a directory: {out}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create output directory {out}: {e.strerror or e}") from e
+    files, out = sources_and_output(sources, out_dir)
     summary = PrepareSummary(out_dir=out, num_found=len(files))
     existing = _existing_outputs(out)
 

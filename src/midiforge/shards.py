@@ -332,23 +332,13 @@ def prepare_shards(sources, out_dir, jobs=None, progress=True, *, pieces_per_sha
 
     from midiforge.errors import UsageError
     from midiforge.fsio import file_sha256
-    from midiforge.midi import find_files
-    from midiforge.prepare import PrepareSummary, write_errors
+    from midiforge.prepare import PrepareSummary, sources_and_output, write_errors
     from midiforge.workers import map_isolated
 
     t0 = time.perf_counter()
     if pieces_per_shard < 1:
         raise UsageError(f"--shard-size must be at least 1 (got {pieces_per_shard})")
-    files = find_files(sources)
-    if not files:
-        raise UsageError(f"no .mid/.midi files found in {', '.join(map(str, sources))}")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output is not a directory: {out}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create output directory {out}: {e.strerror or e}") from e
+    files, out = sources_and_output(sources, out_dir)
     summary = PrepareSummary(out_dir=out, num_found=len(files))
     bar = tqdm(total=len(files), desc="prepare", unit="file", disable=not progress, file=sys.stderr)
     todo, seen, dups = [], {}, []
