@@ -4,7 +4,7 @@ Layout of ``ckpt/`` (see docs/CONTRACTS.md)::
 
     model.pth       model state_dict (tensors only, no ``module.``/``_orig_mod.`` prefix)
     optimizer.pth   AdamW state_dict
-    state.pth       scaler, sampler, RNG states, counters, partial-epoch sums, file hashes
+    state.pth       TrainState, sampler, scaler, RNG states, data signature, SHA-256 of the other files
     metrics.json    per-epoch and per-step losses (human readable; `midiforge plot` draws it)
     config.json     {"model": ModelConfig.to_dict(), "train": {...hyper-parameters...}}
     tokenizer.json  MidiTokenizer.save (written once, before training starts)

@@ -101,7 +101,7 @@ def _read_checkpoint(ckpt_dir: Path, errors: list[str]):
         blobs = ckpt_io.read_committed(ckpt_dir, [ckpt_io.CONFIG_FILE])  # both from one save
         config = ckpt_io.read_config(ckpt_dir, blobs.get(ckpt_io.CONFIG_FILE))
         state = ckpt_io.load_torch(ckpt_dir / ckpt_io.STATE_FILE, data=blobs[ckpt_io.STATE_FILE])
-        ts = state.get("train_state") or state.get("counters") if isinstance(state, dict) else None
+        ts = (state.get("train_state") or state.get("counters")) if isinstance(state, dict) else None
         if not ts or config is None:
             errors.append(f"{ckpt_dir / ckpt_io.STATE_FILE}: no training state")
             return None, None, tok
