@@ -313,3 +313,26 @@ def test_encode_missing_false_reads_the_cache_only(tmp_path, tok):
     assert list(reader.skipped) == [str(tmp_path / "late.mid")]
     assert "not in the token cache" in reader.skipped[str(tmp_path / "late.mid")]
     assert len(reader) == len(built)
+
+
+def test_scans_unmap_the_cache_without_changing_windows(tmp_path, tok, monkeypatch):
+    """set_epoch unmaps the packs after scanning every piece (RSS of a 10k-file corpus: issue 14); unmapping
+    between any two pieces must leave the windows, prefixes and samples exactly as one long mapping gives."""
+    import midiforge.data as data
+    from midiforge.prefix import ControlPrefix
+
+    files = [write_midi(tmp_path / f"p{i}.mid", num_notes=150 + 60 * i, seed=i) for i in range(4)]
+
+    def build():
+        cp = ControlPrefix(tok, dropout=0.5, seed=1)
+        ds = MidiDataset(files, tok, 4, 96, cache_dir=tmp_path / "cache", augment=True, seed=2, controls=cp)
+        assert ds.cache._mmaps == {}  # nothing stays mapped after the scans
+        ds.set_epoch(1)
+        assert ds.cache._mmaps == {}
+        return ds, [(x.tolist(), y.tolist()) for x, y in (ds[i] for i in range(len(ds)))]
+
+    ref, ref_items = build()
+    monkeypatch.setattr(data, "_RELEASE_EVERY", 1)  # unmap before every piece
+    ds, items = build()
+    assert len(ref) > 4 and any(len(p) for p in ref._prefix.values())  # long pieces cut, prefixes made
+    assert ds.lengths.tolist() == ref.lengths.tolist() and items == ref_items

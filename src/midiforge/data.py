@@ -28,6 +28,9 @@ DEFAULT_CACHE_DIR = ".midiforge-cache"
 DATA_SUFFIXES = (".mid", ".midi", ".json", ".mfshard")  # .mfshard: many pieces (midiforge.shards)
 _PACK_TOKENS = 1 << 24  # flush a cache pack every ~16M tokens so building never holds the corpus in memory
 _MIN_FILES_FOR_POOL = 16  # below this, starting worker processes costs more than it saves
+# A scan over every piece (window cuts, control prefixes) unmaps the packs this often: pages read through a
+# memory map count in the process's RSS until unmapped (at 10k files, ~470 MB of the 486 MB cache).
+_RELEASE_EVERY = 1024
 # Dataset and sampler usually get the same seed: separate streams keep transpositions and order independent.
 _TRANSPOSE_STREAM = 1  # the sampler's batch order draws from stream 2 (sampler._ORDER_STREAM)
 
@@ -125,6 +128,11 @@ class TokenCache:
         if m is None:
             m = self._mmaps[pack] = np.load(self.packs[pack], mmap_mode="r")
         return m
+
+    def release(self) -> None:
+        """Unmap the packs (reopened by the next ``ids``): the pages read so far stop counting in this
+        process's RSS; they stay in the OS page cache, so reading them again costs no disk access."""
+        self._mmaps.clear()
 
     def __getstate__(self):
         # DataLoader workers get a copy: pickling a memmap would copy its whole content, so reopen instead.
@@ -345,7 +353,9 @@ class MidiDataset(torch.utils.data.Dataset):
             keep = np.ones(n, bool)
             keep[long] = False
             win_piece, win_start, win_stop = [win_piece[0][keep]], [win_start[0][keep]], [win_stop[0][keep]]
-            for p in long.tolist():
+            for k, p in enumerate(long.tolist()):
+                if k % _RELEASE_EVERY == 0:
+                    self.cache.release()
                 starts = self._window_starts(p)
                 win_piece.append(np.full(len(starts), p))
                 win_start.append(starts)
@@ -356,7 +366,9 @@ class MidiDataset(torch.utils.data.Dataset):
         self.lengths = self._win_stop - self._win_start - 1
         self._prefix: dict[int, np.ndarray] = {}
         if self.controls is not None:  # the window starting a piece gets its prefix; its tail makes room
-            for i in np.flatnonzero(self._win_start == 0).tolist():
+            for k, i in enumerate(np.flatnonzero(self._win_start == 0).tolist()):
+                if k % _RELEASE_EVERY == 0:
+                    self.cache.release()
                 p = int(self._win_piece[i])
                 pre = self.controls.prefix_ids(
                     self.files[p], self.piece_ids(p), self.transpositions[p], epoch, p
@@ -371,6 +383,7 @@ class MidiDataset(torch.utils.data.Dataset):
                 + (self._win_start == 0)
                 * np.array([len(self._prefix.get(int(p), ())) for p in self._win_piece], np.int64)
             )
+        self.cache.release()  # the scans above touched (nearly) every page of the cache
 
     def _window_starts(self, piece: int) -> np.ndarray:
         key = (piece, int(self._tcol[piece]))
