@@ -17,10 +17,8 @@ suffix in view), so pieces of any length work.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -365,10 +363,9 @@ def check_checkpoint(ckpt_dir, tok) -> None:
             f"{ckpt_dir}: trained without infilling (its tokenizer has no infilling sentinels); train a new"
             " checkpoint (infilling is on by default, --infill-rate)"
         )
-    try:
-        cfg = json.loads((Path(ckpt_dir) / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{ckpt_dir}: cannot read config.json ({e})") from e
+    from midiforge.checkpoint import read_config
+
+    cfg = read_config(ckpt_dir) or {}  # the committed save's, as load_inference read it (a run may be saving)
     rate = (cfg.get("train") or {}).get("infill_rate") or 0
     if not rate > 0:
         raise UsageError(
