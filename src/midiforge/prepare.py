@@ -149,6 +149,41 @@ def sources_and_output(sources, out_dir) -> tuple[list[Path], Path]:
     return files, out
 
 
+def hash_unique(
+    files: Sequence[Path], summary: PrepareSummary, bar
+) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
+    """Hash every file (fast, sequential I/O) so that duplicates are never parsed: ``(path, sha256)`` of each
+    first copy in order, and ``(str(path), sha256)`` of the later copies. An unreadable file goes to
+    ``summary.skipped``; it and each later copy tick ``bar``. Shared by the JSON and the shard writers."""
+    firsts: list[tuple[Path, str]] = []
+    dups: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for path in files:
+        try:
+            sha = file_sha256(path)
+        except OSError as e:
+            summary.skipped[str(path)] = f"unreadable: {e.strerror or e}"
+            bar.update()
+            continue
+        if sha in seen:
+            dups.append((str(path), sha))
+            bar.update()
+        else:
+            seen.add(sha)
+            firsts.append((path, sha))
+    return firsts, dups
+
+
+def settle_duplicates(dups: list[tuple[str, str]], failed: dict[str, str], summary: PrepareSummary) -> None:
+    """Count the later copies; a copy of an unusable file (sha in ``failed``) is listed in
+    ``summary.skipped`` with the same reason rather than counted as a duplicate."""
+    for path, sha in dups:
+        if sha in failed:
+            summary.skipped[path] = failed[sha]
+        else:
+            summary.num_duplicates += 1
+
+
 def prepare(
     sources: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -173,27 +208,15 @@ def prepare(
     existing = _existing_outputs(out)
 
     bar = tqdm(total=len(files), desc="prepare", unit="file", disable=not progress, file=sys.stderr)
-    # Hash everything first (fast, sequential I/O) so duplicates and earlier outputs are never parsed.
-    seen: set[str] = set()  # hashes already stood for by a file of this run
+    # Hash everything first so duplicates and earlier outputs are never parsed.
+    firsts, dups = hash_unique(files, summary, bar)
     todo: list[tuple[str, str, str]] = []
-    dups: list[tuple[str, str]] = []  # (path, sha) of later copies
-    for path in files:
-        try:
-            sha = file_sha256(path)
-        except OSError as e:
-            summary.skipped[str(path)] = f"unreadable: {e.strerror or e}"
-            bar.update()
-            continue
-        if sha in seen:
-            dups.append((str(path), sha))
-            bar.update()
-        elif sha[:16] in existing:
-            seen.add(sha)
+    for path, sha in firsts:
+        if sha[:16] in existing:
             summary.num_present += 1
             summary.outputs.append(existing[sha[:16]])
             bar.update()
         else:
-            seen.add(sha)
             todo.append((str(path), sha, str(out / output_name(path, sha))))
 
     failed: dict[str, str] = {}  # sha → reason, for the duplicates of a failed file
@@ -209,12 +232,7 @@ def prepare(
             failed[sha] = reason
         bar.update()
         bar.set_postfix(written=summary.num_written, skipped=summary.num_skipped, refresh=False)
-    for path, sha in dups:
-        # A copy of an unusable file is unusable too: list it with the same reason rather than as a duplicate.
-        if sha in failed:
-            summary.skipped[path] = failed[sha]
-        else:
-            summary.num_duplicates += 1
+    settle_duplicates(dups, failed, summary)
     bar.close()
 
     write_errors(out, summary)

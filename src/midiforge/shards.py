@@ -331,8 +331,13 @@ def prepare_shards(sources, out_dir, jobs=None, progress=True, *, pieces_per_sha
     from tqdm import tqdm
 
     from midiforge.errors import UsageError
-    from midiforge.fsio import file_sha256
-    from midiforge.prepare import PrepareSummary, sources_and_output, write_errors
+    from midiforge.prepare import (
+        PrepareSummary,
+        hash_unique,
+        settle_duplicates,
+        sources_and_output,
+        write_errors,
+    )
     from midiforge.workers import map_isolated
 
     t0 = time.perf_counter()
@@ -341,20 +346,8 @@ def prepare_shards(sources, out_dir, jobs=None, progress=True, *, pieces_per_sha
     files, out = sources_and_output(sources, out_dir)
     summary = PrepareSummary(out_dir=out, num_found=len(files))
     bar = tqdm(total=len(files), desc="prepare", unit="file", disable=not progress, file=sys.stderr)
-    todo, seen, dups = [], {}, []
-    for path in files:
-        try:
-            sha = file_sha256(path)
-        except OSError as e:
-            summary.skipped[str(path)] = f"unreadable: {e.strerror or e}"
-            bar.update()
-            continue
-        if sha in seen:
-            dups.append((str(path), sha))
-            bar.update()
-        else:
-            seen[sha] = len(todo)
-            todo.append((str(path), sha))
+    firsts, dups = hash_unique(files, summary, bar)
+    todo = [(str(path), sha) for path, sha in firsts]
 
     failed: dict[str, str] = {}
     pending: dict[int, tuple] = {}  # results that came back before an earlier task's: written in task order
@@ -385,11 +378,7 @@ def prepare_shards(sources, out_dir, jobs=None, progress=True, *, pieces_per_sha
         bar.update()
         bar.set_postfix(written=summary.num_written, skipped=summary.num_skipped, refresh=False)
     flush(final=True)
-    for path, sha in dups:
-        if sha in failed:
-            summary.skipped[path] = failed[sha]
-        else:
-            summary.num_duplicates += 1
+    settle_duplicates(dups, failed, summary)
     bar.close()
     for old in shard_files(out):  # shards of an earlier run with more pieces
         if old not in summary.outputs:
