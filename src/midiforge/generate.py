@@ -396,6 +396,22 @@ def write_midi(score: symusic.Score, path: Path) -> None:
         raise UsageError(f"cannot write {path}: {e.strerror or e}") from e
 
 
+def write_extras(args, score: symusic.Score, path: Path) -> list[str]:
+    """``--wav`` / ``--pianoroll`` beside the MIDI file at ``path``: what was written, for the summary line."""
+    extras = []
+    if args.wav:
+        from midiforge.render import render_wav
+
+        backend = render_wav(score, path.with_suffix(".wav"))
+        extras.append(f"{path.with_suffix('.wav')} ({backend})")
+    if args.pianoroll:
+        from midiforge.render import render_pianoroll
+
+        render_pianoroll(score, path.with_suffix(".png"), title=path.name)
+        extras.append(str(path.with_suffix(".png")))
+    return extras
+
+
 def run(args) -> int:
     from midiforge import infill
 
@@ -460,17 +476,7 @@ def run(args) -> int:
     num_tokens = sum(r.num_new_tokens for r in results)
     for r, path in zip(results, paths, strict=True):
         write_midi(r.score, path)
-        extras = []
-        if args.wav:
-            from midiforge.render import render_wav
-
-            backend = render_wav(r.score, path.with_suffix(".wav"))
-            extras.append(f"{path.with_suffix('.wav')} ({backend})")
-        if args.pianoroll:
-            from midiforge.render import render_pianoroll
-
-            render_pianoroll(r.score, path.with_suffix(".png"), title=path.name)
-            extras.append(str(path.with_suffix(".png")))
+        extras = write_extras(args, r.score, path)
         print(
             f"{path}: {r.score.note_num()} notes, {r.seconds:.1f} s, {r.num_new_tokens} new tokens "
             f"(stopped: {r.stop_reason}), {r.num_skipped} skipped-invalid events"

@@ -472,16 +472,7 @@ def run(args, request: Request) -> int:
                      top_p=args.top_p, max_new_tokens=args.max_tokens, use_kv_cache=not args.no_kv_cache,
                      device=device)  # fmt: skip
         g.write_midi(score, path)
-        extras = []
-        if args.wav:
-            from midiforge.render import render_wav
-
-            extras.append(f"{path.with_suffix('.wav')} ({render_wav(score, path.with_suffix('.wav'))})")
-        if args.pianoroll:
-            from midiforge.render import render_pianoroll
-
-            render_pianoroll(score, path.with_suffix(".png"), title=path.name)
-            extras.append(str(path.with_suffix(".png")))
+        extras = g.write_extras(args, score, path)
         print(f"{path}: {score.note_num()} notes, {len(score.tracks)} tracks ({' '.join(request.kinds())}, seed "
               f"{seed + k})" + (f"; {', '.join(extras)}" if extras else ""))  # fmt: skip
     print(f"edited {len(paths)} piece(s) in {time.perf_counter() - t0:.1f} s")
