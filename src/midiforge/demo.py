@@ -25,7 +25,7 @@ from tqdm import tqdm
 from midiforge.errors import UsageError
 from midiforge.fsio import atomic_write_bytes
 from midiforge.midi import MidiReadError, load_score, score_to_notes
-from midiforge.prepare import ERRORS_FILE, parse_jobs
+from midiforge.prepare import ERRORS_FILE, parse_jobs, whole_number
 from midiforge.workers import map_isolated
 
 SPLITS = ("train", "val")
@@ -201,12 +201,7 @@ def run(args) -> int:
     # Arguments are checked here rather than by argparse so that every mistake is one line and exit code 2.
     if not args.out:
         raise UsageError("give the output folder OUT")
-    limit = None
-    if args.limit is not None:
-        try:
-            limit = int(args.limit)
-        except ValueError:
-            raise UsageError(f"--limit must be a whole number (got {args.limit!r})") from None
+    limit = whole_number(args.limit, "--limit")
     if getattr(args, "styles", None) is not None:
         return _run_styles(args)
     summary = build_demo_corpus(args.out, limit=limit, jobs=parse_jobs(args.jobs), progress=not args.quiet)
@@ -223,12 +218,7 @@ def _run_styles(args) -> int:
 
     if args.limit is not None:
         raise UsageError("--limit is for the chorales; with --styles use --per-style")
-    per = None
-    if args.per_style is not None:
-        try:
-            per = int(args.per_style)
-        except ValueError:
-            raise UsageError(f"--per-style must be a whole number (got {args.per_style!r})") from None
+    per = whole_number(args.per_style, "--per-style")
     styles = parse_styles(args.styles)
     summary = build_styles_corpus(args.out, styles, per, jobs=parse_jobs(args.jobs), progress=not args.quiet)
     for name, reason in summary.failed.items():

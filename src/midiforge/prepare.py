@@ -275,15 +275,20 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_jobs(text: str | None) -> int | None:
-    """``-j`` as an int >= 1 (None: one per CPU); UsageError otherwise."""
+def whole_number(text: str | None, name: str) -> int | None:
+    """An option's text as an int (None stays None); a one-line UsageError naming ``name`` otherwise."""
     if text is None:
         return None
     try:
-        jobs = int(text)
+        return int(text)
     except ValueError:
-        raise UsageError(f"JOBS must be a whole number (got {text!r})") from None
-    if jobs < 1:
+        raise UsageError(f"{name} must be a whole number (got {text!r})") from None
+
+
+def parse_jobs(text: str | None) -> int | None:
+    """``-j`` as an int >= 1 (None: one per CPU); UsageError otherwise."""
+    jobs = whole_number(text, "JOBS")
+    if jobs is not None and jobs < 1:
         raise UsageError(f"JOBS must be at least 1 (got {jobs})")
     return jobs
 
@@ -300,12 +305,9 @@ def run(args) -> int:
     if fmt == "shards":
         from midiforge.shards import DEFAULT_PIECES_PER_SHARD, prepare_shards
 
-        size = DEFAULT_PIECES_PER_SHARD
-        if args.shard_size is not None:
-            try:
-                size = int(args.shard_size)
-            except ValueError:
-                raise UsageError(f"--shard-size must be a whole number (got {args.shard_size!r})") from None
+        size = whole_number(args.shard_size, "--shard-size")
+        if size is None:
+            size = DEFAULT_PIECES_PER_SHARD
         summary = prepare_shards(
             args.sources, args.out, parse_jobs(args.jobs), not args.quiet, pieces_per_shard=size
         )
