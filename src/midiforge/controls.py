@@ -65,7 +65,7 @@ GM_NAMES = (
 ALIASES = {"piano": 0, "organ": 19, "guitar": 24, "bass": 32, "strings": 48, "choir": 52, "sax": 65,
            "drums": 128, "drum": 128, "percussion": 128}  # fmt: skip
 # Krumhansl-Kessler key profiles (major, minor), tonic first.
-_KK = np.array(
+KK_PROFILES = np.array(
     [
         [6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88],
         [6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17],
@@ -221,7 +221,7 @@ def estimate_key(notes) -> int | None:
     if hist.sum() <= 0:
         return None
     # 24 correlations at once: rows = (tonic, mode), profiles rolled to each tonic.
-    prof = np.stack([np.roll(_KK[m], t) for t in range(12) for m in range(2)])  # (24, 12)
+    prof = np.stack([np.roll(KK_PROFILES[m], t) for t in range(12) for m in range(2)])  # (24, 12)
     x = hist - hist.mean()
     p = prof - prof.mean(axis=1, keepdims=True)
     r = p @ x / (np.linalg.norm(p, axis=1) * np.linalg.norm(x) + 1e-12)

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from midiforge.controls import KK_PROFILES, PITCH_CLASSES
 from midiforge.midi import NoteTable
 
-# Krumhansl & Kessler (1982) key profiles, tonic first.
-KK_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
-KK_MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
+# Krumhansl & Kessler (1982) key profiles, tonic first: controls.py's table (one copy of the numbers).
+KK_MAJOR, KK_MINOR = KK_PROFILES
 MAJOR_SCALE = (0, 2, 4, 5, 7, 9, 11)
 MINOR_SCALE = (0, 2, 3, 5, 7, 8, 10)  # natural minor
-PITCH_NAMES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
+PITCH_NAMES = PITCH_CLASSES
 
 # Bin edges of the pooled histograms (quarter notes for IOI and duration, MIDI velocity).
 IOI_EDGES = np.array([0, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1, 3 / 2, 2, 3, 4, np.inf])
