@@ -86,7 +86,6 @@ class MidiTokenizer:
         nspec = len(SPECIALS)
         if self._bpe is None:
             seqs = [np.zeros(0, np.int64)] * nspec + [np.array([i]) for i in range(self.vocab.size)]
-            self._char_to_id = None
         else:
             vocab = self._bpe.get_vocab()
             seqs = [None] * len(vocab)
