@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import re
 import sys
@@ -25,7 +24,7 @@ from tqdm import tqdm
 from midiforge.errors import UsageError
 from midiforge.fsio import atomic_write_bytes
 from midiforge.midi import MidiReadError, load_score, score_to_notes
-from midiforge.prepare import ERRORS_FILE, parse_jobs, whole_number
+from midiforge.prepare import ERRORS_FILE, parse_jobs, whole_number, write_reasons
 from midiforge.workers import map_isolated
 
 SPLITS = ("train", "val")
@@ -173,11 +172,8 @@ def build_demo_corpus(
 
     for _name, path in sorted(done, key=lambda kv: _natural_key(kv[0])):
         (summary.val if path.parent.name == "val" else summary.train).append(path)
-    lines = [
-        json.dumps({"path": str(sources[n]), "reason": r}, ensure_ascii=False) + "\n"
-        for n, r in sorted(summary.failed.items(), key=lambda kv: _natural_key(kv[0]))
-    ]
-    atomic_write_bytes(out / ERRORS_FILE, "".join(lines).encode("utf-8"))
+    failed = sorted(summary.failed.items(), key=lambda kv: _natural_key(kv[0]))
+    write_reasons(out, [(sources[n], r) for n, r in failed])
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -23,7 +23,6 @@ of their names (a spread over each collection, not its first letters); files alr
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,8 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from midiforge.errors import UsageError
-from midiforge.fsio import atomic_write_bytes
-from midiforge.prepare import ERRORS_FILE
+from midiforge.prepare import write_reasons
 from midiforge.workers import map_isolated
 
 # tag → (music21 composer/collection directories, file extensions, preferred first)
@@ -164,8 +162,6 @@ def build_styles_corpus(out_dir, styles: list[str], per_style: int | None = None
             summary.failed[f"{style}/{name}"] = reason
         bar.update()
     bar.close()
-    lines = [json.dumps({"path": str(sources[k]), "reason": r}, ensure_ascii=False) + "\n"
-             for k, r in sorted(summary.failed.items())]  # fmt: skip
-    atomic_write_bytes(out / ERRORS_FILE, "".join(lines).encode("utf-8"))
+    write_reasons(out, [(sources[k], r) for k, r in sorted(summary.failed.items())])
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -243,10 +243,13 @@ def prepare(
 
 def write_errors(out: Path, summary: PrepareSummary) -> None:
     """``OUT/errors.jsonl``: every skipped file and its reason (rewritten by every run)."""
-    lines = [
-        json.dumps({"path": p, "reason": r}, ensure_ascii=False) + "\n"
-        for p, r in sorted(summary.skipped.items())
-    ]
+    write_reasons(out, sorted(summary.skipped.items()))
+
+
+def write_reasons(out: Path, rows) -> None:
+    """``OUT/errors.jsonl``, one ``{"path", "reason"}`` line per (path, reason) of ``rows``, in their order.
+    The one writer of that file (prepare, shards, demo-data)."""
+    lines = [json.dumps({"path": str(p), "reason": r}, ensure_ascii=False) + "\n" for p, r in rows]
     atomic_write_bytes(out / ERRORS_FILE, "".join(lines).encode("utf-8"))
 
 
