@@ -82,9 +82,14 @@ def finish_step(trainer, loss_sum: torch.Tensor, grad_clip: float) -> torch.Tens
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
         trainer.scheduler.step()
-    bad = torch.tensor(float(trainer.info.world_size + 1), dtype=torch.float64, device=grads_ok.device)
+    bad = torch.tensor(code_of("bad", trainer.info.world_size), dtype=torch.float64, device=grads_ok.device)
     code = torch.where(grads_ok, OK, torch.where(lowered, SKIP, bad))
     return torch.where(torch.isfinite(loss_sum), code, bad).double()
+
+
+def code_of(status: str, world: int) -> float:
+    """One rank's code of a step status (the inverse of :func:`status_of` for a single rank)."""
+    return {"ok": OK, "scaler_skip": SKIP}.get(status, float(world + 1))
 
 
 def status_of(code_sum: float, world: int) -> str:

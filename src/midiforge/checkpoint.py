@@ -72,15 +72,6 @@ def json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode("utf-8")
 
 
-def save_torch(obj, path: str | os.PathLike) -> None:
-    """torch.save, atomically (temp file + fsync + rename)."""
-    atomic_write_bytes(path, torch_bytes(obj))
-
-
-def write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_bytes(path, json_bytes(obj))
-
-
 def load_torch(path: str | os.PathLike, map_location="cpu", data: bytes | None = None):
     """torch.load with ``weights_only=True`` (of ``data`` when given, read from ``path`` otherwise); anything
     that is not plain tensors/containers is refused."""

@@ -232,8 +232,7 @@ class Trainer:
         loss_sum = self._forward_backward_retry(inputs, labels, norm)
         if self.fused:
             return loss_sum, accel.finish_step(self, loss_sum, GRAD_CLIP)
-        code = {"ok": accel.OK, "scaler_skip": accel.SKIP}.get(self._finish_sync(loss_sum))
-        code = float(self.info.world_size + 1) if code is None else code
+        code = accel.code_of(self._finish_sync(loss_sum), self.info.world_size)
         return loss_sum, torch.tensor(code, device=self.device, dtype=torch.float64)
 
     def _forward_backward_retry(self, inputs, labels, norm) -> torch.Tensor:
