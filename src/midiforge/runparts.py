@@ -115,8 +115,12 @@ def _read_checkpoint(ckpt_dir: Path, errors: list[str]):
         return None, None, None
 
 
-def resolve(cfg: RunConfig) -> Setup:
-    """Check every option against the files, the device and the checkpoint; one UsageError lists all."""
+def resolve(cfg: RunConfig, known: Setup | None = None) -> Setup:
+    """Check every option against the files, the device and the checkpoint; one UsageError lists all.
+
+    ``known``: an earlier resolve of the same ``cfg`` whose file lists are reused (walking a large corpus's
+    folders again would only find the same files); the checkpoint is always read afresh.
+    """
     from midiforge.model import PRESETS, ModelConfig
     from midiforge.tokenizer import MidiTokenizer
 
@@ -124,8 +128,11 @@ def resolve(cfg: RunConfig) -> Setup:
     errors, notes = value_problems(cfg, base_vocab), []
     train_spec = tagging.split_specs(cfg.train_dataset, flag("train_dataset"), errors)
     val_spec = tagging.split_specs(cfg.val_dataset, flag("val_dataset"), errors)
-    train_files = _dataset_files(train_spec.paths, flag("train_dataset"), errors)
-    val_files = _dataset_files(val_spec.paths, flag("val_dataset"), errors) if cfg.val_dataset else []
+    if known is not None:
+        train_files, val_files = known.train_files, known.val_files
+    else:
+        train_files = _dataset_files(train_spec.paths, flag("train_dataset"), errors)
+        val_files = _dataset_files(val_spec.paths, flag("val_dataset"), errors) if cfg.val_dataset else []
     roots = train_spec.roots + val_spec.roots
     roots += tagging.read_tags_csv(cfg.tags_csv, errors) if cfg.tags_csv is not None else []
     tag_names = list(dict.fromkeys(t for t, _ in roots))

@@ -33,6 +33,7 @@ from midiforge.errors import UsageError, report  # noqa: E402
 from midiforge.loop import Loop, SavePolicy, fit  # noqa: E402
 from midiforge.runparts import (  # noqa: E402
     RunParts,
+    Setup,
     build_datasets,
     build_tokenizer,
     check_same_data,
@@ -93,18 +94,19 @@ def launch(cfg: RunConfig) -> int:
         except mp.ProcessExitedException as e:
             return e.exit_code or 1
         return 0
-    return train(cfg)
+    return train(cfg, setup)
 
 
 def _spawned_worker(cfg: RunConfig) -> int:
     return report("midiforge train", train, cfg)
 
 
-def train(cfg: RunConfig) -> int:
-    """Train in this process (one rank of a job when launched by torchrun or spawned)."""
+def train(cfg: RunConfig, setup: Setup | None = None) -> int:
+    """Train in this process (one rank of a job when launched by torchrun or spawned); ``setup``: the
+    launcher's resolve of ``cfg`` in this same process, when it has one."""
     info = dist.from_env()
     dist.set_current(info)
-    setup = resolve(cfg)
+    setup = setup or resolve(cfg)
     torch.set_num_threads(max(1, _cpu_cores() // max(_LOCAL_PROCS, info.local_world_size)))
     if setup.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -113,7 +115,7 @@ def train(cfg: RunConfig) -> int:
     created = not setup.ckpt_dir.exists()
     try:
         with writer_lock(setup.ckpt_dir, info):
-            setup = resolve(cfg)  # again, under the lock: what the directory holds now is what we continue
+            setup = resolve(cfg, setup)  # under the lock: the checkpoint as it is now is what we continue
             for note in setup.notes:
                 dist.note0(note)
             try:
