@@ -86,7 +86,13 @@ def init(info: DistInfo, device: torch.device) -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group. Collect garbage first: the run's DDP wrapper, caught in reference cycles
+    (the loop's closures), still holds the group; destroyed later, at interpreter exit, its gloo threads
+    abort the process ("terminate called without an active exception", exit -6, one run in ~6 here)."""
     if dist.is_initialized():
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()
 
 
