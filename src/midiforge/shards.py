@@ -1,11 +1,16 @@
 """Sharded binary prepared data: `midiforge prepare --format shards`, for corpora of 10⁴–10⁶ pieces.
 
 Prepared JSON (one file per piece, base64 columns) is 3.6× the MIDI's size and costs a JSON parse per load. A
-shard holds a few thousand pieces in one file, each piece one zlib-compressed blob:
+shard holds a few thousand pieces in one file, each piece one compressed blob:
 
     shard file  = b"MFSHARD1" | header length (uint64 LE) | SHA-256 of the header (32 bytes) | header | blobs
-    header      = JSON: schema, and per piece: source path, source SHA-256, blob SHA-256, blob offset, blob length
-    piece blob  = zlib( meta length (uint32 LE) | meta JSON | array bytes )
+    header      = JSON: schema, codec, and per piece: source path, source SHA-256, blob SHA-256, blob offset,
+                  blob length
+    piece blob  = codec( meta length (uint32 LE) | meta JSON | array bytes )
+
+The codec is LZ4 (high-compression mode): it decompresses 5× faster than zlib for 1.2× the bytes on POP909
+(3.3 vs 2.7 MB for 300 songs of 4.3 MB MIDI), and decompression was a third of a shard load. Shards written
+before the codec field existed are zlib and still read.
 
 The blob is written from the :class:`~midiforge.midi.NoteTable`'s dataclass fields, whatever they are: every
 numpy array field is stored with its dtype and shape (integer columns as deltas when that makes their values
@@ -23,6 +28,7 @@ so any number of processes (DataLoader workers, ranks, nodes on shared storage) 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -43,7 +49,7 @@ DEFAULT_PIECES_PER_SHARD = (
     2048  # ~25 MB of POP909-like pieces: few files, yet a write buffer that stays small
 )
 _PREAMBLE = len(MAGIC) + 8 + 32
-_ZLIB_LEVEL = 6
+CODEC = "lz4"  # what new shards are written with; "zlib" (the first shards, no codec field) is still read
 
 
 class CorruptShardError(OSError):
@@ -106,7 +112,31 @@ def _pack_array(name: str, a: np.ndarray, metas: list, chunks: list) -> None:
     chunks.append(np.ascontiguousarray(stored).tobytes())
 
 
-def encode_piece(table: NoteTable) -> bytes:
+def _compress(raw: bytes, codec: str) -> bytes:
+    if codec == "lz4":
+        import lz4.block
+
+        return lz4.block.compress(raw, mode="high_compression", compression=9, store_size=True)
+    return zlib.compress(raw, 6)
+
+
+def _decompress(blob: bytes, codec: str) -> bytes:
+    if codec == "lz4":
+        import lz4.block
+
+        size = int.from_bytes(blob[:4], "little")
+        if size > 255 * len(blob):  # LZ4 expands at most ~255×: a bigger size prefix is damage, not a piece
+            raise CorruptShardError(f"undecodable piece: LZ4 size {size} for a blob of {len(blob)} bytes")
+        try:
+            return lz4.block.decompress(blob)
+        except lz4.block.LZ4BlockError as e:
+            raise CorruptShardError(f"undecodable piece: {e}") from e
+    if codec == "zlib":
+        return zlib.decompress(blob)
+    raise CorruptShardError(f"unknown shard codec {codec!r}")
+
+
+def encode_piece(table: NoteTable, codec: str = CODEC) -> bytes:
     """One NoteTable (all its dataclass fields; the sheet as arrays) as a compressed blob."""
     from midiforge.validate import decode_sheet
 
@@ -129,28 +159,39 @@ def encode_piece(table: NoteTable) -> bytes:
     meta = json.dumps(
         {"arrays": metas, "values": values, "sheet": sheet_config}, separators=(",", ":")
     ).encode()
-    return zlib.compress(struct.pack("<I", len(meta)) + meta + b"".join(chunks), _ZLIB_LEVEL)
+    return _compress(struct.pack("<I", len(meta)) + meta + b"".join(chunks), codec)
 
 
-def decode_piece(blob: bytes) -> NoteTable:
+_TABLE_FIELDS = frozenset(f.name for f in dataclasses.fields(NoteTable))
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype(text: str) -> np.dtype:
+    return np.dtype(text)
+
+
+def decode_piece(blob: bytes, codec: str = CODEC) -> NoteTable:
     """The NoteTable of a blob from :func:`encode_piece` (sheet checked like a prepared JSON's)."""
     from midiforge.midi import _NOTE_LIMITS
     from midiforge.validate import check_sheet
 
     try:
-        raw = zlib.decompress(blob)
+        raw = _decompress(blob, codec)
         (n,) = struct.unpack_from("<I", raw)
         meta = json.loads(raw[4 : 4 + n])
         pos = 4 + n
         arrays = {}
         for name, dtype, stored, shape, delta in meta["arrays"]:
             count = math.prod(shape)
-            if np.dtype(dtype).kind == "b":
+            if count == 0:  # most pieces have several empty columns (key signatures, pedals): no numpy calls
+                arrays[name] = np.zeros(shape, _dtype(dtype))
+                continue
+            if _dtype(dtype).kind == "b":
                 a = np.frombuffer(raw, dtype=np.uint8, count=(count + 7) // 8, offset=pos)
                 pos += a.nbytes
                 arrays[name] = np.unpackbits(a, count=count).astype(bool).reshape(shape)
                 continue
-            a = np.frombuffer(raw, dtype=stored, count=count, offset=pos)
+            a = np.frombuffer(raw, dtype=_dtype(stored), count=count, offset=pos)
             pos += a.nbytes
             if delta:
                 a = np.cumsum(a, dtype=np.int64)
@@ -159,7 +200,7 @@ def decode_piece(blob: bytes) -> NoteTable:
             arrays[name] = a if len(shape) == 1 else a.reshape(shape)
     except (zlib.error, struct.error, ValueError, KeyError, TypeError) as e:
         raise CorruptShardError(f"undecodable piece: {type(e).__name__}: {e}") from e
-    known = {f.name for f in dataclasses.fields(NoteTable)}
+    known = _TABLE_FIELDS
     kw = {k: v for k, v in arrays.items() if k in known}
     kw.update({k: _untag(v) for k, v in meta["values"].items() if k in known and k != "sheet"})
     try:
@@ -187,6 +228,7 @@ def write_shard(path: str | os.PathLike, pieces: list[tuple[str, str, bytes]]) -
     header = json.dumps(
         {
             "schema": SCHEMA,
+            "codec": CODEC,
             "source": [s for s, _, _ in pieces],
             "source_sha256": [h for _, h, _ in pieces],
             "sha256": [hashlib.sha256(b).hexdigest() for _, _, b in pieces],
@@ -214,21 +256,30 @@ def shard_header(path: str | os.PathLike) -> dict:
     if header is not None:
         _OPEN.move_to_end(key)
         return header
-    with open(p, "rb") as f:
-        pre = f.read(_PREAMBLE)
+    # The header is read through the descriptor kept for the pieces, and the cache key comes from that same
+    # descriptor: a shard replaced meanwhile cannot pair one file's header with another file's bytes.
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        key = (p, st.st_size, st.st_mtime_ns)
+        pre = os.pread(fd, _PREAMBLE, 0)
         if len(pre) != _PREAMBLE or pre[: len(MAGIC)] != MAGIC:
             raise CorruptShardError(f"{p}: not a midiforge shard (bad magic or truncated)")
         (n,) = struct.unpack_from("<Q", pre, len(MAGIC))
-        raw = f.read(n) if n <= st.st_size else b""
-    if len(raw) != n or hashlib.sha256(raw).digest() != pre[len(MAGIC) + 8 :]:
-        raise CorruptShardError(f"{p}: shard header fails its checksum")
-    header = json.loads(raw)
-    if header.get("schema") != SCHEMA:
-        raise CorruptShardError(f"{p}: unknown shard schema {header.get('schema')!r}")
+        raw = os.pread(fd, n, _PREAMBLE) if n <= st.st_size else b""
+        if len(raw) != n or hashlib.sha256(raw).digest() != pre[len(MAGIC) + 8 :]:
+            raise CorruptShardError(f"{p}: shard header fails its checksum")
+        header = json.loads(raw)
+        if header.get("schema") != SCHEMA:
+            raise CorruptShardError(f"{p}: unknown shard schema {header.get('schema')!r}")
+    except BaseException:
+        os.close(fd)
+        raise
     header["base"] = _PREAMBLE + n
+    header["fd"] = fd  # kept open: one positioned read per piece (os.pread: no shared offset across forks)
     _OPEN[key] = header
     if len(_OPEN) > _OPEN_MAX:
-        _OPEN.popitem(last=False)
+        os.close(_OPEN.popitem(last=False)[1]["fd"])
     return header
 
 
@@ -253,12 +304,10 @@ def read_piece(ref) -> NoteTable:
     if not 0 <= i < len(header["sha256"]):
         raise CorruptShardError(f"{ref}: the shard holds {len(header['sha256'])} pieces")
     length = header["length"][i]
-    with open(path, "rb") as f:
-        f.seek(header["base"] + header["offset"][i])
-        blob = f.read(length)
+    blob = os.pread(header["fd"], length, header["base"] + header["offset"][i])  # no shared file offset
     if len(blob) != length or hashlib.sha256(blob).hexdigest() != header["sha256"][i]:
         raise CorruptShardError(f"{ref}: piece fails its checksum (damaged shard; run prepare again)")
-    return decode_piece(blob)
+    return decode_piece(blob, header.get("codec", "zlib"))
 
 
 def expand_pieces(paths) -> list[str]:
