@@ -117,6 +117,19 @@ def sample(model, tok, controls, n, args, seed) -> list:
     return [score_to_notes(g.score) for g in gens]
 
 
+def link_extra(corpus: Path, spec: str, limit: int | None) -> None:
+    """Symlink the MIDI files of DIR under corpus/{train,val}/TAG (every 5th by name to val); idempotent."""
+    tag, _, folder = spec.partition("=")
+    files = find_files([Path(folder)])[:limit]
+    if not tag or not files:
+        raise SystemExit(f"--extra {spec}: want TAG=DIR with MIDI files in DIR")
+    for i, f in enumerate(files):
+        dst = corpus / ("val" if i % 5 == 4 else "train") / tag / Path(f).name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.exists():
+            dst.symlink_to(Path(f).resolve())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_controls"))
@@ -134,6 +147,10 @@ def main() -> int:
     ap.add_argument("--min-tokens", type=int, default=192)
     ap.add_argument("--top-k", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--extra", action="append", default=[], metavar="TAG=DIR",
+                    help="add a folder of MIDI files as one more style (e.g. pop=../shared/corpus/pop909: real"
+                         " tempos, which music21's files lack); every 5th file by name goes to validation")  # fmt: skip
+    ap.add_argument("--extra-max", type=int, default=None, help="at most this many files of each --extra")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     t_all = time.perf_counter()
@@ -141,6 +158,8 @@ def main() -> int:
     corpus = args.work / "corpus"
     t0 = time.perf_counter()
     s = build_styles_corpus(corpus, args.styles.split(","), args.per_style, progress=False)
+    for spec in args.extra:
+        link_extra(corpus, spec, args.extra_max)
     t_corpus = time.perf_counter() - t0
     print(f"corpus: {s.line()}", file=sys.stderr)
 
@@ -227,7 +246,8 @@ def main() -> int:
     counts = ", ".join(f"{t} {len(f)}" for t, f in train_files.items())
     e = metrics["epochs"][-1] if metrics["epochs"] else {}
     print(
-        f"corpus: demo-data --styles {args.styles} --per-style {args.per_style}: training pieces {counts};"
+        f"corpus: demo-data --styles {args.styles} --per-style {args.per_style}"
+        f"{''.join(' + --extra ' + e for e in args.extra)}: training pieces {counts};"
         f" {len(val_y)} validation pieces\n"
     )
     print(
