@@ -8,11 +8,17 @@ python3 -m venv .venv
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e ".[dev,browser]"
 # The studio's browser test (tests/test_studio_browser.py) drives Debian's Chromium; nothing downloads a browser.
-if ! command -v chromium >/dev/null 2>&1; then
+# tests/test_render.py renders with FluidSynth and the General MIDI soundfont. Under CI=true both tests fail when
+# these are missing; elsewhere they skip.
+apt_needs=()
+command -v chromium >/dev/null 2>&1 || apt_needs+=(chromium)
+command -v fluidsynth >/dev/null 2>&1 || apt_needs+=(fluidsynth)
+[ -e /usr/share/sounds/sf2/FluidR3_GM.sf2 ] || apt_needs+=(fluid-soundfont-gm)
+if [ ${#apt_needs[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
-        apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+        apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${apt_needs[@]}"
     else
-        echo "scripts/test.sh: no chromium and not root: the studio browser test will skip (apt install chromium)" >&2
+        echo "scripts/test.sh: missing ${apt_needs[*]} and not root: their tests will skip (apt install ${apt_needs[*]})" >&2
     fi
 fi
 .venv/bin/ruff check src tests bench train.py

@@ -34,6 +34,7 @@ from midiforge.fsio import atomic_write_bytes
 
 PEAK_DBFS = -1.0
 SYSTEM_SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
+FLUIDSYNTH_TAIL_S = 2.0  # release and reverb kept after the last note-off
 INSTALL_HINT = "install FluidSynth and a soundfont: apt install fluidsynth fluid-soundfont-gm"
 
 
@@ -101,7 +102,15 @@ def _render_fluidsynth(score: symusic.Score, sample_rate: int) -> np.ndarray:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
             raise OSError(tail[0])
         data = np.fromfile(raw, dtype="<f4")
-    return data[: len(data) // 2 * 2].reshape(-1, 2)
+    audio = data[: len(data) // 2 * 2].reshape(-1, 2)
+    # FluidSynth plays until every voice has died away, which with its reverb is 4+ s after a 2 s piece: keep at
+    # most FLUIDSYNTH_TAIL_S after the music's last note-off, minus the silent end (below -80 dB of the peak).
+    end = int(round(score.to("second").end() * sample_rate))
+    audio = audio[: end + int(FLUIDSYNTH_TAIL_S * sample_rate)]
+    loud = np.flatnonzero(
+        np.abs(audio).max(axis=1) > 1e-4 * max(float(np.abs(audio).max(initial=0.0)), 1e-12)
+    )
+    return audio[: max(end, int(loud[-1]) + 1 if len(loud) else 0)]
 
 
 def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int) -> None:
