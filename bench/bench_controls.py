@@ -168,10 +168,10 @@ def main() -> int:
 
     t0 = time.perf_counter()
     targs = [str(args.epochs), str(ckpt)]
-    for a in tag_args(corpus, "train"):
-        targs += ["-t", a]
-    for a in tag_args(corpus, "val"):
-        targs += ["-v", a]
+    extra_tags = [spec.partition("=")[0] for spec in args.extra]
+    for split, flag in (("train", "-t"), ("val", "-v")):
+        for a in tag_args(corpus, split) + [f"{t}={corpus / split / t}" for t in extra_tags]:
+            targs += [flag, a]
     targs += ["--preset", args.preset, "--vocab-size", str(args.vocab), "-b", str(args.batch_budget),
               "--max-steps", str(args.max_steps), "--seed", str(args.seed), "--save-every-minutes", "1000"]  # fmt: skip
     if tr.main(targs) != 0:
