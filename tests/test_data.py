@@ -336,3 +336,27 @@ def test_scans_unmap_the_cache_without_changing_windows(tmp_path, tok, monkeypat
     ds, items = build()
     assert len(ref) > 4 and any(len(p) for p in ref._prefix.values())  # long pieces cut, prefixes made
     assert ds.lengths.tolist() == ref.lengths.tolist() and items == ref_items
+
+
+def test_encoding_workers_keep_one_tokenizer_per_fingerprint(tmp_path):
+    """Every batch of encode tasks brings a fresh unpickled tokenizer; a worker must encode with the first copy
+    of each fingerprint (a used copy keeps memory in the tokenizers library after it is dropped), and a tokenizer
+    with other merges must not be mistaken for it."""
+    from midiforge import data
+
+    files = [str(p) for p in sorted(corpus_dir("pop909").iterdir())[:3]]
+    tok = MidiTokenizer()
+    tok.train_bpe(files, len(MidiTokenizer()) + 40)
+    other = MidiTokenizer()
+    other.train_bpe(files[:1], len(MidiTokenizer()) + 20)
+    data._WORKER_TOKENIZERS.clear()
+    first, second = pickle.loads(pickle.dumps(tok)), pickle.loads(pickle.dumps(tok))
+    assert first is not second and first.fingerprint == second.fingerprint
+    assert data._same_tokenizer(first) is first
+    assert data._same_tokenizer(second) is first
+    assert data._same_tokenizer(other) is other and other.fingerprint != tok.fingerprint
+    ids, reason, _ = data._encode_file(files[0], (0, 2), second)
+    assert reason is None and [a.tolist() for a in ids] == [
+        np.asarray(tok.encode_notes(read_notes(files[0]), transpose=t)).tolist() for t in (0, 2)
+    ]
+    data._WORKER_TOKENIZERS.clear()
