@@ -102,3 +102,16 @@ def color_mask(img: np.ndarray, color: str, tol: float = 0.02) -> np.ndarray:
     from matplotlib.colors import to_rgb
 
     return np.all(np.abs(img - np.array(to_rgb(color))) < tol, axis=-1)
+
+
+def tiny_model(tok, max_seq_len: int, seed: int = 0, n_layer: int = 1):
+    """An untrained, seeded Transformer of the smallest useful shape for ``tok``'s vocabulary (eval mode)."""
+    import torch
+
+    from midiforge.model import ModelConfig, Transformer
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        vocab_size=len(tok), n_layer=n_layer, n_head=2, d_model=32, d_ff=64, max_seq_len=max_seq_len
+    )
+    return Transformer(cfg).eval()

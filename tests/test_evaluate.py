@@ -1,6 +1,7 @@
 """`midiforge evaluate`: bits per note against the validation loss, sliding windows, the copy check, sample
 statistics on hand-made scores, the report files, and bad input."""
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -10,12 +11,12 @@ import pytest
 import symusic
 import torch
 from conftest import corpus_dir, read_png
+from conftest import tiny_model as _tiny_model
 
 from midiforge import copycheck, scoring
 from midiforge.cli import main
 from midiforge.data import MidiDataset, collate, window_starts
 from midiforge.midi import score_to_notes
-from midiforge.model import ModelConfig, Transformer
 from midiforge.stats import piece_stats, ticks_to_seconds
 from midiforge.tokenizer import MidiTokenizer
 
@@ -33,10 +34,7 @@ def tok() -> MidiTokenizer:
     return t
 
 
-def tiny_model(tok, context: int, seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=len(tok), n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=context)
-    return Transformer(cfg).eval()
+tiny_model = functools.partial(_tiny_model, n_layer=2)
 
 
 def save_ckpt(d: Path, model, tok, train=()) -> Path:

@@ -1,3 +1,4 @@
+import functools
 import json
 import re
 from pathlib import Path
@@ -7,10 +8,11 @@ import pytest
 import symusic
 import torch
 from conftest import color_mask, corpus_dir, read_png, read_wav
+from conftest import tiny_model as _tiny_model
 
 from midiforge.cli import main
 from midiforge.generate import clip_seconds, generate, output_paths, sample
-from midiforge.model import ModelConfig, Transformer
+from midiforge.model import ModelConfig
 from midiforge.tokenizer import MidiTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,10 +23,7 @@ def tok() -> MidiTokenizer:
     return MidiTokenizer()
 
 
-def tiny_model(tok, max_seq_len=64, seed=0) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=len(tok), n_layer=1, n_head=2, d_model=32, d_ff=64, max_seq_len=max_seq_len)
-    return Transformer(cfg).eval()
+tiny_model = functools.partial(_tiny_model, max_seq_len=64)
 
 
 def melody(num_bars=4, tpq=480) -> symusic.Score:

@@ -4,6 +4,7 @@ The guarantees hold for any model, so most tests use untrained ones: whatever th
 outside the edited bars or tracks comes back exactly as the tokenizer stores it.
 """
 
+import functools
 import json
 
 import numpy as np
@@ -11,13 +12,13 @@ import pytest
 import symusic
 import torch
 from conftest import corpus_dir
+from conftest import tiny_model as _tiny_model
 
 from midiforge import fim, infill
 from midiforge.cli import main
 from midiforge.config import RunConfig
 from midiforge.generate import generate
 from midiforge.midi import load_score, read_notes, score_to_notes
-from midiforge.model import ModelConfig, Transformer
 from midiforge.tokenizer import MidiTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,10 +29,7 @@ def tok() -> MidiTokenizer:
     return MidiTokenizer()
 
 
-def tiny_model(tok, max_seq_len=96, seed=0) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=len(tok), n_layer=1, n_head=2, d_model=32, d_ff=64, max_seq_len=max_seq_len)
-    return Transformer(cfg).eval()
+tiny_model = functools.partial(_tiny_model, max_seq_len=96)
 
 
 class Favouring(torch.nn.Module):

@@ -3,6 +3,7 @@ events), EOS held back until a minimum, the control prefix, bad control values, 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -11,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_score
+from conftest import tiny_model as _tiny_model
 
 from midiforge.cli import main
 from midiforge.controls import Controls, measure, parse_key
 from midiforge.generate import generate
 from midiforge.midi import score_to_notes
-from midiforge.model import ModelConfig, Transformer
+from midiforge.model import ModelConfig
 from midiforge.steer import DEFAULT_PROMPT_MIN_TOKENS, token_kind_masks
 from midiforge.tokenizer import MidiTokenizer
 
@@ -38,10 +40,7 @@ def bpe_tok(tmp_path_factory) -> MidiTokenizer:
     return tok
 
 
-def tiny_model(tok, seed=0) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=len(tok), n_layer=1, n_head=2, d_model=32, d_ff=64, max_seq_len=96)
-    return Transformer(cfg).eval()
+tiny_model = functools.partial(_tiny_model, max_seq_len=96)
 
 
 def test_masks_follow_the_base_events_of_each_token(bpe_tok):
