@@ -338,25 +338,29 @@ def test_scans_unmap_the_cache_without_changing_windows(tmp_path, tok, monkeypat
     assert ds.lengths.tolist() == ref.lengths.tolist() and items == ref_items
 
 
-def test_encoding_workers_keep_one_tokenizer_per_fingerprint(tmp_path):
-    """Every batch of encode tasks brings a fresh unpickled tokenizer; a worker must encode with the first copy
-    of each fingerprint (a used copy keeps memory in the tokenizers library after it is dropped), and a tokenizer
-    with other merges must not be mistaken for it."""
-    from midiforge import data
+def test_workers_get_the_tokenizer_once_and_encode_as_one_process():
+    """map_isolated's ``shared`` arguments reach each worker once, not with every batch: a list popped by the
+    tasks keeps shrinking within a worker (resent per batch, every task would pop the same last item). The
+    parallel token encoding that uses it gives the ids of a serial one."""
+    import operator
 
-    files = [str(p) for p in sorted(corpus_dir("pop909").iterdir())[:3]]
-    tok = MidiTokenizer()
-    tok.train_bpe(files, len(MidiTokenizer()) + 40)
-    other = MidiTokenizer()
-    other.train_bpe(files[:1], len(MidiTokenizer()) + 20)
-    data._WORKER_TOKENIZERS.clear()
-    first, second = pickle.loads(pickle.dumps(tok)), pickle.loads(pickle.dumps(tok))
-    assert first is not second and first.fingerprint == second.fingerprint
-    assert data._same_tokenizer(first) is first
-    assert data._same_tokenizer(second) is first
-    assert data._same_tokenizer(other) is other and other.fingerprint != tok.fingerprint
-    ids, reason, _ = data._encode_file(files[0], (0, 2), second)
-    assert reason is None and [a.tolist() for a in ids] == [
-        np.asarray(tok.encode_notes(read_notes(files[0]), transpose=t)).tolist() for t in (0, 2)
+    from midiforge import data
+    from midiforge.workers import map_isolated
+
+    popped = [
+        v
+        for _, ok, v in map_isolated(
+            operator.call, [(list.pop,)] * 24, 2, batch_size=1, shared=(list(range(100)),)
+        )
+        if ok
     ]
-    data._WORKER_TOKENIZERS.clear()
+    assert len(popped) == 24 and max(popped.count(v) for v in popped) <= 2 and len(set(popped)) >= 12
+    files = [str(p) for p in sorted(corpus_dir("pop909").iterdir())[:20]]
+    tok = MidiTokenizer()
+    tok.train_bpe(files[:3], len(MidiTokenizer()) + 40)
+    tasks = [(f, (0, 2)) for f in files]
+    serial = {i: ids for i, ids, _, _ in data._encode_all(tasks, tok, 1)}
+    parallel = {i: ids for i, ids, _, _ in data._encode_all(tasks, tok, 2)}
+    assert serial.keys() == parallel.keys() == set(range(len(files)))
+    for i in serial:
+        assert [a.tolist() for a in parallel[i]] == [a.tolist() for a in serial[i]]

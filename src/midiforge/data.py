@@ -151,26 +151,8 @@ class TokenCache:
 # -------------------------------------------------------------------------------------------- encoding
 
 
-# fingerprint → the first tokenizer this (worker) process received with it. Each batch of tasks brings a fresh
-# unpickled copy, and a copy that has encoded keeps ~9 MB after it is dropped (memory held by the `tokenizers`
-# library, not Python objects: gc.collect() does not return it; measured 16 pieces x 7 transpositions per copy).
-# At 10k files each encoding worker grew to ~920 MB that way; encoding with the first copy keeps it flat.
-_WORKER_TOKENIZERS: dict[str, object] = {}
-
-
-def _same_tokenizer(tokenizer):
-    key = tokenizer.fingerprint
-    kept = _WORKER_TOKENIZERS.get(key)
-    if kept is None:
-        if len(_WORKER_TOKENIZERS) >= 4:
-            _WORKER_TOKENIZERS.clear()
-        kept = _WORKER_TOKENIZERS[key] = tokenizer
-    return kept
-
-
 def _encode_file(path: str, transposes: tuple[int, ...], tokenizer) -> tuple[list | None, str | None, bool]:
     """Encode one file in every transposition: (ids per transposition | None, reason | None, cacheable)."""
-    tokenizer = _same_tokenizer(tokenizer)
     stage = "unreadable"
     try:
         notes = read_notes(path)
@@ -183,16 +165,21 @@ def _encode_file(path: str, transposes: tuple[int, ...], tokenizer) -> tuple[lis
     return ids, None, True
 
 
-def _encode_all(tasks: list[tuple], num_workers: int) -> Iterator[tuple[int, list | None, str | None, bool]]:
-    """(task index, ids, reason, cacheable) for each ``_encode_file`` task, in completion order."""
+def _encode_all(
+    tasks: list[tuple], tokenizer, num_workers: int
+) -> Iterator[tuple[int, list | None, str | None, bool]]:
+    """(task index, ids, reason, cacheable) for each ``_encode_file`` task ``(path, transposes)``, in completion
+    order."""
     if num_workers <= 1 or len(tasks) < _MIN_FILES_FOR_POOL:
         for i, task in enumerate(tasks):
-            yield i, *_encode_file(*task)
+            yield i, *_encode_file(*task, tokenizer)
         return
     from midiforge.workers import map_isolated  # crash-isolated workers: a parser segfault costs one file
 
-    # The tokenizer is in every task, but pickled once per batch of tasks (pickle memoizes it per message).
-    for i, ok, value in map_isolated(_encode_file, tasks, num_workers):
+    # The tokenizer goes to each worker once, when it starts. Sent with every batch, each batch unpickled a fresh
+    # copy, and a copy that has encoded keeps ~9 MB inside the `tokenizers` library after it is dropped
+    # (gc.collect() does not return it): at 10k files each worker grew to ~920 MB.
+    for i, ok, value in map_isolated(_encode_file, tasks, num_workers, shared=(tokenizer,)):
         # not ok: the worker crashed or timed out on this file; not cached, so the next run tries again
         yield (i, *value) if ok else (i, None, value, False)
 
@@ -326,11 +313,11 @@ class MidiDataset(torch.utils.data.Dataset):
         if not self.encode_missing:
             return dict.fromkeys(todo, "not in the token cache (encode_missing=False: not encoded here)")
         shas_todo = list(todo)
-        tasks = [(todo[sha], transposes, tokenizer) for sha in shas_todo]
+        tasks = [(todo[sha], transposes) for sha in shas_todo]
         encoded: dict[str, list[np.ndarray]] = {}
         failures: dict[str, str] = {}
         num_tokens = 0
-        for i, ids, reason, cacheable in _encode_all(tasks, min(num_workers, 8)):
+        for i, ids, reason, cacheable in _encode_all(tasks, tokenizer, min(num_workers, 8)):
             sha = shas_todo[i]
             self.num_encoded += 1
             if ids is None:
@@ -442,9 +429,8 @@ class MidiDataset(torch.utils.data.Dataset):
             labels = w[1:].clone()
             labels[: len(pre)] = -100  # sampler.IGNORE_INDEX
             return w[:-1], labels
-        if (
-            self.infill is not None
-        ):  # seeded per (seed, epoch, window): a resumed run rebuilds the same examples
+        # Infilling examples are seeded per (seed, epoch, window): a resumed run rebuilds the same examples.
+        if self.infill is not None:
             fim = self.infill(w, self.infill.rng(self.seed, self.epoch, i))
             if fim is not None:
                 return torch.from_numpy(fim[0]), torch.from_numpy(fim[1])

@@ -40,8 +40,8 @@ def _mp_context():
     return multiprocessing.get_context("spawn")
 
 
-def _worker_main(conn, fn: Callable) -> None:
-    """Run ``fn(*args)`` for each task of each batch received; answer one message per task, in order.
+def _worker_main(conn, fn: Callable, shared: tuple = ()) -> None:
+    """Run ``fn(*args, *shared)`` for each task of each batch received; answer one message per task, in order.
 
     Answering per task (not per batch) is what lets the parent name the task that killed this process: it is
     the first one of the batch without an answer.
@@ -62,15 +62,15 @@ def _worker_main(conn, fn: Callable) -> None:
             return
         for i, args in batch:
             try:
-                conn.send((i, True, fn(*args)))
+                conn.send((i, True, fn(*args, *shared)))
             except Exception as e:  # fn handles expected failures itself; this is a bug or e.g. MemoryError
                 conn.send((i, False, f"internal error: {type(e).__name__}: {e}"))
 
 
 class _Worker:
-    def __init__(self, ctx, fn: Callable):
+    def __init__(self, ctx, fn: Callable, shared: tuple = ()):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, fn), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, fn, shared), daemon=True)
         self.proc.start()
         child.close()
         self.inflight: collections.deque[int] = collections.deque()
@@ -105,13 +105,15 @@ def map_isolated(
     *,
     timeout: float | None = DEFAULT_FILE_TIMEOUT_S,
     batch_size: int | None = None,
+    shared: tuple = (),
 ) -> Iterator[tuple[int, bool, object]]:
-    """Run ``fn(*tasks[i])`` in ``jobs`` worker processes; yield ``(i, ok, value)`` in completion order.
+    """Run ``fn(*tasks[i], *shared)`` in ``jobs`` worker processes; yield ``(i, ok, value)`` in completion order.
 
     ``ok`` is True with ``fn``'s return value, or False with a reason string when the call raised, killed
     its worker (segfault, ``os._exit``) or ran longer than ``timeout`` seconds. A dead worker is replaced and
     the other tasks carry on, so one bad input never costs more than itself. ``fn`` must be a module-level
-    function (it is pickled by reference) that handles its own expected errors.
+    function (it is pickled by reference) that handles its own expected errors. ``shared`` (e.g. a tokenizer)
+    reaches each worker process once, when it starts, instead of with every batch of tasks.
     """
     n = len(tasks)
     if n == 0:
@@ -148,7 +150,7 @@ def map_isolated(
 
     finished = False
     try:
-        workers = [_Worker(ctx, fn) for _ in range(jobs)]
+        workers = [_Worker(ctx, fn, shared) for _ in range(jobs)]
         for w in workers:
             refill(w)
         while remaining:
@@ -181,7 +183,7 @@ def map_isolated(
                     remaining -= 1
                     yield culprit, False, why or _death_reason(w.proc.exitcode)
                 if pending:
-                    workers.append(_Worker(ctx, fn))
+                    workers.append(_Worker(ctx, fn, shared))
                     refill(workers[-1])
         finished = True
     finally:
