@@ -107,9 +107,8 @@ def _render_fluidsynth(score: symusic.Score, sample_rate: int) -> np.ndarray:
     # most FLUIDSYNTH_TAIL_S after the music's last note-off, minus the silent end (below -80 dB of the peak).
     end = int(round(score.to("second").end() * sample_rate))
     audio = audio[: end + int(FLUIDSYNTH_TAIL_S * sample_rate)]
-    loud = np.flatnonzero(
-        np.abs(audio).max(axis=1) > 1e-4 * max(float(np.abs(audio).max(initial=0.0)), 1e-12)
-    )
+    level = np.abs(audio).max(axis=1)  # (N,) peak of the two channels
+    loud = np.flatnonzero(level > 1e-4 * max(float(level.max(initial=0.0)), 1e-12))
     return audio[: max(end, int(loud[-1]) + 1 if len(loud) else 0)]
 
 

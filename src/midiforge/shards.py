@@ -117,7 +117,9 @@ def _compress(raw: bytes, codec: str) -> bytes:
         import lz4.block
 
         return lz4.block.compress(raw, mode="high_compression", compression=9, store_size=True)
-    return zlib.compress(raw, 6)
+    if codec == "zlib":
+        return zlib.compress(raw, 6)
+    raise ValueError(f"unknown shard codec {codec!r}")
 
 
 def _decompress(blob: bytes, codec: str) -> bytes:
