@@ -7,6 +7,6 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
 
 if __name__ == "__main__":
-    from midiforge.train import main
+    from midiforge.train.command import main
 
     sys.exit(main())

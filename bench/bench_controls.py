@@ -8,12 +8,12 @@ Run from the repository root (about 15-20 minutes on 2 CPU cores; the corpus is 
    each) under WORK/corpus; every style folder is one ``-t TAG=DIR``.
 2. A small model (``--preset``, ``--max-steps``) trains on it with controls on (control dropout 0.5).
 3. For each control and each of its most common training values (labels measured by
-   :func:`midiforge.controls.measure` on the training pieces), ``--samples`` pieces are generated with that
+   :func:`midiforge.tokens.controls.measure` on the training pieces), ``--samples`` pieces are generated with that
    control alone; the same estimator measures each sample. Adherence = share of samples whose measured value
    equals the request, averaged over the requested values. The baseline = the share of ``--uncond`` samples
    generated without any control that happen to have the requested value (same values, same average).
 4. Style tags have no estimator of their own: a nearest-centroid classifier over the statistics of
-   ``evaluate`` (:func:`midiforge.stats.piece_stats`: pitch classes, durations, inter-onset intervals,
+   ``evaluate`` (:func:`midiforge.measure.stats.piece_stats`: pitch classes, durations, inter-onset intervals,
    polyphony, range, ...) is fit on the training pieces; the table gives how often it assigns a tagged sample
    to its requested tag, against chance (1/tags), the unconditioned samples, and the real validation pieces.
 
@@ -40,11 +40,12 @@ os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 import torch  # noqa: E402
 
 from midiforge import checkpoint as ck  # noqa: E402
-from midiforge.controls import Controls, measure  # noqa: E402
-from midiforge.demo_styles import build_styles_corpus, tag_args  # noqa: E402
-from midiforge.generate import generate  # noqa: E402
-from midiforge.midi import find_files, read_notes, score_to_notes  # noqa: E402
-from midiforge.stats import piece_stats  # noqa: E402
+from midiforge.data.demo import build_styles_corpus, tag_args  # noqa: E402
+from midiforge.generate.core import generate  # noqa: E402
+from midiforge.measure.stats import piece_stats  # noqa: E402
+from midiforge.notes.midi import find_files, score_to_notes  # noqa: E402
+from midiforge.notes.read import read_notes  # noqa: E402
+from midiforge.tokens.controls import Controls, measure  # noqa: E402
 
 KINDS = ("instruments", "time_sig", "tempo", "key", "density", "polyphony")
 GOALS = {"instruments": "100% (hard)", "time_sig": ">= 90%", "tempo": ">= 90%", "key": ">= 70%",
@@ -93,16 +94,16 @@ def request(kind: str, value) -> dict:
     if kind == "time_sig":
         return {"time_sig": f"{value[0]}/{value[1]}"}
     if kind == "tempo":
-        from midiforge.controls import TEMPO_EDGES
+        from midiforge.tokens.controls import TEMPO_EDGES
 
         lo = TEMPO_EDGES[value - 1] if value > 0 else 40.0
         hi = TEMPO_EDGES[value] if value < len(TEMPO_EDGES) else lo + 30
         return {"tempo": (lo + hi) / 2}
     if kind == "key":
-        from midiforge.controls import key_name
+        from midiforge.tokens.controls import key_name
 
         return {"key": key_name(value)}
-    from midiforge.controls import LEVELS
+    from midiforge.tokens.controls import LEVELS
 
     return {kind: LEVELS[value]}
 
@@ -164,7 +165,7 @@ def main() -> int:
     print(f"corpus: {s.line()}", file=sys.stderr)
 
     ckpt = args.work / f"ckpt-{args.preset}-{args.max_steps}"
-    from midiforge import train as tr
+    from midiforge.train import command as tr
 
     t0 = time.perf_counter()
     targs = [str(args.epochs), str(ckpt)]

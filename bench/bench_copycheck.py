@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from midiforge import copycheck
-from midiforge.tokenizer import MidiTokenizer
+from midiforge.measure import copycheck
+from midiforge.tokens.tokenizer import MidiTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

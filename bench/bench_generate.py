@@ -13,15 +13,21 @@ HF rows need `pip install -e '.[bench]'`; they sample with top_k=0 (full distrib
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from benchlib import FLOP_FORMULA, flops_per_token, hf_llama, machine, peak_memory, rate, reset_peak
 
-from midiforge.decode import decode
-from midiforge.generate import _decode_loop
-from midiforge.model import PRESETS, ModelConfig, Transformer
-from midiforge.tokenizer import MidiTokenizer
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1] / "tests")
+)  # the reference loop lives with the tests
+from reference_loop import reference_loop  # noqa: E402
+
+from midiforge.generate.decode import decode  # noqa: E402
+from midiforge.model import PRESETS, ModelConfig, Transformer  # noqa: E402
+from midiforge.tokens.tokenizer import MidiTokenizer  # noqa: E402
 
 
 def ours(loop, model, tok, B: int, tokens: int, device, use_kv_cache=True) -> tuple[float, torch.Tensor]:
@@ -93,7 +99,7 @@ def main() -> None:
             t_fast, ids_fast = ours(decode, model, tok, B, args.tokens, device)
             rows.append(("decode.py", t_fast, peak_memory(device)))
             reset_peak(device)
-            t_ref, ids_ref = ours(_decode_loop, model, tok, B, args.tokens, device)
+            t_ref, ids_ref = ours(reference_loop, model, tok, B, args.tokens, device)
             rows.append(("reference loop", t_ref, peak_memory(device)))
             same = torch.equal(ids_fast.cpu(), ids_ref.cpu())
             if B == 1 and not args.no_full:

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from midiforge import fim, infill
 from midiforge.checkpoint import load_inference
-from midiforge.controls import estimate_key
-from midiforge.midi import load_score, score_to_notes
+from midiforge.data import fim
+from midiforge.generate import infill
+from midiforge.notes.midi import load_score, score_to_notes
+from midiforge.tokens.controls import estimate_key
 
 
 def _nll(model, seq: list[int], lo: int, hi: int) -> float:

@@ -3,7 +3,7 @@
 Both streams have the same vocabulary size (BPE trained on the same training pieces). The same model (a
 midiforge Transformer of one preset, same seed) is trained for the same number of steps on batches of the same
 number of tokens (random windows of ``--context`` tokens of ``[BOS] + ids + [EOS]``), with the same optimizer
-and schedule. Then each model scores the held-out pieces with sliding windows (midiforge.scoring: every token
+and schedule. Then each model scores the held-out pieces with sliding windows (midiforge.measure.scoring: every token
 once, stride = context / 2), and the table reports bits per note and bits per second: the total negative
 log-likelihood over the number of notes (of the source files, the same for both) and over their length in
 seconds. Those compare across tokenizers; bits per token and perplexity do not.
@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from midiforge import scoring
-from midiforge.midi import read_notes
+from midiforge.measure import scoring
+from midiforge.measure.stats import piece_seconds
 from midiforge.model import PRESETS, ModelConfig, Transformer
-from midiforge.stats import piece_seconds
-from midiforge.tokenizer import MidiTokenizer
-from midiforge.trainer import lr_factor
+from midiforge.notes.read import read_notes
+from midiforge.tokens.tokenizer import MidiTokenizer
+from midiforge.train.trainer import lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 

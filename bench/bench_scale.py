@@ -31,9 +31,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 # ------------------------------------------------------------------------------------- steps (subprocess)
 def _files(data: str) -> list[str]:
-    from midiforge.data import DATA_SUFFIXES
-    from midiforge.midi import find_files
-    from midiforge.shards import expand_pieces
+    from midiforge.data.dataset import DATA_SUFFIXES
+    from midiforge.notes.midi import find_files
+    from midiforge.notes.shards import expand_pieces
 
     return expand_pieces(find_files([data], suffixes=DATA_SUFFIXES))
 
@@ -48,23 +48,23 @@ def step(name: str, a: dict) -> dict:
         assert code == 0, code
         return {}
     if name == "load":
-        from midiforge.midi import read_notes
+        from midiforge.notes.read import read_notes
 
         files = _files(a["data"])
         t = time.perf_counter()
         notes = sum(len(read_notes(f)) for f in files)
         return {"pieces": len(files), "notes": notes, "load_s": time.perf_counter() - t}
     if name == "bpe":
-        from midiforge.bpe_sample import SampleStats
-        from midiforge.tokenizer import MidiTokenizer
+        from midiforge.tokens.bpe_sample import SampleStats
+        from midiforge.tokens.tokenizer import MidiTokenizer
 
         tok, st = MidiTokenizer(), SampleStats()
         tok.train_bpe(_files(a["data"]), a["vocab"], sample_events=a["sample"], seed=0, stats=st)
         tok.save(a["out"])
         return {"events": st.events, "pieces_used": st.pieces_used, "vocab": len(tok)}
     if name == "cache":
-        from midiforge.data import MidiDataset
-        from midiforge.tokenizer import MidiTokenizer
+        from midiforge.data.dataset import MidiDataset
+        from midiforge.tokens.tokenizer import MidiTokenizer
 
         tok = MidiTokenizer.load(a["tok"])
         ds = MidiDataset([a["data"]], tok, 8, 1536, cache_dir=a["out"], augment=True, num_workers=a["jobs"])
@@ -81,8 +81,8 @@ def step(name: str, a: dict) -> dict:
     if name == "tokens_per_note":
         import numpy as np
 
-        from midiforge.midi import read_notes
-        from midiforge.tokenizer import MidiTokenizer
+        from midiforge.notes.read import read_notes
+        from midiforge.tokens.tokenizer import MidiTokenizer
 
         toks = {k: MidiTokenizer.load(p) for k, p in a["toks"].items()}
         base = next(iter(toks.values()))
@@ -297,7 +297,7 @@ def bpe_check(args) -> None:
 
 
 def main(argv=None) -> int:
-    from midiforge.bpe_sample import DEFAULT_SAMPLE_EVENTS
+    from midiforge.tokens.bpe_sample import DEFAULT_SAMPLE_EVENTS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--step", nargs=2, metavar=("NAME", "JSON"), help=argparse.SUPPRESS)

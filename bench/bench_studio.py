@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from midiforge.studio import Studio, serve_in_thread
+from midiforge.studio.server import Studio, serve_in_thread
 
 READY = """(n) => { const a = [...document.querySelectorAll('#results .sample audio')];
   return a.length === n && a.every((x) => x.readyState >= 1 && x.duration > 0); }"""

@@ -40,10 +40,12 @@ sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
 import symusic  # noqa: E402
 
+from midiforge.data.prepare import json_document  # noqa: E402
 from midiforge.fsio import file_sha256  # noqa: E402
-from midiforge.midi import find_files, read_notes  # noqa: E402
-from midiforge.prepare import json_document  # noqa: E402
-from midiforge.tokenizer import MidiTokenizer, TokenizerConfig  # noqa: E402
+from midiforge.notes.midi import find_files  # noqa: E402
+from midiforge.notes.read import read_notes  # noqa: E402
+from midiforge.tokens.tokenizer import MidiTokenizer  # noqa: E402
+from midiforge.tokens.vocab import TokenizerConfig  # noqa: E402
 
 try:
     import miditok

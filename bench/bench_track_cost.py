@@ -33,8 +33,9 @@ sys.path.insert(0, str(REPO / "src"))
 
 import symusic  # noqa: E402
 
-from midiforge.midi import find_files, read_notes  # noqa: E402
-from midiforge.tokenizer import MidiTokenizer  # noqa: E402
+from midiforge.notes.midi import find_files  # noqa: E402
+from midiforge.notes.read import read_notes  # noqa: E402
+from midiforge.tokens.tokenizer import MidiTokenizer  # noqa: E402
 
 
 def variant(table, name):

@@ -6,7 +6,7 @@
 
 Both batchers get the same memory budget: ours packs sum(L**2) <= budget per batch; the naive one takes
 B = budget // T_max**2 random samples per batch (T_max = the window), the usual fixed batch size that is safe for
-the longest sample. Same tiny model, same optimizer step (midiforge.train.Trainer), a fixed number of steps.
+the longest sample. Same tiny model, same optimizer step (midiforge.train.trainer.Trainer), a fixed number of steps.
 Reported: real (non-padding) tokens per second, padding fraction (over the whole epoch plan), and the share of
 the step time spent waiting for the next batch (goal < 5%).
 """
@@ -24,12 +24,13 @@ import numpy as np
 import torch
 from benchlib import flops_per_token
 
-from midiforge import distributed as dist
-from midiforge.data import IGNORE_INDEX, MidiDataset, MidiDatasetSampler, collate, padding_fraction
-from midiforge.midi import find_files
+from midiforge.data.dataset import MidiDataset
+from midiforge.data.sampler import IGNORE_INDEX, MidiDatasetSampler, collate, padding_fraction
 from midiforge.model import PRESETS, ModelConfig, Transformer
-from midiforge.tokenizer import MidiTokenizer
-from midiforge.trainer import Trainer
+from midiforge.notes.midi import find_files
+from midiforge.tokens.tokenizer import MidiTokenizer
+from midiforge.train import distributed as dist
+from midiforge.train.trainer import Trainer
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "pop909"
 

@@ -19,7 +19,7 @@ import os
 import platform
 import time
 
-from midiforge.workers import map_isolated
+from midiforge.data.workers import map_isolated
 
 HANG_S = 60.0  # how long the hanging task would sleep: far longer than any sensible --timeout
 

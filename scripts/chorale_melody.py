@@ -9,7 +9,7 @@ from pathlib import Path
 
 import symusic
 
-from midiforge.render import render_pianoroll, render_wav
+from midiforge.notes.render import render_pianoroll, render_wav
 
 VOICES = ("Soprano", "Alto", "Tenor", "Bass")
 

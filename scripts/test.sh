@@ -22,4 +22,6 @@ if [ ${#apt_needs[@]} -gt 0 ]; then
     fi
 fi
 .venv/bin/ruff check src tests bench train.py
+# The layers contract of pyproject.toml: no import cycle, nothing imports a layer above it.
+.venv/bin/lint-imports
 .venv/bin/python -m pytest -q "$@"

@@ -11,7 +11,7 @@ import torch
 from midiforge import checkpoint as ck
 from midiforge.errors import UsageError
 from midiforge.model import ModelConfig, Transformer
-from midiforge.tokenizer import MidiTokenizer
+from midiforge.tokens.tokenizer import MidiTokenizer
 
 
 class _RunsCode:

@@ -12,9 +12,12 @@ import symusic
 import torch
 from conftest import corpus_dir
 
-from midiforge.data import IGNORE_INDEX, MidiDataset, MidiDatasetSampler, collate, window_starts
-from midiforge.midi import JSON_SCHEMA, read_notes
-from midiforge.tokenizer import MidiTokenizer, TokenizerConfig
+from midiforge.data.dataset import MidiDataset, window_starts
+from midiforge.data.sampler import IGNORE_INDEX, MidiDatasetSampler, collate
+from midiforge.notes.midi import JSON_SCHEMA
+from midiforge.notes.read import read_notes
+from midiforge.tokens.tokenizer import MidiTokenizer
+from midiforge.tokens.vocab import TokenizerConfig
 
 
 def write_midi(path, num_notes=300, seed=0, drums=False):
@@ -254,7 +257,7 @@ def test_dataloader_with_sampler_and_pickled_dataset(tmp_path, tok):
 
 @pytest.mark.slow  # starting the worker processes imports torch in them (seconds)
 def test_parallel_build_matches_sequential(tmp_path, tok, monkeypatch):
-    monkeypatch.setattr("midiforge.data._MIN_FILES_FOR_POOL", 2)
+    monkeypatch.setattr("midiforge.data.dataset._MIN_FILES_FOR_POOL", 2)
     files = sorted(corpus_dir("pop909").glob("*.mid"))[:6]
     bad = tmp_path / "bad.mid"
     bad.write_bytes(b"MThd garbage")
@@ -318,8 +321,8 @@ def test_encode_missing_false_reads_the_cache_only(tmp_path, tok):
 def test_scans_unmap_the_cache_without_changing_windows(tmp_path, tok, monkeypatch):
     """set_epoch unmaps the packs after scanning every piece (RSS of a 10k-file corpus: issue 14); unmapping
     between any two pieces must leave the windows, prefixes and samples exactly as one long mapping gives."""
-    import midiforge.data as data
-    from midiforge.prefix import ControlPrefix
+    import midiforge.data.dataset as data
+    from midiforge.data.prefix import ControlPrefix
 
     files = [write_midi(tmp_path / f"p{i}.mid", num_notes=150 + 60 * i, seed=i) for i in range(4)]
 
@@ -344,8 +347,8 @@ def test_workers_get_the_tokenizer_once_and_encode_as_one_process():
     parallel token encoding that uses it gives the ids of a serial one."""
     import operator
 
-    from midiforge import data
-    from midiforge.workers import map_isolated
+    from midiforge.data import dataset as data
+    from midiforge.data.workers import map_isolated
 
     popped = [
         v

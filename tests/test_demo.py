@@ -4,11 +4,11 @@ from pathlib import Path
 import pytest
 
 from midiforge.cli import main
-from midiforge.midi import read_notes
+from midiforge.notes.read import read_notes
 
 pytest.importorskip("music21")
 
-from midiforge.demo import build_demo_corpus, list_chorales, split_of  # noqa: E402
+from midiforge.data.demo import build_demo_corpus, list_chorales, split_of  # noqa: E402
 
 
 def test_chorale_list_is_stable_and_split_is_about_80_20():
@@ -48,7 +48,7 @@ def test_demo_data_limit_converts_splits_and_reuses(tmp_path, capsys, monkeypatc
     assert (out / "errors.jsonl").read_text() == ""
 
     # A second run reuses every file: no conversion is even handed to a worker, and no file is rewritten.
-    from midiforge import demo
+    from midiforge.data import demo
 
     dispatched = []
     real_map = demo.map_isolated
@@ -94,7 +94,7 @@ def test_demo_bad_arguments(argv, tmp_path, capsys):
 
 def test_errors_jsonl_lists_failures(tmp_path, monkeypatch):
     # A chorale that cannot be converted is reported, not fatal: simulate one with the known-bad bwv277.krn.
-    from midiforge import demo
+    from midiforge.data import demo
 
     real = demo.list_chorales()
     krn = real[0][1].parent / "bwv277.krn"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from midiforge.cli import main
-from midiforge.controls import measure
-from midiforge.midi import read_notes
+from midiforge.notes.read import read_notes
+from midiforge.tokens.controls import measure
 
 pytest.importorskip("music21")
 
-from midiforge.demo_styles import STYLES, list_style, tag_args  # noqa: E402
+from midiforge.data.demo import STYLES, list_style, tag_args  # noqa: E402
 
 
 def test_music21_collections_are_there_under_stable_names():

@@ -47,7 +47,7 @@ def test_main_job_end_to_end(tmp_path, monkeypatch, capsys):
     assert all(int(st["step"]) > 0 for st in opt["state"].values())
     # ...and training.png shows the curves of metrics.json: validation (blue), train perplexity (green) and,
     # in a second panel (900 x 760 in all), validation bits per note (purple).
-    from midiforge.plot import render_png
+    from midiforge.train.plot import render_png
 
     metrics = json.loads((ckpt / "metrics.json").read_text())
     assert all(e["val_bits_per_note"] > 0 for e in metrics["epochs"])

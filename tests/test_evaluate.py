@@ -13,12 +13,13 @@ import torch
 from conftest import corpus_dir, read_png
 from conftest import tiny_model as _tiny_model
 
-from midiforge import copycheck, scoring
 from midiforge.cli import main
-from midiforge.data import MidiDataset, collate, window_starts
-from midiforge.midi import score_to_notes
-from midiforge.stats import piece_stats, ticks_to_seconds
-from midiforge.tokenizer import MidiTokenizer
+from midiforge.data.dataset import MidiDataset, window_starts
+from midiforge.data.sampler import collate
+from midiforge.measure import copycheck, scoring
+from midiforge.measure.stats import piece_stats, ticks_to_seconds
+from midiforge.notes.midi import score_to_notes
+from midiforge.tokens.tokenizer import MidiTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -263,7 +264,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tok, tmp_path, capsys, case):
 def test_training_records_val_bits_per_note_that_evaluate_reproduces_and_tensorboard_has_it(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from midiforge.plot import figure
+    from midiforge.train.plot import figure
 
     ckpt, tb = tmp_path / "ck", tmp_path / "tb"
     shape = ["--n-layer", "1", "--n-head", "2", "--d-model", "32", "--d-ff", "64", "--vocab-size", "1100"]
@@ -308,8 +309,8 @@ def test_training_records_val_bits_per_note_that_evaluate_reproduces_and_tensorb
 
 
 def test_tensorboard_flag_parses_bare_and_with_a_directory():
-    from midiforge.config import parse_args
-    from midiforge.tblog import log_dir
+    from midiforge.train.config import parse_args
+    from midiforge.train.tblog import log_dir
 
     base = ["1", "ck", "-t", "x"]
     assert parse_args(base).tensorboard is None

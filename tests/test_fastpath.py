@@ -4,17 +4,18 @@ steps), deferred read-back of step results (metrics bit for bit) and compilation
 
 import pytest
 import torch
+from reference_loop import reference_loop
 
-from midiforge import accel
-from midiforge import distributed as dist
-from midiforge.decode import decode, static_step
-from midiforge.generate import _decode_loop, prompt_ids
-from midiforge.loop import Loop, SavePolicy, fit
+from midiforge.data.sampler import IGNORE_INDEX
+from midiforge.generate.core import prompt_ids
+from midiforge.generate.decode import decode
+from midiforge.generate.steer import Steering
 from midiforge.model import ModelConfig, Transformer
-from midiforge.sampler import IGNORE_INDEX
-from midiforge.steer import Steering
-from midiforge.tokenizer import MidiTokenizer
-from midiforge.trainer import Trainer, TrainState
+from midiforge.tokens.tokenizer import MidiTokenizer
+from midiforge.train import accel
+from midiforge.train import distributed as dist
+from midiforge.train.loop import Loop, SavePolicy, fit
+from midiforge.train.trainer import Trainer, TrainState
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,7 +41,7 @@ def both_loops(
     head = prompt_ids(tok, prompt)
     banned = [tok.pad_id, tok.bos_id] + ([tok.eos_id] if ignore_eos else [])
     out = []
-    for loop in (_decode_loop, decode):
+    for loop in (reference_loop, decode):
         g = torch.Generator().manual_seed(7)
         st = None if steer is None else Steering.build(tok, None, steer, None)
         with torch.inference_mode():
@@ -84,7 +85,7 @@ def test_static_step_matches_the_cached_forward(tok):
         model(prompt, a)
         model(prompt, b)
         want = model(nxt, a, last_only=True)[:, -1].float()
-        got = static_step(model, nxt, torch.tensor(b.pos), b)
+        got = model.static_step(nxt, torch.tensor(b.pos), b)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b.k[:, :, :, :10], a.k[:, :, :, :10])
 

@@ -11,9 +11,12 @@ from conftest import color_mask, corpus_dir, read_png, read_wav
 from conftest import tiny_model as _tiny_model
 
 from midiforge.cli import main
-from midiforge.generate import clip_seconds, generate, output_paths, sample
+from midiforge.generate.command import output_paths
+from midiforge.generate.core import generate
+from midiforge.generate.sampling import sample
 from midiforge.model import ModelConfig
-from midiforge.tokenizer import MidiTokenizer
+from midiforge.notes.scoretime import clip_seconds
+from midiforge.tokens.tokenizer import MidiTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

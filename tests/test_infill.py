@@ -14,12 +14,14 @@ import torch
 from conftest import corpus_dir
 from conftest import tiny_model as _tiny_model
 
-from midiforge import fim, infill
 from midiforge.cli import main
-from midiforge.config import RunConfig
-from midiforge.generate import generate
-from midiforge.midi import load_score, read_notes, score_to_notes
-from midiforge.tokenizer import MidiTokenizer
+from midiforge.data import fim
+from midiforge.generate import infill
+from midiforge.generate.core import generate
+from midiforge.notes.midi import load_score, score_to_notes
+from midiforge.notes.read import read_notes
+from midiforge.tokens.tokenizer import MidiTokenizer
+from midiforge.train.config import RunConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -189,7 +191,7 @@ def test_rearrangement_is_seeded_and_on_by_default(tok):
 
 
 def test_dataset_rearranges_some_windows_reproducibly(tok, tmp_path):
-    from midiforge.data import MidiDataset
+    from midiforge.data.dataset import MidiDataset
 
     files = [corpus_dir("pop909", f"00{i}.mid") for i in (1, 2)]
     ds = MidiDataset(files, tok, 32, 256, cache_dir=tmp_path, augment=False, seed=3, num_workers=0)

@@ -8,7 +8,7 @@ import numpy as np
 from conftest import color_mask, read_png
 
 from midiforge import cli
-from midiforge.plot import STYLES, figure, plot_metrics, render_png
+from midiforge.train.plot import STYLES, figure, plot_metrics, render_png
 
 METRICS = {
     "epochs": [

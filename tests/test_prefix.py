@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from conftest import corpus_dir
 
-from midiforge.controls import measure
-from midiforge.data import MidiDataset
-from midiforge.midi import read_notes
-from midiforge.prefix import ControlPrefix
-from midiforge.tokenizer import MidiTokenizer
+from midiforge.data.dataset import MidiDataset
+from midiforge.data.prefix import ControlPrefix
+from midiforge.notes.read import read_notes
+from midiforge.tokens.controls import measure
+from midiforge.tokens.tokenizer import MidiTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,10 @@ import symusic
 from conftest import corpus_dir
 
 from midiforge.cli import main
-from midiforge.midi import JSON_SCHEMA, read_notes
-from midiforge.prepare import ERRORS_FILE, output_name, prepare, reason_category
-from midiforge.workers import map_isolated
+from midiforge.data.prepare import ERRORS_FILE, output_name, prepare, reason_category
+from midiforge.data.workers import map_isolated
+from midiforge.notes.midi import JSON_SCHEMA
+from midiforge.notes.read import read_notes
 
 
 def make_midi(path: Path, seed: int, drums: bool = False) -> Path:

@@ -6,8 +6,8 @@ import pytest
 import symusic
 from conftest import color_mask, read_png, read_wav
 
-from midiforge import render
 from midiforge.errors import UsageError
+from midiforge.notes import render
 
 PEAK = 10 ** (-1 / 20)  # -1 dBFS, the level every WAV is normalised to
 

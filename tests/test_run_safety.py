@@ -19,13 +19,13 @@ import torch
 from conftest import make_score
 
 from midiforge import checkpoint as ck
-from midiforge import distributed as dist
-from midiforge import train as tr
-from midiforge import trainer as trn
 from midiforge.cli import main as cli_main
-from midiforge.config import RunConfig, add_arguments, parse_args, value_problems
 from midiforge.errors import UsageError
-from midiforge.tokenizer import MidiTokenizer
+from midiforge.tokens.tokenizer import MidiTokenizer
+from midiforge.train import command as tr
+from midiforge.train import distributed as dist
+from midiforge.train import trainer as trn
+from midiforge.train.config import RunConfig, add_arguments, parse_args, value_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ckpt_v1"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from midiforge.data import IGNORE_INDEX, MidiDatasetSampler, collate, padding_fraction
+from midiforge.data.sampler import IGNORE_INDEX, MidiDatasetSampler, collate, padding_fraction
 
 
 class FakeDataset:

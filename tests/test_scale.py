@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 from conftest import corpus_dir
 
-from midiforge import shards
-from midiforge.bpe_sample import SampleStats, sample_order
 from midiforge.cli import main as cli_main
-from midiforge.data import MidiDataset
-from midiforge.midi import find_files, read_notes
-from midiforge.tokenizer import MidiTokenizer
+from midiforge.data.dataset import MidiDataset
+from midiforge.notes import shards
+from midiforge.notes.midi import find_files
+from midiforge.notes.read import read_notes
+from midiforge.tokens.bpe_sample import SampleStats, sample_order
+from midiforge.tokens.tokenizer import MidiTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = len(MidiTokenizer()) + 300  # the base vocabulary plus some merges
@@ -235,7 +236,7 @@ def test_prepare_format_errors_are_one_line(extra, msg, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_nodes_each_build_their_own_cache(prepared, tmp_path):
     """torchrun --nnodes 2 on localhost, 2 processes per node, one node-local cache folder per node."""
-    from midiforge.distributed import free_port
+    from midiforge.train.distributed import free_port
 
     port = str(free_port())
     ckpt = tmp_path / "ckpt"

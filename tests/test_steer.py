@@ -15,12 +15,12 @@ from conftest import make_score
 from conftest import tiny_model as _tiny_model
 
 from midiforge.cli import main
-from midiforge.controls import Controls, measure, parse_key
-from midiforge.generate import generate
-from midiforge.midi import score_to_notes
+from midiforge.generate.core import generate
+from midiforge.generate.steer import DEFAULT_PROMPT_MIN_TOKENS, token_kind_masks
 from midiforge.model import ModelConfig
-from midiforge.steer import DEFAULT_PROMPT_MIN_TOKENS, token_kind_masks
-from midiforge.tokenizer import MidiTokenizer
+from midiforge.notes.midi import score_to_notes
+from midiforge.tokens.controls import Controls, measure, parse_key
+from midiforge.tokens.tokenizer import MidiTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ckpt_v1"

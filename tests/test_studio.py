@@ -18,12 +18,13 @@ import pytest
 import symusic
 from conftest import make_score
 
-from midiforge import cli, studio_jobs
-from midiforge import train as tr
+from midiforge import cli
 from midiforge.errors import UsageError
-from midiforge.generate import configure_parser
-from midiforge.studio import Studio, host_warning, serve_in_thread
-from midiforge.tokenizer import MidiTokenizer
+from midiforge.generate.command import configure_parser
+from midiforge.studio import jobs as studio_jobs
+from midiforge.studio.server import Studio, host_warning, serve_in_thread
+from midiforge.tokens.tokenizer import MidiTokenizer
+from midiforge.train import command as tr
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "32", "--d-ff", "64", "-b", "16384"]
 JOB_GUARD_S = 600  # a hang guard only: a job that never ends fails the test instead of hanging CI

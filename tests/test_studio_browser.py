@@ -19,7 +19,7 @@ from conftest import corpus_dir
 from test_studio import JOB_GUARD_S, notes_of, train_tiny
 
 from midiforge import cli
-from midiforge.studio import Studio, serve_in_thread
+from midiforge.studio.server import Studio, serve_in_thread
 
 pytestmark = pytest.mark.slow
 

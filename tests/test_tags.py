@@ -12,12 +12,13 @@ import symusic
 from conftest import make_score
 
 from midiforge import checkpoint as ck
-from midiforge import distributed as dist
-from midiforge import runparts, tagging
-from midiforge import train as tr
 from midiforge.cli import main
-from midiforge.config import parse_args
+from midiforge.data import tagging
 from midiforge.errors import UsageError
+from midiforge.train import command as tr
+from midiforge.train import distributed as dist
+from midiforge.train import setup as train_setup
+from midiforge.train.config import parse_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ckpt_v1"
@@ -51,7 +52,7 @@ def styles(tmp_path_factory) -> Path:
 
 
 def _setup(argv):
-    return runparts.resolve(parse_args(argv))
+    return train_setup.resolve(parse_args(argv))
 
 
 def test_name_equals_dir_tags_and_existing_paths_with_equals_stay_paths(styles, tmp_path):
@@ -100,7 +101,7 @@ def test_tagged_run_then_generate_with_tag_and_soft_controls(styles, tmp_path, c
     # unless dropped; validation keeps every control (no dropout).
     setup = _setup(argv)
     tok = ck.load_tokenizer(ckpt)
-    train_ds, val_ds = runparts.build_datasets(setup, tok, dist.from_env())
+    train_ds, val_ds = train_setup.build_datasets(setup, tok, dist.from_env())
     assert train_ds.controls.dropout == 0.5 and val_ds.controls.dropout == 0.0
     x, y = val_ds[0]
     names = tok.token_names(x[:9].tolist())
@@ -140,7 +141,7 @@ def test_controls_off_trains_without_prefix_and_bad_dropout_exits_2(styles, tmp_
     assert tr.main(argv) == 0
     assert json.loads((ckpt / "config.json").read_text())["train"]["controls"] == "off"
     assert "controls" not in ck.load(ckpt).state["data"]
-    train_ds, _ = runparts.build_datasets(_setup(argv), ck.load_tokenizer(ckpt), dist.from_env())
+    train_ds, _ = train_setup.build_datasets(_setup(argv), ck.load_tokenizer(ckpt), dist.from_env())
     assert train_ds.controls is None
     capsys.readouterr()
     assert tr.main(["1", str(tmp_path / "x"), "-t", f"k={styles / 'keys'}", "--controls", "off", *TINY]) == 2

@@ -7,8 +7,8 @@ import pytest
 import symusic
 from conftest import corpus_dir, make_score
 
-from midiforge import MidiTokenizer
-from midiforge.tokenizer import TokenizerConfig
+from midiforge.tokens import MidiTokenizer
+from midiforge.tokens.vocab import TokenizerConfig
 
 
 def _notes(score: symusic.Score):
@@ -191,8 +191,8 @@ def test_unicode_paths(tmp_path):
 def test_prepared_sheet_gives_the_same_events_and_is_ignored_for_another_config(tmp_path):
     import json as _json
 
-    from midiforge.midi import read_notes
-    from midiforge.prepare import json_document
+    from midiforge.data.prepare import json_document
+    from midiforge.notes.read import read_notes
 
     p = tmp_path / "a.mid"
     make_score(seed=7).dump_midi(str(p))

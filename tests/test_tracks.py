@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import symusic
 
-from midiforge import MidiTokenizer
-from midiforge.midi import MidiReadError, NoteTable, read_notes
+from midiforge.notes.midi import MidiReadError, NoteTable
+from midiforge.notes.read import read_notes
+from midiforge.tokens import MidiTokenizer
 from tests.conftest import corpus_dir
 
 HALF_STEP = 1 / 24 + 1e-6  # half a grid step (12 steps per quarter), in quarters

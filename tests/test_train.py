@@ -21,12 +21,12 @@ import torch
 from conftest import corpus_dir, make_score
 
 from midiforge import checkpoint as ck
-from midiforge import runparts
-from midiforge import train as tr
-from midiforge import trainer as trn
-from midiforge.data import IGNORE_INDEX
+from midiforge.data.sampler import IGNORE_INDEX
 from midiforge.errors import UsageError
-from midiforge.tokenizer import MidiTokenizer
+from midiforge.tokens.tokenizer import MidiTokenizer
+from midiforge.train import command as tr
+from midiforge.train import setup as train_setup
+from midiforge.train import trainer as trn
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = len(MidiTokenizer()) + 40  # a BPE a little above the base vocabulary (which grows with the events)
@@ -107,7 +107,7 @@ def test_tiny_model_overfits(data, tmp_path):
     assert e["val_loss"] is None and e["val_perplexity"] is None
     assert e["train_perplexity"] == pytest.approx(math.exp(e["train_loss"]), rel=1e-9)
     png = (tmp_path / "ckpt" / "training.png").read_bytes()
-    from midiforge.plot import render_png
+    from midiforge.train.plot import render_png
 
     assert png == render_png(m)  # the plot drawn at the epoch end is that of the final metrics
 
@@ -153,7 +153,8 @@ def test_extend_and_override(data, tmp_path, monkeypatch, capsys):
 _KILLER = """
 import os, signal, sys
 sys.path.insert(0, {src!r})
-from midiforge import checkpoint, train
+from midiforge import checkpoint
+from midiforge.train import command as train
 where, nth = {where!r}, {nth}
 calls = {{"n": 0}}
 real_write, real_replace = checkpoint.atomic_write_bytes, checkpoint.os.replace
@@ -317,7 +318,9 @@ def test_non_finite_losses_stop_without_touching_the_checkpoint(data, tmp_path, 
     files = lambda: {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file() and p.name != ck.LOCK_FILE}  # noqa: E731
     before = files()
     real = trn.token_loss_sum
-    monkeypatch.setattr("midiforge.trainer.token_loss_sum", lambda m, x, y: real(m, x, y) * float("nan"))
+    monkeypatch.setattr(
+        "midiforge.train.trainer.token_loss_sum", lambda m, x, y: real(m, x, y) * float("nan")
+    )
     capsys.readouterr()
     assert _run(3, ckpt, data, "--save-every-minutes", "0.0001", monkeypatch=monkeypatch) == 1
     assert f"{trn.MAX_BAD_STEPS} consecutive non-finite steps" in capsys.readouterr().err
@@ -412,7 +415,7 @@ def _spawned_check(out_dir: str, same: bool) -> int:
     info = tr.dist.from_env()
     tr.dist.init(info, torch.device("cpu"))
     try:
-        runparts.check_same_data(info, torch.device("cpu"), 10 if same else 10 + info.rank, 5)
+        train_setup.check_same_data(info, torch.device("cpu"), 10 if same else 10 + info.rank, 5)
         result = "ok"
     except UsageError as e:
         result = str(e)
@@ -435,10 +438,10 @@ def test_ranks_with_different_datasets_are_refused(tmp_path):
 
 def test_resumed_ranks_get_distinct_deterministic_seeds():
     """Only rank 0's RNG state is saved: ranks > 0 reseed from (seed, rank, step) on resume."""
-    seeds = {runparts.rank_seed(0, rank, step) for rank in range(1, 9) for step in (0, 1, 500)}
+    seeds = {train_setup.rank_seed(0, rank, step) for rank in range(1, 9) for step in (0, 1, 500)}
     assert len(seeds) == 24  # every rank and step its own stream
     assert all(0 <= s < 2**63 for s in seeds)  # a valid torch seed
-    assert runparts.rank_seed(1, 1, 0) not in seeds  # and the run's seed matters
+    assert train_setup.rank_seed(1, 1, 0) not in seeds  # and the run's seed matters
 
 
 def test_epoch_end_saves_despite_trailing_non_finite_steps_and_nan_validation(
@@ -455,7 +458,7 @@ def test_epoch_end_saves_despite_trailing_non_finite_steps_and_nan_validation(
         calls.append(1)
         return real(m, x, y) * (float("nan") if len(calls) > steps - 2 else 1.0)
 
-    monkeypatch.setattr("midiforge.trainer.token_loss_sum", flaky)
+    monkeypatch.setattr("midiforge.train.trainer.token_loss_sum", flaky)
     capsys.readouterr()
     assert _run(1, tmp_path / "ckpt", data, monkeypatch=monkeypatch) == 0
     err = capsys.readouterr().err

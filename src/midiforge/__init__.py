@@ -1,18 +1,19 @@
-"""midiforge: train Transformer models on MIDI collections and generate music with them."""
+"""midiforge: train Transformer models on your own MIDI collection, then make music with them.
 
-__version__ = "0.1.0"
+The library's front doors: :class:`midiforge.tokens.MidiTokenizer` (notes to tokens and back, also importable as
+``from midiforge import MidiTokenizer``) and :func:`midiforge.generate.generate` (a model and a prompt to
+pieces); the command line is ``midiforge``.
+"""
 
-__all__ = ["MidiTokenizer", "generate", "__version__"]
+from midiforge.version import __version__
+
+__all__ = ["MidiTokenizer", "__version__"]
 
 
 def __getattr__(name):
-    # Lazy so that `import midiforge` stays cheap (no torch) for prepare and the tokenizer.
+    # Lazy, so that `import midiforge` stays cheap and the package's root imports none of its layers.
     if name == "MidiTokenizer":
-        from midiforge.tokenizer import MidiTokenizer
+        from midiforge.tokens.tokenizer import MidiTokenizer
 
         return MidiTokenizer
-    if name == "generate":
-        from midiforge.generate import generate
-
-        return generate
     raise AttributeError(name)

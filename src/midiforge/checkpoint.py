@@ -43,6 +43,8 @@ import torch
 
 from midiforge.errors import UsageError
 from midiforge.fsio import atomic_write_bytes, bytes_sha256, fsync_dir
+from midiforge.model import ModelConfig, Transformer
+from midiforge.tokens.tokenizer import MidiTokenizer
 
 MODEL_FILE = "model.pth"
 OPTIMIZER_FILE = "optimizer.pth"
@@ -361,8 +363,6 @@ def load(ckpt_dir: str | os.PathLike, map_location="cpu") -> Checkpoint:
 # --- tokenizer and inference --------------------------------------------------------------------------------
 def load_tokenizer(ckpt_dir: str | os.PathLike):
     """The checkpoint's MidiTokenizer, or None when it has none yet."""
-    from midiforge.tokenizer import MidiTokenizer
-
     path = Path(ckpt_dir) / TOKENIZER_FILE
     if not path.is_file():
         return None
@@ -406,8 +406,6 @@ def load_inference(ckpt_dir: str | os.PathLike, device="cpu"):
 
     Raises UsageError when the directory is missing, incomplete, or its files do not fit together.
     """
-    from midiforge.model import ModelConfig, Transformer
-
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise UsageError(f"{ckpt_dir}: no such checkpoint directory")

@@ -13,13 +13,19 @@ import sys
 from midiforge.errors import report
 
 COMMANDS = {
-    "prepare": ("midiforge.prepare", "extract MIDI files into compact JSON datasets"),
-    "train": ("midiforge.train", "train a Transformer on MIDI/JSON datasets (resumes automatically)"),
-    "generate": ("midiforge.generate", "generate music from a checkpoint"),
-    "plot": ("midiforge.plot", "redraw ckpt/training.png from ckpt/metrics.json"),
-    "evaluate": ("midiforge.evaluate", "measure a model: bits per note/second, sample statistics, copy check"),
-    "demo-data": ("midiforge.demo", "build the embedded corpus: Bach chorales, or tagged styles (--styles)"),
-    "studio": ("midiforge.studio", "a local web page to generate, look at and listen to music"),
+    "prepare": ("midiforge.data.prepare", "extract MIDI files into compact JSON datasets"),
+    "train": ("midiforge.train.command", "train a Transformer on MIDI/JSON datasets (resumes automatically)"),
+    "generate": ("midiforge.generate.command", "generate music from a checkpoint"),
+    "plot": ("midiforge.train.plot", "redraw ckpt/training.png from ckpt/metrics.json"),
+    "evaluate": (
+        "midiforge.evaluate",
+        "measure a model: bits per note/second, sample statistics, copy check",
+    ),
+    "demo-data": (
+        "midiforge.data.demo",
+        "build the embedded corpus: Bach chorales, or tagged styles (--styles)",
+    ),
+    "studio": ("midiforge.studio.server", "a local web page to generate, look at and listen to music"),
 }
 
 

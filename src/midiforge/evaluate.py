@@ -1,11 +1,11 @@
 """`midiforge evaluate CKPT -d DATA`: what a model makes, measured.
 
-1. Likelihood of held-out pieces (:mod:`midiforge.scoring`): tokens per note, bits per token, bits per note,
+1. Likelihood of held-out pieces (:mod:`midiforge.measure.scoring`): tokens per note, bits per token, bits per note,
    bits per second, a breakdown by attribute, and a unigram model of the training tokens as a baseline.
-2. With ``--samples N``: N generated pieces against the reference pieces of DATA (:mod:`midiforge.stats`), with
+2. With ``--samples N``: N generated pieces against the reference pieces of DATA (:mod:`midiforge.measure.stats`), with
    a ceiling (one half of DATA against the other) and a floor (N pieces from an untrained model of the same
    shape, same sampling settings).
-3. A copy check (:mod:`midiforge.copycheck`) of the samples, and of the held-out pieces for reference, against
+3. A copy check (:mod:`midiforge.measure.copycheck`) of the samples, and of the held-out pieces for reference, against
    the training set (``--train``, or the one the checkpoint recorded).
 
 Reads the checkpoint (never writes there; the token cache and the training-set index go to ``--cache-dir``,
@@ -22,8 +22,19 @@ from pathlib import Path
 
 import numpy as np
 
-from midiforge.copycheck import DEFAULT_THRESHOLD
+from midiforge import checkpoint as ck
+from midiforge.data.dataset import DATA_SUFFIXES
+from midiforge.device import resolve_device
 from midiforge.errors import UsageError
+from midiforge.fsio import atomic_write_bytes
+from midiforge.generate.core import argument_problems, generate
+from midiforge.measure import copycheck, scoring
+from midiforge.measure.copycheck import DEFAULT_THRESHOLD
+from midiforge.measure.scoring import Piece
+from midiforge.measure.stats import compare_sets, figure_png, piece_seconds, piece_stats
+from midiforge.model import Transformer
+from midiforge.notes.midi import MidiReadError, find_files, score_to_notes
+from midiforge.notes.read import read_notes
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -68,9 +79,6 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _data_files(paths: list[str]) -> list[Path]:
-    from midiforge.data import DATA_SUFFIXES
-    from midiforge.midi import find_files
-
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
         raise UsageError(f"-d: no such file or directory: {', '.join(missing)}")
@@ -82,10 +90,6 @@ def _data_files(paths: list[str]) -> list[Path]:
 
 def read_pieces(files: list[Path], tokenizer) -> tuple[list, list, dict[str, str]]:
     """(scoring.Piece per usable file, its NoteTable, skipped file → reason)."""
-    from midiforge.midi import MidiReadError, read_notes
-    from midiforge.scoring import Piece
-    from midiforge.stats import piece_seconds
-
     pieces, tables, skipped = [], [], {}
     for f in files:
         try:
@@ -103,16 +107,11 @@ def untrained_model(model, seed: int):
     """The floor: a freshly initialised model of the same shape (it samples tokens nearly uniformly)."""
     import torch
 
-    from midiforge.model import Transformer
-
     torch.manual_seed(seed)
     return Transformer(model.config).to(next(model.parameters()).device).eval()
 
 
 def sample_statistics(gens, tables, floor_gens) -> dict:
-    from midiforge.midi import score_to_notes
-    from midiforge.stats import compare_sets, piece_stats
-
     ref = [piece_stats(t) for t in tables]
     sets = {
         "reference": ref,
@@ -125,8 +124,54 @@ def sample_statistics(gens, tables, floor_gens) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from midiforge.generate import _check_device, argument_problems
+    _check_arguments(args)
+    device = resolve_device(args.device)
+    files = _data_files(args.data)
 
+    ckpt = Path(args.checkpoint)
+    model, tok = ck.load_inference(ckpt, device)
+    context = model.config.max_seq_len
+    stride = min(args.stride or max(1, context // 2), context)
+    pieces, tables, skipped = read_pieces(files, tok)
+    if not pieces:
+        first = next(iter(skipped.items()))
+        raise UsageError(f"-d: no usable piece ({len(skipped)} files skipped, e.g. {first[0]}: {first[1]})")
+    t0 = time.perf_counter()
+    index, index_note = _training_index(args, ckpt, tok)
+    report: dict = {
+        "checkpoint": str(ckpt),
+        "data": [str(p) for p in args.data],
+        "skipped": skipped,
+        "likelihood": scoring.score(
+            model, tok, pieces, stride=stride, device=device, unigram=_unigram(index, tok)
+        ),
+        "training_set": index_note,
+    }
+    gens = []
+    if args.samples:
+        sampling = dict(
+            max_new_tokens=args.max_tokens, max_seconds=args.max_seconds, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, num_samples=args.samples, seed=args.seed, device=device,
+        )  # fmt: skip
+        gens = generate(model, tok, None, **sampling)
+        floor = generate(untrained_model(model, args.seed), tok, None, **sampling)
+        report["samples"] = [
+            {"notes": g.score.note_num(), "seconds": round(g.seconds, 3), "tokens": g.num_new_tokens}
+            for g in gens
+        ]
+        report["statistics"] = sample_statistics(gens, tables, floor)
+    if index is not None:
+        report["copy_check"] = _copy_check(index, tok, pieces, gens, args.copy_threshold)
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+
+    _print_summary(report, report["likelihood"]["total"])
+    if args.output:
+        _write_report(Path(args.output), report, f"{ckpt}: {len(gens)} samples vs {len(pieces)} reference pieces")
+    return 0
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Every bad setting at once, as one UsageError."""
     problems = []
     if args.samples < 0:
         problems.append(f"--samples must be >= 0 (got {args.samples})")
@@ -141,100 +186,62 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
     if problems:
         raise UsageError("; ".join(problems))
-    device = _check_device(args.device)
-    files = _data_files(args.data)
 
-    from midiforge import checkpoint as ck
-    from midiforge import copycheck, scoring
 
-    ckpt = Path(args.checkpoint)
-    model, tok = ck.load_inference(ckpt, device)
-    context = model.config.max_seq_len
-    stride = min(args.stride or max(1, context // 2), context)
-    pieces, tables, skipped = read_pieces(files, tok)
-    if not pieces:
-        first = next(iter(skipped.items()))
-        raise UsageError(f"-d: no usable piece ({len(skipped)} files skipped, e.g. {first[0]}: {first[1]})")
-    t0 = time.perf_counter()
-
-    # The training set: the unigram baseline and the copy check.
-    index, index_note = None, ""
+def _training_index(args: argparse.Namespace, ckpt: Path, tok):
+    """(the copy check's index of the training set or None, a line saying where it came from)."""
     train_files, origin = copycheck.training_files(ck.read_config(ckpt), args.train)
     if args.train and not train_files:
         raise UsageError(f"--train: {origin}")
-    if train_files:
-        cache_dir = Path(args.cache_dir) if args.cache_dir else ckpt / "cache"
-        t1 = time.perf_counter()
-        index, cached = copycheck.training_index(tok, train_files, cache_dir)
-        index_note = (
-            f"{'loaded' if cached else 'built'} in {time.perf_counter() - t1:.1f} s from {origin}"
-            f" ({len(index.names)} pieces)"
-        )
-    else:
-        index_note = f"skipped: {origin}"
-    unigram = None
-    if index is not None:
-        counts = index.token_counts.astype(np.float64) + 1
-        counts[[tok.pad_id, tok.bos_id]] = 0
-        with np.errstate(divide="ignore"):
-            unigram = np.log(counts / counts.sum())
+    if not train_files:
+        return None, f"skipped: {origin}"
+    cache_dir = Path(args.cache_dir) if args.cache_dir else ckpt / "cache"
+    t1 = time.perf_counter()
+    index, cached = copycheck.training_index(tok, train_files, cache_dir)
+    note = (
+        f"{'loaded' if cached else 'built'} in {time.perf_counter() - t1:.1f} s from {origin}"
+        f" ({len(index.names)} pieces)"
+    )
+    return index, note
 
-    report: dict = {
-        "checkpoint": str(ckpt),
-        "data": [str(p) for p in args.data],
-        "skipped": skipped,
-        "likelihood": scoring.score(model, tok, pieces, stride=stride, device=device, unigram=unigram),
-        "training_set": index_note,
+
+def _unigram(index, tok) -> np.ndarray | None:
+    """Log-probabilities (V,) of the training set's token counts (add-one), the likelihood's baseline."""
+    if index is None:
+        return None
+    counts = index.token_counts.astype(np.float64) + 1
+    counts[[tok.pad_id, tok.bos_id]] = 0
+    with np.errstate(divide="ignore"):
+        return np.log(counts / counts.sum())
+
+
+def _copy_check(index, tok, pieces, gens, copy_threshold: int | None) -> dict:
+    """Longest runs shared with the training set: the held-out pieces set the reference, samples are flagged
+    above it (or above ``copy_threshold``)."""
+    held = copycheck.check(index, tok, [p.ids for p in pieces], threshold=1 << 30)
+    reference = max((h["notes"] for h in held), default=0)
+    threshold = copy_threshold or max(reference, copycheck.DEFAULT_THRESHOLD)
+    out = {
+        "ngram_notes": copycheck.NGRAM + 1,
+        "threshold_notes": threshold,
+        "held_out_longest": reference,
+        "held_out": [{"name": p.name, **h} for p, h in zip(pieces, held, strict=True)],
     }
-    lik = report["likelihood"]["total"]
+    if gens:
+        out["samples"] = copycheck.check(index, tok, [g.ids for g in gens], threshold)
+    return out
 
-    gens = []
-    if args.samples:
-        from midiforge.generate import generate
 
-        sampling = dict(
-            max_new_tokens=args.max_tokens, max_seconds=args.max_seconds, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, num_samples=args.samples, seed=args.seed, device=device,
-        )  # fmt: skip
-        gens = generate(model, tok, None, **sampling)
-        floor = generate(untrained_model(model, args.seed), tok, None, **sampling)
-        report["samples"] = [
-            {"notes": g.score.note_num(), "seconds": round(g.seconds, 3), "tokens": g.num_new_tokens}
-            for g in gens
-        ]
-        report["statistics"] = sample_statistics(gens, tables, floor)
-
-    if index is not None:
-        held = copycheck.check(index, tok, [p.ids for p in pieces], threshold=1 << 30)
-        reference = max((h["notes"] for h in held), default=0)
-        threshold = args.copy_threshold or max(reference, copycheck.DEFAULT_THRESHOLD)
-        report["copy_check"] = {
-            "ngram_notes": copycheck.NGRAM + 1,
-            "threshold_notes": threshold,
-            "held_out_longest": reference,
-            "held_out": [{"name": p.name, **h} for p, h in zip(pieces, held, strict=True)],
-        }
-        if gens:
-            report["copy_check"]["samples"] = copycheck.check(index, tok, [g.ids for g in gens], threshold)
-    report["seconds"] = round(time.perf_counter() - t0, 2)
-
-    _print_summary(report, lik)
-    if args.output:
-        out = Path(args.output)
-        try:
-            from midiforge.fsio import atomic_write_bytes
-
-            out.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(out, json.dumps(report, indent=1).encode())
-            if "statistics" in report:
-                from midiforge.stats import figure_png
-
-                title = f"{ckpt}: {len(gens)} samples vs {len(pieces)} reference pieces"
-                atomic_write_bytes(out.with_suffix(".png"), figure_png(report["statistics"], title))
-        except OSError as e:
-            raise UsageError(f"cannot write {out}: {e.strerror or e}") from e
-        print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if "statistics" in report else ""))
-    return 0
+def _write_report(out: Path, report: dict, title: str) -> None:
+    """REPORT.json and, with sample statistics, REPORT.png beside it, each written atomically."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, json.dumps(report, indent=1).encode())
+        if "statistics" in report:
+            atomic_write_bytes(out.with_suffix(".png"), figure_png(report["statistics"], title))
+    except OSError as e:
+        raise UsageError(f"cannot write {out}: {e.strerror or e}") from e
+    print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if "statistics" in report else ""))
 
 
 def _f(x, digits=2) -> str:

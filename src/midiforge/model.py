@@ -102,6 +102,15 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
 
+    def write_at(
+        self, layer: int, where: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, 1, hd) at position ``where`` (a (1,) long tensor: data, not a Python int, so every
+        shape and address is the same at every position); return the whole cache of ``layer`` (B, nh, M, hd)."""
+        self.k[layer].index_copy_(2, where, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, where, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nh, T, hd) at [pos, pos+T) of ``layer``; return all keys/values (B, nh, pos+T, hd)."""
         end = self.pos + k.size(2)
@@ -148,8 +157,15 @@ class Attention(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None,
+        static: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """``static`` = (where (1,), visible (1, M)): one token written at ``where`` of a preallocated cache and
+        attending to the visible positions through a mask: the fixed-shape step that a CUDA graph captures."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
         q, k, v = (
@@ -157,6 +173,11 @@ class Attention(nn.Module):
         )  # (B, nh, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         start = 0
+        if static is not None:
+            where, visible = static
+            k, v = kv_cache.write_at(self.layer_idx, where, k, v)  # (B, nh, M, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)  # (B, nh, 1, hd)
+            return self.dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
         if kv_cache is not None:
             start = kv_cache.pos
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, S, hd), S = start + T
@@ -203,9 +224,14 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None,
+        static: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, kv_cache)
+        x = x + self.attn(self.norm1(x), cos, sin, kv_cache, static)
         return x + self.mlp(self.norm2(x))
 
 
@@ -273,3 +299,21 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C): generation needs only the next-token distribution
         return self.head(self.norm(x))  # (B, T, V)
+
+    def static_step(self, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token (B, 1) at position ``pos`` (0-dim long tensor on the device) through the model, writing its
+        keys/values into ``cache`` at ``pos`` and attending over the whole preallocated cache with a mask.
+
+        Unlike ``self(tok, cache)`` every shape and address here is the same at every position (the position is
+        data, not a Python int), which is what a CUDA graph needs. Returns logits (B, V), float32. The cache's
+        ``pos`` is the caller's to advance.
+        """
+        where = pos.view(1)  # (1,)
+        cos, sin = self.rope_cos.index_select(0, where), self.rope_sin.index_select(0, where)  # (1, hd/2)
+        visible = (torch.arange(cache.max_len, device=tok.device) <= pos)[
+            None, :
+        ]  # (1, M): filled, this one too
+        x = self.tok_emb(tok)  # (B, 1, C)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache, (where, visible))
+        return self.head(self.norm(x))[:, -1, :].float()  # (B, V)

@@ -1,0 +1,242 @@
+"""`midiforge generate`: the command line over :func:`midiforge.generate.core.generate` and, for edits inside a
+prompt (--infill, --add-track, --replace-track, --harmonize), :func:`midiforge.generate.infill.edit`; output
+files (MIDI, and WAV / piano roll on request) written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import symusic
+import torch
+
+from midiforge.checkpoint import load_inference
+from midiforge.device import resolve_device
+from midiforge.errors import UsageError
+from midiforge.fsio import atomic_write_bytes
+from midiforge.generate.core import argument_problems, generate
+from midiforge.generate.infill import Piece, Request, check_checkpoint, edit
+from midiforge.generate.steer import add_arguments as add_steer_arguments
+from midiforge.generate.steer import cli_controls, min_problems
+from midiforge.measure import copycheck
+from midiforge.notes.midi import MidiReadError, load_score
+from midiforge.notes.render import render_pianoroll, render_wav
+
+
+def configure_parser(p) -> None:
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory written by `midiforge train`")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT.mid",
+        help="output MIDI file (OUT_1.mid ... with -n > 1)",
+    )
+    p.add_argument("--prompt", metavar="IN.mid", help="MIDI file to continue (default: start from scratch)")
+    p.add_argument("--prompt-bars", type=int, metavar="N", help="use only the first N bars of the prompt")
+    p.add_argument(
+        "--max-tokens", type=int, default=1024, metavar="N", help="new tokens per sample (default 1024)"
+    )
+    p.add_argument(
+        "--max-seconds", type=float, metavar="S", help="stop each sample once its music is S seconds long"
+    )
+    p.add_argument(
+        "--ignore-eos", action="store_true", help="never stop at end-of-sequence (fill --max-tokens)"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=1.0, metavar="T", help="sampling temperature > 0 (default 1.0)"
+    )
+    p.add_argument("--top-k", type=int, metavar="K", help="sample only from the K most likely tokens")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        metavar="P",
+        help="nucleus sampling: smallest set of tokens with mass P, in (0, 1]",
+    )
+    p.add_argument("--seed", type=int, metavar="S", help="random seed (same seed, same music)")
+    p.add_argument(
+        "-n",
+        "--num-samples",
+        type=int,
+        default=1,
+        metavar="N",
+        help="number of pieces, generated as one batch",
+    )
+    p.add_argument(
+        "--wav",
+        action="store_true",
+        help="also render OUT.wav (FluidSynth if installed, else a preview synth)",
+    )
+    p.add_argument("--pianoroll", action="store_true", help="also draw OUT.png, a piano roll")
+    p.add_argument(
+        "--no-kv-cache", action="store_true", help="recompute the whole context every step (slow; for checks)"
+    )
+    p.add_argument(
+        "--device", default="cpu", metavar="D", help="torch device, e.g. cpu, cuda, cuda:1, mps (default cpu)"
+    )
+    add_steer_arguments(p)  # controls, --min-new-tokens, --min-seconds
+    copycheck.add_arguments(p)  # --check-copies, --train, --copy-threshold
+    add_edit_arguments(p)  # --infill, --add-track, --replace-track, --harmonize
+
+
+def output_paths(output: str | os.PathLike, n: int) -> list[Path]:
+    """OUT.mid for one sample; OUT_1.mid ... OUT_n.mid for several."""
+    out = Path(output)
+    if out.suffix.lower() not in (".mid", ".midi"):
+        out = out.with_name(out.name + ".mid")
+    return [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(1, n + 1)]
+
+
+def write_midi(score: symusic.Score, path: Path) -> None:
+    """Write ``score`` atomically (never a partial file); an unwritable place is a UsageError."""
+    try:
+        atomic_write_bytes(path, score.dumps_midi())
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def write_extras(args, score: symusic.Score, path: Path) -> list[str]:
+    """``--wav`` / ``--pianoroll`` beside the MIDI file at ``path``: what was written, for the summary line."""
+    extras = []
+    if args.wav:
+        backend = render_wav(score, path.with_suffix(".wav"))
+        extras.append(f"{path.with_suffix('.wav')} ({backend})")
+    if args.pianoroll:
+        render_pianoroll(score, path.with_suffix(".png"), title=path.name)
+        extras.append(str(path.with_suffix(".png")))
+    return extras
+
+
+def run(args) -> int:
+    if (request := edit_request(args)) is not None:  # an edit inside the prompt
+        return run_edit(args, request)
+    problems = argument_problems(
+        max_new_tokens=args.max_tokens,
+        max_seconds=args.max_seconds,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        num_samples=args.num_samples,
+        prompt_bars=args.prompt_bars,
+    )
+    if args.prompt_bars is not None and args.prompt is None:
+        problems.append("--prompt-bars needs --prompt")
+    problems += min_problems(args.min_new_tokens, args.min_seconds, args.max_tokens)
+    if problems:
+        raise UsageError("; ".join(problems))
+    device = resolve_device(args.device)
+    copy_files = copycheck.cli_training_files(args)  # None without --check-copies
+    prompt = None
+    if args.prompt is not None:
+        try:
+            prompt = load_score(args.prompt)
+        except MidiReadError as e:
+            raise UsageError(f"cannot read prompt {args.prompt}: {e}") from e
+    paths = output_paths(args.output, args.num_samples)
+    try:
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create output directory {paths[0].parent}: {e.strerror}") from e
+
+    model, tokenizer = load_inference(args.checkpoint, device)
+    t0 = time.perf_counter()
+    results = generate(
+        model,
+        tokenizer,
+        prompt,
+        max_new_tokens=args.max_tokens,
+        max_seconds=args.max_seconds,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+        use_kv_cache=not args.no_kv_cache,
+        prompt_bars=args.prompt_bars,
+        device=device,
+        controls=cli_controls(args),
+        min_new_tokens=args.min_new_tokens,
+        min_seconds=args.min_seconds,
+    )
+    elapsed = time.perf_counter() - t0
+    num_tokens = sum(r.num_new_tokens for r in results)
+    for r, path in zip(results, paths, strict=True):
+        write_midi(r.score, path)
+        extras = write_extras(args, r.score, path)
+        print(
+            f"{path}: {r.score.note_num()} notes, {r.seconds:.1f} s, {r.num_new_tokens} new tokens "
+            f"(stopped: {r.stop_reason}), {r.num_skipped} skipped-invalid events"
+            + (f"; {', '.join(extras)}" if extras else "")
+        )
+    print(f"generated {num_tokens} tokens in {elapsed:.1f} s ({num_tokens / max(elapsed, 1e-9):.0f} tok/s)")
+    if copy_files is not None:
+        copycheck.print_check(args, tokenizer, copy_files, [r.ids for r in results], [str(p) for p in paths])
+    return 0
+
+
+def add_edit_arguments(p) -> None:
+    g = p.add_argument_group("editing inside the --prompt (a checkpoint trained with infilling)")
+    g.add_argument(
+        "--infill",
+        action="append",
+        metavar="BARS",
+        help="regenerate these bars (e.g. 9-16, or 9-16,25-28; may repeat), keeping the rest",
+    )
+    g.add_argument(
+        "--add-track",
+        action="append",
+        metavar="INSTRUMENT",
+        help="write a new track (a GM name or program number; may repeat) to go with the prompt",
+    )
+    g.add_argument("--replace-track", metavar="N|NAME", help="regenerate one track (number from 1, or name)")
+    g.add_argument("--harmonize", nargs="?", type=int, const=3, metavar="VOICES",
+                   help="write VOICES (default 3) voices under a one-track melody")  # fmt: skip
+
+
+def edit_request(args) -> Request | None:
+    r = Request(args.infill, args.add_track, args.replace_track, args.harmonize)
+    return r if r.kinds() else None
+
+
+def run_edit(args, request: Request) -> int:
+    """``midiforge generate`` with an edit request: one output per sample, seeds seed, seed+1, ..."""
+    problems = argument_problems(max_new_tokens=args.max_tokens, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, num_samples=args.num_samples)  # fmt: skip
+    if args.prompt is None:
+        problems.append(f"{request.kinds()[0]} needs --prompt (the piece to edit)")
+    others = [f for f, v in (("--prompt-bars", args.prompt_bars), ("--max-seconds", args.max_seconds),
+                             ("--min-new-tokens", args.min_new_tokens), ("--min-seconds", args.min_seconds),
+                             ("--check-copies", getattr(args, "check_copies", None)),
+                             ("controls", cli_controls(args))) if v]  # fmt: skip
+    if others:
+        problems.append(f"{request.kinds()[0]} does not combine with {', '.join(others)} yet")
+    if problems:
+        raise UsageError("; ".join(problems))
+    device = resolve_device(args.device)
+    try:
+        prompt = load_score(args.prompt)
+    except MidiReadError as e:
+        raise UsageError(f"cannot read prompt {args.prompt}: {e}") from e
+    paths = output_paths(args.output, args.num_samples)
+    model, tok = load_inference(args.checkpoint, device)
+    check_checkpoint(args.checkpoint, tok)
+    request.plan(Piece.from_score(tok, prompt))  # every bad request fails before any output is written
+    try:
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create output directory {paths[0].parent}: {e.strerror}") from e
+    seed = args.seed if args.seed is not None else int(torch.seed() % (1 << 31))
+    t0 = time.perf_counter()
+    for k, path in enumerate(paths):
+        score = edit(model, tok, prompt, request, seed=seed + k, temperature=args.temperature, top_k=args.top_k,
+                     top_p=args.top_p, max_new_tokens=args.max_tokens, use_kv_cache=not args.no_kv_cache,
+                     device=device)  # fmt: skip
+        write_midi(score, path)
+        extras = write_extras(args, score, path)
+        print(f"{path}: {score.note_num()} notes, {len(score.tracks)} tracks ({' '.join(request.kinds())}, seed "
+              f"{seed + k})" + (f"; {', '.join(extras)}" if extras else ""))  # fmt: skip
+    print(f"edited {len(paths)} piece(s) in {time.perf_counter() - t0:.1f} s")
+    return 0

@@ -1,0 +1,190 @@
+"""Generating music with a trained model: :func:`generate` turns a model, a tokenizer, a prompt and the sampling
+settings into pieces (:class:`Generation`).
+
+Layered like litgpt: :func:`midiforge.generate.sampling.sample` turns logits into token ids,
+:func:`midiforge.generate.decode.decode` runs the token loop on the model's device (batch of samples, prompt,
+per-sample stopping, sliding window), and :func:`generate` wraps it: settings checked, steering built, the prompt
+encoded, the tokens decoded into scores. The command line lives in :mod:`midiforge.generate.command`.
+The KV cache and full recomputation give the same tokens (their logits agree to float rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import symusic
+import torch
+
+from midiforge.data.fim import sentinel_ids
+from midiforge.errors import UsageError
+from midiforge.generate.decode import decode
+from midiforge.generate.steer import Steering
+from midiforge.notes.midi import load_score
+from midiforge.notes.scoretime import clip_seconds
+
+
+@dataclass
+class Generation:
+    """One generated piece and how it came about."""
+
+    score: symusic.Score
+    """The music: decoded prompt followed by the continuation (clipped to max_seconds when given)."""
+    ids: list[int]
+    """All token ids: BOS, the prompt, the new tokens (up to and including EOS when it was sampled)."""
+    num_prompt_tokens: int
+    """Prompt tokens, BOS included."""
+    num_events: int
+    """Base events decoded (from the tokenizer's decode_with_stats)."""
+    num_skipped: int
+    """Events the decoder skipped as invalid (e.g. state events with no note after them)."""
+    stop_reason: str
+    """"eos", "max_tokens" or "max_seconds"."""
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.ids) - self.num_prompt_tokens
+
+    @property
+    def seconds(self) -> float:
+        return float(self.score.to("second").end()) if self.score.note_num() else 0.0
+
+
+def argument_problems(
+    *,
+    max_new_tokens: int = 1,
+    max_seconds: float | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_samples: int = 1,
+    prompt_bars: int | None = None,
+) -> list[str]:
+    """Every out-of-range generation setting, as messages (empty when all are fine)."""
+    problems = []
+    if max_new_tokens < 1:
+        problems.append(f"max tokens must be >= 1 (got {max_new_tokens})")
+    if max_seconds is not None and not max_seconds > 0:
+        problems.append(f"max seconds must be > 0 (got {max_seconds})")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        problems.append(f"temperature must be > 0 (got {temperature})")
+    if top_k is not None and top_k < 1:
+        problems.append(f"top-k must be >= 1 (got {top_k})")
+    if top_p is not None and not 0 < top_p <= 1:
+        problems.append(f"top-p must be in (0, 1] (got {top_p})")
+    if num_samples < 1:
+        problems.append(f"number of samples must be >= 1 (got {num_samples})")
+    if prompt_bars is not None and prompt_bars < 1:
+        problems.append(f"prompt bars must be >= 1 (got {prompt_bars})")
+    return problems
+
+
+def prompt_ids(tokenizer, prompt, prompt_bars: int | None = None) -> list[int]:
+    """[BOS] + the tokens of ``prompt`` (a MIDI path, bytes, a Score, or a list of token ids; None = no prompt).
+
+    ``prompt_bars`` keeps only the prompt's first N bars, measured with its first time signature (4/4 if none).
+    Raises MidiReadError (a ValueError) for an unreadable prompt file.
+    """
+    if prompt is None:
+        return [tokenizer.bos_id]
+    if isinstance(prompt, Sequence) and not isinstance(prompt, str | bytes | bytearray):
+        ids = [int(i) for i in prompt]
+        return ids if ids[:1] == [tokenizer.bos_id] else [tokenizer.bos_id, *ids]
+    score = load_score(prompt)
+    if prompt_bars is not None:
+        ts = score.time_signatures
+        num, den = (ts[0].numerator, ts[0].denominator) if len(ts) else (4, 4)
+        bar = score.ticks_per_quarter * 4 * num // den
+        score = score.clip(0, prompt_bars * bar)
+    return [tokenizer.bos_id, *tokenizer.encode(score)]
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompt=None,
+    *,
+    max_new_tokens: int = 512,
+    max_seconds: float | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_samples: int = 1,
+    seed: int | None = None,
+    ignore_eos: bool = False,
+    use_kv_cache: bool = True,
+    prompt_bars: int | None = None,
+    device: str | torch.device = "cpu",
+    controls=None,
+    min_new_tokens: int | None = None,
+    min_seconds: float | None = None,
+) -> list[Generation]:
+    """Generate ``num_samples`` pieces together (one batch), each continuing ``prompt`` (see :func:`prompt_ids`).
+
+    A sample stops at EOS (unless ``ignore_eos``), after ``max_new_tokens``, or once its music passes
+    ``max_seconds`` (checked every few tokens; the score is then clipped to ``max_seconds``). When the context
+    fills the model's window (``model.config.max_seq_len``) the oldest tokens are dropped and the cache refilled.
+    ``controls``: a Controls or a dict of the CLI spellings (``{"instruments": "piano,bass", "key": "D minor",
+    "tempo": 90, "time_sig": "3/4", "density": "low", "polyphony": "high", "tag": "jazz"}``); see steer.py.
+    EOS is not drawn before ``min_new_tokens`` / ``min_seconds`` (with a prompt: steer.DEFAULT_PROMPT_MIN_TOKENS).
+    Raises UsageError (a ValueError) for an out-of-range setting or a bad control, MidiReadError (a ValueError)
+    for an unreadable prompt.
+    """
+    problems = argument_problems(
+        max_new_tokens=max_new_tokens,
+        max_seconds=max_seconds,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        num_samples=num_samples,
+        prompt_bars=prompt_bars,
+    )
+    if problems:
+        raise UsageError("; ".join(problems))
+    steer = Steering.build(tokenizer, controls, min_new_tokens or 0, min_seconds)
+    steer = steer.with_defaults(prompt is not None, max_new_tokens)
+    head = steer.head(prompt_ids(tokenizer, prompt, prompt_bars))
+    generator = torch.Generator(device=device)  # sampling runs where the model is (decode.py)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    banned = [tokenizer.pad_id, tokenizer.bos_id] + ([tokenizer.eos_id] if ignore_eos else [])
+    banned += sentinel_ids(tokenizer).tolist()  # the infilling sentinels belong to infill.py's inputs only
+    B = num_samples
+    was_training = model.training
+    model.eval()
+    try:
+        ids, stop = decode(
+            model,
+            tokenizer,
+            head,
+            B,
+            max_new_tokens,
+            max_seconds,
+            use_kv_cache,
+            banned,
+            sampling,
+            device,
+            steer,
+        )
+    finally:
+        model.train(was_training)
+
+    return [_result(tokenizer, ids[b].tolist(), len(head), stop[b], max_seconds) for b in range(B)]
+
+
+def _result(tokenizer, row: list[int], head_len: int, stop: str, max_seconds: float | None) -> Generation:
+    """One row of the token buffer as a Generation: cut at its EOS (or at the PAD after an early stop)."""
+    if tokenizer.eos_id in row[head_len:]:
+        row = row[: row.index(tokenizer.eos_id, head_len) + 1]
+    elif tokenizer.pad_id in row[head_len:]:  # stopped early (max_seconds): PAD is never sampled
+        row = row[: row.index(tokenizer.pad_id, head_len)]
+    score, num_events, num_skipped = tokenizer.decode_with_stats(row)
+    reason = stop or "max_tokens"
+    if max_seconds is not None and score.note_num() and score.to("second").end() > max_seconds:
+        score, reason = clip_seconds(score, max_seconds), "max_seconds"
+    return Generation(score, row, head_len, num_events, num_skipped, reason)

@@ -1,0 +1,402 @@
+"""Edit inside a piece: ``midiforge generate --infill BARS | --add-track INSTR | --replace-track N|NAME |
+--harmonize [VOICES]`` (training side: fim.py).
+
+The output is built by splicing, never by re-reading what the model wrote over the whole piece: the prompt is
+read as the tokenizer stores it (its tokens decoded into a step-time table, fim.events_to_table); the notes and
+pedals of the edited region (bars, or one track) are replaced by those the model wrote there; the rest, and the
+tempo, metre and key maps, are the prompt's own rows; the table is encoded by the tokenizer's events() and
+decoded once. So everything outside the region comes back exactly as the tokenizer stores it, whatever the
+model does, and sentinels cannot reach the output (they make no rows).
+
+Model inputs (as in training, fim.py): a span is ``[BOS] prefix FIM_SUFFIX suffix' FIM_MIDDLE`` → middle up to
+FIM_END or the span's end; a track is ``FIM_TRACKS given FIM_MIDDLE PROGRAM TRACK`` → the track, chunk by chunk
+of whole bars whose given tracks fill at most half the context. When the context fills up during a span, the
+complete words written so far join the prefix and the input is laid out again (a sliding window that keeps the
+suffix in view), so pieces of any length work.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from midiforge.checkpoint import read_config
+from midiforge.data import fim
+from midiforge.errors import UsageError
+from midiforge.generate.sampling import next_token
+from midiforge.notes.midi import MAX_TRACK_INDEX, NoteTable, load_score, score_to_notes
+from midiforge.tokens.controls import parse_instruments, program_name
+
+PREFIX_SHARE, SUFFIX_SHARE, GIVEN_SHARE = 0.4, 0.25, 0.5  # of the context, for prefix / suffix / given tracks
+
+
+# ------------------------------------------------------------------------------------------- the piece
+@dataclass
+class Piece:
+    """A prompt as the tokenizer stores it: a step-time table, its bar lines and its track names."""
+
+    table: NoteTable
+    bars: np.ndarray  # (n_bars + 1,) grid step of every bar line, the last one at or after the end
+    names: dict
+    end: int = 0  # grid step where the prompt's last note ends: written notes end by then
+
+    @classmethod
+    def from_score(cls, tok, score) -> Piece:
+        ids = tok.encode(score)
+        table, _ = fim.events_to_table(tok, tok.base_events(ids))
+        names = score_to_notes(score).track_names  # the tokenizer's own (program, index) numbering
+        end = int((table.time + table.duration).max(initial=0))
+        return cls(table, bar_lines(table), names, end)
+
+    @property
+    def owners(self) -> list[tuple[int, int]]:
+        """(program, track index) of every track with notes, in order."""
+        keys = np.unique(self.table.program.astype(np.int64) * 16 + self.table.track)
+        return [(int(k) // 16, int(k) % 16) for k in keys]
+
+    def track_label(self, o) -> str:
+        return self.names.get(o) or f"{program_name(o[0])}" + (f" #{o[1] + 1}" if o[1] else "")
+
+    def score(self, tok):
+        return tok.decode(fim.encode_table(tok, self.table), track_names=self.names)
+
+
+def bar_lines(t: NoteTable) -> np.ndarray:
+    """Grid step of each bar line from the time-signature map (4/4 before the first), through the end."""
+    spq = t.tpq
+    end = int(max((t.time + t.duration).max(initial=0), t.time.max(initial=0) + 1, 1))
+    order = np.argsort(t.ts_time, kind="stable")
+    changes = [(int(t.ts_time[i]), int(t.ts_numerator[i]), int(t.ts_denominator[i])) for i in order]
+    out, pos, n, d = [0], 0, 4, 4
+    while pos < end:
+        while changes and changes[0][0] <= pos:
+            _, n, d = changes.pop(0)
+        length = max(1, spq * 4 * n // d)
+        nxt = pos + length
+        if changes and pos < changes[0][0] < nxt:  # a change off the bar line starts a bar of its own
+            nxt = changes[0][0]
+        out.append(nxt)
+        pos = nxt
+    return np.array(out, np.int64)
+
+
+def parse_bars(specs: list[str], n_bars: int) -> list[tuple[int, int]]:
+    """``["9-16", "25-28,30"]`` → merged 1-based inclusive spans; UsageError for bad or out-of-range ones."""
+    spans = []
+    for spec in specs:
+        for part in spec.split(","):
+            m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+            if not m:
+                raise UsageError(f"--infill: {part.strip()!r} is not a bar or bar range such as 9-16")
+            a, b = int(m[1]), int(m[2] or m[1])
+            if a < 1 or b < a:
+                raise UsageError(f"--infill {part.strip()}: bars count from 1, first <= last")
+            if b > n_bars:
+                raise UsageError(f"--infill {part.strip()}: beyond the end (the prompt has {n_bars} bars)")
+            spans.append((a, b))
+    spans.sort()
+    merged = [spans[0]]
+    for a, b in spans[1:]:
+        if a <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+# ------------------------------------------------------------------------------------------- decoding
+class _Sampler:
+    """One model-input at a time, KV cache or full recompute; sentinels other than FIM_END never drawn."""
+
+    def __init__(self, model, tok, device, generator, sampling, use_kv_cache, max_new_tokens):
+        self.model, self.tok, self.device = model, tok, device
+        self.generator, self.sampling, self.kv = generator, sampling, use_kv_cache
+        self.max_new_tokens = max_new_tokens
+        self.L = model.config.max_seq_len
+        s = fim.sentinel_ids(tok)
+        self.end_ids = {int(s[fim.FIM_END]), tok.eos_id}
+        V = model.config.vocab_size
+        self.allowed = torch.ones(V, dtype=torch.bool)  # (V,)
+        self.allowed[[tok.pad_id, tok.bos_id, *(int(x) for x in s if x != s[fim.FIM_END])]] = False
+        v = tok.vocab
+        self.shift = np.where(v.kind == v.k("shift"), v.value, 0)
+
+    def steps(self, t: int) -> int:
+        tok = self.tok
+        return int(self.shift[tok._flat[tok._offs[t] : tok._offs[t + 1]]].sum())
+
+    @torch.inference_mode()
+    def run(self, seq: list[int], until: int) -> tuple[list[int], str]:
+        """New tokens after ``seq`` until FIM_END/EOS ("end"), time passes ``until`` steps from the input's
+        end ("time"), the context is full ("full") or max_new_tokens ("max"). Stop tokens are not returned."""
+        cache = self.model.new_kv_cache(1, max_len=self.L) if self.kv else None
+        ids, fed, out, now = list(seq), 0, [], 0
+        while True:
+            if len(ids) >= self.L:
+                return out, "full"
+            if len(out) >= self.max_new_tokens:
+                return out, "max"
+            feed = torch.tensor(
+                [ids[fed:] if cache is not None else ids], dtype=torch.long, device=self.device
+            )
+            t = int(next_token(self.model, feed, cache, allowed=self.allowed, **self.sampling)[0])
+            if cache is not None:
+                fed = len(ids)
+            if t in self.end_ids:
+                return out, "end"
+            now += self.steps(t)
+            if now >= until:
+                return out, "time"
+            ids.append(t)
+            out.append(t)
+
+
+def _complete_words(tok, out: list[int]) -> list[int]:
+    """The tokens before the last word start: whole onsets only (the rest may lack a DURATION)."""
+    starts = np.flatnonzero(tok.word_starts(np.asarray(out, np.int64))) if out else []
+    return out[: int(starts[-1])] if len(starts) else []
+
+
+def _rows_after(tok, before: np.ndarray, new: list[int]) -> NoteTable:
+    """Rows that ``new`` tokens make when they follow the base events ``before`` (state and time carried)."""
+    ev = np.concatenate([before, tok.base_events(new)]) if new else before
+    table, src = fim.events_to_table(tok, ev)
+    n = len(before)
+    return fim.subset(table, src["note"] >= n, src["pedal"] >= n)
+
+
+def _meta(t: NoteTable, lo: int, hi: int) -> dict:
+    return {k: (getattr(t, names[0]) >= lo) & (getattr(t, names[0]) < hi) for k, names in fim._META.items()}
+
+
+def _clip(rows: NoteTable, end: int, durations: np.ndarray) -> NoteTable:
+    """Written notes and pedals end by the prompt's end, so the output keeps its length (a note's duration
+    becomes the longest one of the vocabulary that fits, since the tokenizer rounds to those)."""
+    fit = np.maximum(end - rows.time, 0)
+    longest = durations[np.maximum(np.searchsorted(durations, fit, side="right") - 1, 0)]
+    rows.duration = np.minimum(rows.duration, longest)
+    rows.pedal_duration = np.maximum(np.minimum(rows.pedal_duration, end - rows.pedal_time), 0)
+    return rows
+
+
+def _in(x, lo, hi):
+    return (x >= lo) & (x < hi)
+
+
+def fill_span(s: _Sampler, piece: Piece, rs: int, re_: int) -> NoteTable:
+    """Rewrite notes and pedals starting in grid steps [rs, re_) of ``piece.table`` in place."""
+    tok, t = s.tok, piece.table
+    piece.table = fim.subset(t, ~_in(t.time, rs, re_), ~_in(t.pedal_time, rs, re_), _meta(t, -1, 1 << 62))
+    sent = fim.sentinel_ids(tok)
+    for _ in range(10_000):  # each round adds complete words or ends; the bound only guards against a bug
+        t = piece.table
+        # Prefix: everything before the span plus what was written so far; pedals pressed before the span are
+        # released by its start in the model's view, so the prefix ends before the span starts.
+        pre = fim.subset(t, t.time < re_, t.pedal_time < rs, _meta(t, -1, rs))
+        pre.pedal_duration = np.minimum(pre.pedal_duration, np.maximum(rs - pre.pedal_time, 0))
+        pre_ids = fim.encode_table(tok, pre)
+        pre_ev = tok.base_events(pre_ids)
+        origin = fim.shift_total(tok, pre_ids)
+        suf = fim.subset(t, t.time >= re_, t.pedal_time >= re_, _meta(t, re_, 1 << 62), origin=origin)
+        suf_ids = list(fim.encode_table(tok, suf))
+        budget_pre, budget_suf = int(s.L * PREFIX_SHARE), int(s.L * SUFFIX_SHARE)
+        head = [tok.bos_id]
+        if len(pre_ids) + 1 > budget_pre:  # the prefix's tail, cut at an onset
+            ws = np.flatnonzero(tok.word_starts(pre_ids))
+            ok = ws[ws >= len(pre_ids) - budget_pre]
+            pre_tail = list(pre_ids[int(ok[0]) :]) if len(ok) else []
+            head = []
+        else:
+            pre_tail = list(pre_ids)
+        suf_part = suf_ids[:budget_suf] if len(suf_ids) > budget_suf else [*suf_ids, tok.eos_id]
+        seq = [*head, *pre_tail, int(sent[fim.FIM_SUFFIX]), *suf_part, int(sent[fim.FIM_MIDDLE])]
+        out, why = s.run(seq, re_ - origin)
+        if why == "full":
+            out = _complete_words(tok, out)
+        rows = _rows_after(tok, pre_ev, out)
+        ok_n, ok_p = _in(rows.time, rs, re_), _in(rows.pedal_time, rs, re_)
+        piece.table = fim.concat(
+            piece.table, _clip(fim.subset(rows, ok_n, ok_p), piece.end, tok.vocab.durations)
+        )
+        if why != "full" or not out:
+            return piece.table
+    raise AssertionError("unreachable")
+
+
+def fill_track(s: _Sampler, piece: Piece, target: tuple[int, int], given: list[tuple[int, int]]) -> None:
+    """Write track ``target`` (program, index) over the whole piece, given the tracks ``given``."""
+    tok, t = s.tok, piece.table
+    owner = t.program.astype(np.int64) * 16 + t.track
+    p_owner = t.pedal_program.astype(np.int64) * 16 + t.pedal_track
+    keys = [p * 16 + i for p, i in given]
+    sent = fim.sentinel_ids(tok)
+    header = fim.header_ids(tok, *target)
+    bars, end = piece.bars, int(piece.bars[-1])
+    written = []
+    t0 = 0
+    while t0 < end:
+        # Whole bars whose given tracks fit the budget (at least one bar, or what is left of one).
+        k = int(np.searchsorted(bars, t0, side="right"))
+        t1 = int(bars[min(k, len(bars) - 1)])
+        while k + 1 < len(bars):
+            nxt = int(bars[k + 1])
+            c = fim.subset(t, np.isin(owner, keys) & _in(t.time, t0, nxt), None, _meta(t, t0, nxt), t0)
+            if len(fim.encode_table(tok, c)) > int(s.L * GIVEN_SHARE):
+                break
+            t1, k = nxt, k + 1
+        sel_n = np.isin(owner, keys) & _in(t.time, t0, t1)
+        sel_p = np.isin(p_owner, keys) & _in(t.pedal_time, t0, t1)
+        ctx = fim.subset(t, sel_n, sel_p, _meta(t, t0, t1), origin=t0)
+        ctx_ids = list(fim.encode_table(tok, ctx))[: int(s.L * 0.8)]
+        seq = [*([tok.bos_id] if t0 == 0 else []), int(sent[fim.FIM_TRACKS]), *ctx_ids]
+        seq += [int(sent[fim.FIM_MIDDLE]), *header]
+        out, why = s.run(seq, t1 - t0)
+        if why == "full":
+            out = _complete_words(tok, out)
+        rows = _rows_after(tok, tok.base_events(header), out)
+        rows = fim.subset(rows, _in(rows.time, 0, t1 - t0), _in(rows.pedal_time, 0, t1 - t0), origin=-t0)
+        rows.program[:] = target[0]  # the track written is the target, whatever PROGRAM/TRACK it wrote
+        rows.track[:] = target[1]
+        rows.pedal_program[:] = target[0]
+        rows.pedal_track[:] = target[1]
+        written.append(_clip(rows, piece.end, tok.vocab.durations))
+        if why == "full" and len(rows):
+            t0 = int(rows.time.max()) + 1  # go on from just after the last whole onset written
+        else:
+            t0 = t1
+    for rows in written:
+        piece.table = fim.concat(piece.table, rows)
+
+
+# ------------------------------------------------------------------------------------------- requests
+@dataclass
+class Request:
+    """What to edit. Exactly one kind: spans (``"9-16"``...), tracks to add, a track to replace, or voices to
+    add under a one-track melody."""
+
+    infill: list[str] | None = None
+    add_tracks: list[str] | None = None
+    replace_track: str | None = None
+    harmonize: int | None = None
+
+    def kinds(self) -> list[str]:
+        names = ("--infill", "--add-track", "--replace-track", "--harmonize")
+        vals = (self.infill, self.add_tracks, self.replace_track, self.harmonize)
+        return [n for n, v in zip(names, vals, strict=True) if v]
+
+    def plan(self, piece: Piece) -> list[tuple]:
+        """[("span", rs, re) | ("track", target, given)] for this piece; UsageError for what cannot work."""
+        kinds = self.kinds()
+        if len(kinds) != 1:
+            raise UsageError(f"give one of --infill, --add-track, --replace-track, --harmonize (got {kinds})")
+        if not len(piece.table):
+            raise UsageError("the prompt has no notes to edit")
+        owners = piece.owners
+        if self.infill:
+            bars = piece.bars
+            return [
+                ("span", int(bars[a - 1]), int(bars[b])) for a, b in parse_bars(self.infill, len(bars) - 1)
+            ]
+        if self.replace_track is not None:
+            target = _find_track(piece, self.replace_track)
+            rest = [o for o in owners if o != target]
+            if not rest:
+                raise UsageError("--replace-track: the prompt has no other track to write it from")
+            t = piece.table
+            keep = (t.program != target[0]) | (t.track != target[1])
+            keep_p = (t.pedal_program != target[0]) | (t.pedal_track != target[1])
+            piece.table = fim.subset(t, keep, keep_p, _meta(t, -1, 1 << 62))
+            return [("track", target, rest)]
+        if self.harmonize is not None:
+            if len(owners) != 1:
+                labels = ", ".join(piece.track_label(o) for o in owners)
+                raise UsageError(
+                    f"--harmonize needs a one-track melody; the prompt has {len(owners)} ({labels})"
+                )
+            if not 1 <= self.harmonize <= MAX_TRACK_INDEX:
+                raise UsageError(f"--harmonize: voices must be 1..{MAX_TRACK_INDEX} (got {self.harmonize})")
+            p, i = owners[0]
+            free = [j for j in range(MAX_TRACK_INDEX + 1) if j != i][: self.harmonize]
+            return _adds(owners, [(p, j) for j in free])
+
+        targets = []
+        for name in self.add_tracks:
+            progs = parse_instruments(name)
+            if len(progs) != 1:
+                raise UsageError(f"--add-track: one instrument each (got {name!r}); repeat the option")
+            p = progs[0]
+            i = sum(1 for q, _ in owners + targets if q == p)
+            if i > MAX_TRACK_INDEX:
+                raise UsageError(
+                    f"--add-track {name}: at most {MAX_TRACK_INDEX + 1} tracks of one instrument"
+                )
+            targets.append((p, i))
+        return _adds(owners, targets)
+
+
+def _adds(owners, targets) -> list[tuple]:
+    """Tracks written one after another, each given the prompt's tracks and the ones written before it."""
+    return [("track", t, list(owners) + targets[:k]) for k, t in enumerate(targets)]
+
+
+def _find_track(piece: Piece, spec: str) -> tuple[int, int]:
+    owners = piece.owners
+    labels = ", ".join(f"{k + 1} = {piece.track_label(o)}" for k, o in enumerate(owners))
+    if spec.strip().isdigit():
+        k = int(spec)
+        if not 1 <= k <= len(owners):
+            raise UsageError(f"--replace-track {spec}: no such track (the prompt has {labels})")
+        return owners[k - 1]
+    hits = [o for o in owners if piece.track_label(o).lower() == spec.strip().lower()]
+    if len(hits) != 1:
+        raise UsageError(f"--replace-track {spec!r}: no such track (the prompt has {labels})")
+    return hits[0]
+
+
+def check_checkpoint(ckpt_dir, tok) -> None:
+    """UsageError unless the checkpoint was trained with infilling examples."""
+    if not fim.supports_infill(tok):
+        raise UsageError(
+            f"{ckpt_dir}: trained without infilling (its tokenizer has no infilling sentinels); train a new"
+            " checkpoint (infilling is on by default, --infill-rate)"
+        )
+
+    cfg = read_config(ckpt_dir) or {}  # the committed save's, as load_inference read it (a run may be saving)
+    rate = (cfg.get("train") or {}).get("infill_rate") or 0
+    if not rate > 0:
+        raise UsageError(
+            f"{ckpt_dir}: trained without infilling (--infill-rate 0 or older code); train with --infill-rate > 0"
+        )
+
+
+@torch.inference_mode()
+def edit(model, tok, prompt, request: Request, *, seed: int | None = None, temperature: float = 1.0,
+         top_k: int | None = None, top_p: float | None = None, max_new_tokens: int = 1024,
+         use_kv_cache: bool = True, device="cpu"):  # fmt: skip
+    """The edited piece as a symusic.Score (see the module docstring); ``prompt``: a Score or MIDI path/bytes."""
+    if not fim.supports_infill(tok):
+        raise UsageError("this tokenizer has no infilling sentinels (trained without infilling)")
+    score = prompt if hasattr(prompt, "tracks") else load_score(prompt)
+    piece = Piece.from_score(tok, score)
+    steps = request.plan(piece)
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    s = _Sampler(model, tok, device, generator, sampling, use_kv_cache, max_new_tokens)
+    was_training = model.training
+    model.eval()
+    try:
+        for step in steps:
+            if step[0] == "span":
+                fill_span(s, piece, step[1], step[2])
+            else:
+                fill_track(s, piece, step[1], step[2])
+    finally:
+        model.train(was_training)
+    return piece.score(tok)

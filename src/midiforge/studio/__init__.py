@@ -1,0 +1,1 @@
+"""The studio: a local web page over `midiforge generate` (a standard-library server, a job queue, static files)."""

@@ -1,0 +1,396 @@
+"""The one description of a training run: :class:`RunConfig`.
+
+Every option of `midiforge train` is a field here, with its type, default, flags and help text. The command
+line is derived from the fields (:func:`add_arguments`), :func:`value_problems` checks them all at once, and
+``config.json["train"]`` is :meth:`RunConfig.to_dict`. Nothing else defines a default.
+
+Fields that are ``None`` by default mean "not given": for a new run the documented default applies, when
+resuming the checkpoint's own value is kept (model shape, dropout, vocabulary, context length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+from midiforge.model import PRESETS
+from midiforge.tokens.bpe_sample import DEFAULT_SAMPLE_EVENTS as DEFAULT_BPE_SAMPLE_EVENTS
+
+PRESETS_CHOICES = ("tiny", "small", "base", "large")
+DEFAULT_PRESET = "small"
+DEFAULT_DROPOUT = 0.1
+DEFAULT_VOCAB = 2048
+SHAPE_FIELDS = ("n_layer", "n_head", "d_model", "d_ff")
+
+EPILOG = """
+Re-running the same command resumes from CKPT_PATH (mid-epoch included); num_epochs is the total, so a larger
+number extends a finished run (the warmup+cosine schedule is then rebuilt for the new total and the learning rate
+continues from that curve). -l and -w from the command line replace the checkpointed values on purpose.
+The model shape options apply to a new run; with a checkpoint they must match it (or be omitted).
+Only one training run may write to CKPT_PATH at a time (it holds CKPT_PATH/.lock); generate and plot may read
+it meanwhile. CKPT_PATH receives model.pth, optimizer.pth, state.pth, metrics.json, config.json,
+tokenizer.json (trained on the training set first when absent), training.png and cache/ (tokenized data).
+"""
+
+
+def opt(default=None, *flags: str, help: str, type=None, group: str = "", **argparse_kw):
+    """A RunConfig field with its command-line spelling. No flags: a positional argument."""
+    meta = dict(flags=flags, help=help, type=type, group=group, argparse=argparse_kw)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """Everything a user can set for a training run (see ``midiforge train --help``)."""
+
+    num_epochs: int = opt(MISSING, type=int, help="total epochs (a larger number than before extends a run)")
+    ckpt_path: Path = opt(
+        MISSING, type=Path, help="checkpoint directory; re-running the same command resumes"
+    )
+    train_dataset: list[Path] = opt(
+        [],
+        "-t",
+        "--train-dataset",
+        type=Path,
+        required=True,
+        help="training files/directories (.mid/.midi and prepared .json, mixed); may repeat. NAME=DIR tags"
+        " DIR's pieces with the style tag NAME (generate --tag NAME); a bare DIR has none",
+    )
+    val_dataset: list[Path] = opt(
+        [], "-v", "--val-dataset", type=Path, help="validation files/directories (NAME=DIR as -t); may repeat"
+    )
+    min_sequence_length: int = opt(
+        8,
+        "-m",
+        "--min-sequence-length",
+        type=int,
+        help="skip pieces shorter than this many tokens (default: %(default)s; the seed's 2**32 would skip"
+        " every piece)",
+    )
+    max_sequence_length: int = opt(
+        2**17,
+        "-e",
+        "--max-sequence-length",
+        type=int,
+        help="longest training window in tokens; longer pieces are cut into windows at note onsets;"
+        " lowered to isqrt(-b) (and to the model's context length) when larger (default: %(default)s)",
+    )
+    # Called max_batch_size by the seed; it is a budget of sum(len**2) per batch, not a number of samples.
+    batch_budget: int = opt(
+        8 * 1536**2,
+        "-b",
+        "--max-batch-size",
+        type=int,
+        help="batch budget: sum of squared sample lengths (tokens) per batch (default: 8*1536**2 = %(default)s)",
+    )
+    learning_rate: float = opt(
+        3e-3,
+        "-l",
+        "--learning-rate",
+        type=float,
+        help="peak AdamW learning rate: warmup over min(100, 10%% of the steps), cosine decay to 10%%;"
+        " overrides a checkpoint's (default: %(default)s). Measured on 8 POP909 songs, 6 epochs (468 steps):"
+        " validation loss 6.20/6.12/6.13 (tiny) and 6.19/5.97/6.24 (small) for 1e-2/3e-3/1e-3 -- the seed's"
+        " 0.01 did not diverge but learned slower and noisier; consider 1e-3 or less for base/large",
+    )
+    weight_decay: float = opt(
+        0.01,
+        "-w",
+        "--weight-decay",
+        type=float,
+        help="AdamW weight decay (not on norms, biases, embeddings); overrides a checkpoint's"
+        " (default: %(default)s)",
+    )
+    preset: str | None = opt(
+        None,
+        "--preset",
+        group="model",
+        choices=PRESETS_CHOICES,
+        help=f"model size preset (default for a new run: {DEFAULT_PRESET})",
+    )
+    n_layer: int | None = opt(
+        None, "--n-layer", type=int, group="model", help="override the preset's n_layer"
+    )
+    n_head: int | None = opt(None, "--n-head", type=int, group="model", help="override the preset's n_head")
+    d_model: int | None = opt(
+        None, "--d-model", type=int, group="model", help="override the preset's d_model"
+    )
+    d_ff: int | None = opt(None, "--d-ff", type=int, group="model", help="override the preset's d_ff")
+    context_length: int | None = opt(
+        None,
+        "--context-length",
+        type=int,
+        group="model",
+        help="the model's context in tokens (default for a new run: the training window); a checkpoint keeps"
+        " its own, and a larger -b on resume never changes it",
+    )
+    dropout: float | None = opt(
+        None,
+        "--dropout",
+        type=float,
+        group="model",
+        help=f"dropout rate (default for a new run: {DEFAULT_DROPOUT}; may change on resume)",
+    )
+    vocab_size: int | None = opt(
+        None,
+        "--vocab-size",
+        type=int,
+        group="model",
+        help=f"BPE vocabulary size when the checkpoint has no tokenizer.json yet (default {DEFAULT_VOCAB};"
+        " fewer when the data has no more merges to offer)",
+    )
+    bpe_sample_events: int = opt(
+        DEFAULT_BPE_SAMPLE_EVENTS,
+        "--bpe-sample-events",
+        type=int,
+        group="model",
+        help="a new tokenizer learns its BPE merges from at most this many base events (tokens before BPE),"
+        " whole pieces drawn in a --seed-ed random order across the training set; BPE memory grows with it"
+        " (measured on 10k POP909-like files: 0.5 GB at the default, 1.6 GB for all 63M events, tokens/note"
+        " +0.1%%); 0: every file (default: %(default)s)",
+    )
+    seed: int = opt(
+        0,
+        "--seed",
+        type=int,
+        group="run",
+        help="seed of model init, data order and augmentation (default: %(default)s)",
+    )
+    amp: str = opt(
+        "auto",
+        "--amp",
+        group="run",
+        choices=("auto", "off", "fp16", "bf16"),
+        help="mixed precision: auto = bf16 on CUDA when supported, else fp16 with loss scaling; fp32 on CPU"
+        " (default: %(default)s)",
+    )
+    device: str | None = opt(
+        None, "--device", group="run", help="cpu, cuda or cuda:N (default: cuda when available)"
+    )
+    compile: str = opt(
+        "auto",
+        "--compile",
+        group="run",
+        choices=("auto", "on", "off"),
+        help="torch.compile the model (dynamic shapes): auto = on for CUDA, off on CPU, where it gained nothing"
+        " at tiny/small sizes and costs minutes of compiling (default: %(default)s)",
+    )
+    augment: bool = opt(
+        True, "--no-augment", group="run", help="no random transposition of the training pieces"
+    )
+    infill_rate: float = opt(
+        0.5,
+        "--infill-rate",
+        type=float,
+        group="run",
+        help="share of training windows rearranged as infilling examples (a span given both sides, or a track given"
+        " the others; fim.py), so that generate --infill/--add-track/--replace-track/--harmonize work; 0: plain"
+        " continuation only. Validation windows stay ordinary (default: %(default)s)",
+    )
+    infill_track_share: float = opt(
+        0.5,
+        "--infill-track-share",
+        type=float,
+        group="run",
+        help="of the infilling examples, the share that write one track given others (windows with two tracks"
+        " or more); the rest fill a span (default: %(default)s)",
+    )
+    num_workers: int | None = opt(
+        None,
+        "--num-workers",
+        type=int,
+        group="run",
+        help="DataLoader worker processes (default: 0 on CPU, where workers steal compute cores; up to 4 per GPU)",
+    )
+    save_every_minutes: float = opt(
+        10.0,
+        "--save-every-minutes",
+        type=float,
+        group="run",
+        help="also checkpoint mid-epoch this often (default: %(default)s; epoch ends always save)",
+    )
+    cache_dir: Path | None = opt(
+        None,
+        "--cache-dir",
+        type=Path,
+        group="run",
+        help="token cache folder (default: CKPT_PATH/cache). Several machines: either shared storage that every"
+        " node sees (--cache-scope shared) or a disk of each node's own (--cache-scope node)",
+    )
+    cache_scope: str = opt(
+        "shared",
+        "--cache-scope",
+        group="run",
+        choices=("shared", "node"),
+        help="who fills the token cache while the other processes wait: shared = global rank 0, for a cache"
+        " every process sees; node = local rank 0 of each node, for a node-local --cache-dir (default:"
+        " %(default)s)",
+    )
+    max_steps: int | None = opt(
+        None,
+        "--max-steps",
+        type=int,
+        group="run",
+        help="checkpoint and stop once the run has taken this many optimizer steps in all (re-run without it"
+        " to go on); for trials and tests",
+    )
+    tensorboard: str | None = opt(
+        None,
+        "--tensorboard",
+        group="run",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="write TensorBoard logs to DIR (given bare: CKPT_PATH/tensorboard): loss, perplexity, bits per note,"
+        " learning rate, tokens/s, gradient norm, and a short sample per epoch as piano roll and audio; needs"
+        " pip install 'midiforge[tensorboard]'. Put a bare --tensorboard after the positional arguments",
+    )
+
+    controls: str | None = opt(
+        None,
+        "--controls",
+        group="controls",
+        choices=("on", "off"),
+        help="prefix each training piece with its measured controls (instruments, tempo, time signature, key,"
+        " density, polyphony, style tag) so that generate can be steered (default for a new run: on; a"
+        " checkpoint keeps its own, off for checkpoints and tokenizers from before controls)",
+    )
+    control_dropout: float | None = opt(
+        None,
+        "--control-dropout",
+        type=float,
+        group="controls",
+        metavar="P",
+        help="drop each control of each training piece with probability P per epoch, so that the model also"
+        " generates without it (default for a new run: 0.5; validation pieces keep all their controls)",
+    )
+    tags_csv: Path | None = opt(
+        None,
+        "--tags-csv",
+        type=Path,
+        group="controls",
+        metavar="FILE",
+        help="style tags from a CSV of 'path,tag' rows (paths relative to FILE's folder, files or folders of"
+        " the -t/-v data); applied after -t NAME=DIR",
+    )
+
+    # -- serialisation ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, Path):
+                d[k] = str(v)
+            elif isinstance(v, list):
+                d[k] = [str(x) for x in v]
+        return d
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunConfig:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+    @property
+    def window(self) -> int:
+        """The longest training sample: -e, lowered so that one window always fits the batch budget."""
+        if self.batch_budget <= 0 or self.max_sequence_length <= 0:
+            return self.max_sequence_length
+        return min(self.max_sequence_length, math.isqrt(self.batch_budget))
+
+    def shape(self) -> dict:
+        """The model-shape fields the user gave (preset expanded, then overrides)."""
+        asked = dict(PRESETS[self.preset]) if self.preset else {}
+        asked.update({n: getattr(self, n) for n in SHAPE_FIELDS if getattr(self, n) is not None})
+        return asked
+
+
+# -- the command line ----------------------------------------------------------------------------------------
+GROUP_TITLES = {
+    "model": "model shape (a new run; a checkpoint keeps its own shape)",
+    "run": "run",
+    "controls": "controls and style tags (see README, 'Steering')",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `midiforge train` command line, derived from :class:`RunConfig`'s fields."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = (parser.description or "") + "\n" + EPILOG
+    groups = {"": parser}
+    for f in fields(RunConfig):
+        m = f.metadata
+        if m["group"] not in groups:
+            groups[m["group"]] = parser.add_argument_group(GROUP_TITLES[m["group"]])
+        target = groups[m["group"]]
+        kw = dict(m["argparse"], help=m["help"])
+        if not m["flags"]:
+            target.add_argument(f.name, type=m["type"], **kw)
+            continue
+        kw["dest"] = f.name
+        if f.type == "bool":  # the only booleans default to on and have a --no-... switch
+            target.add_argument(*m["flags"], action="store_false", **kw)
+        elif f.type.startswith("list"):
+            target.add_argument(*m["flags"], action="extend", nargs="+", type=m["type"], default=None, **kw)
+        else:
+            if m["type"] is not None:
+                kw["type"] = m["type"]
+            target.add_argument(*m["flags"], default=f.default, **kw)
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    parser = argparse.ArgumentParser(
+        prog="midiforge train",
+        description="train a Transformer on MIDI/JSON datasets (resumes automatically)",
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return RunConfig.from_args(args)
+
+
+def flag(name: str) -> str:
+    """How the user spells a field on the command line, for messages (e.g. ``-b/--max-batch-size``)."""
+    meta = next(f.metadata for f in fields(RunConfig) if f.name == name)
+    return "/".join(meta["flags"]) or name
+
+
+def value_problems(cfg: RunConfig, base_vocab: int) -> list[str]:
+    """Every problem with the values themselves (files, device and checkpoint are checked by the caller)."""
+    errors = []
+    for name in (
+        "num_epochs",
+        "min_sequence_length",
+        "max_sequence_length",
+        "batch_budget",
+        "learning_rate",
+        "save_every_minutes",
+        "max_steps",
+        "context_length",
+        *SHAPE_FIELDS,
+    ):
+        v = getattr(cfg, name)
+        if v is not None and not v > 0:
+            errors.append(f"{flag(name)} must be positive, got {v}")
+    if cfg.bpe_sample_events < 0:
+        errors.append(
+            f"{flag('bpe_sample_events')} must be >= 0 (0: every file), got {cfg.bpe_sample_events}"
+        )
+    for name in ("infill_rate", "infill_track_share"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            errors.append(f"{flag(name)} must be in [0, 1], got {getattr(cfg, name)}")
+    if not cfg.weight_decay >= 0:
+        errors.append(f"{flag('weight_decay')} must be >= 0, got {cfg.weight_decay}")
+    if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
+        errors.append(f"{flag('dropout')} must be in [0, 1), got {cfg.dropout}")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        errors.append(f"{flag('num_workers')} must be >= 0, got {cfg.num_workers}")
+    if cfg.vocab_size is not None and cfg.vocab_size < base_vocab:
+        errors.append(
+            f"{flag('vocab_size')} must be at least the base vocabulary ({base_vocab}), got {cfg.vocab_size}"
+        )
+    if cfg.batch_budget > 0 and cfg.max_sequence_length > 0 and cfg.min_sequence_length > cfg.window:
+        errors.append(
+            f"{flag('min_sequence_length')} ({cfg.min_sequence_length}) exceeds the window ({cfg.window})"
+        )
+    return errors
