@@ -15,8 +15,11 @@ The event language (one base event = one character for BPE):
 
 Times are absolute grid positions rounded once (no drift); PROGRAM and VELOCITY are emitted only when they change,
 which is what makes the stream short. BPE words end where time moves (``word_split="onset"``) or at beats
-(``"beat"``), so one piece is never one giant word. Encoding works on symusic's numpy arrays: no Python loop per
-note. Decoding is total: every sequence of in-vocabulary ids gives a valid Score.
+(``"beat"``), so one piece is never one giant word. ``TokenizerConfig(tracks=False, pedals=False,
+key_signatures=False)`` writes no TRACK, PEDAL or KEYSIG: the information REMI(use_programs) keeps (the events v3
+stream), for comparing the two ways of writing it (bench/bench_quality.py). Encoding (tokens/encode.py) works on
+symusic's numpy arrays: no Python loop per note. Decoding is total: every sequence of in-vocabulary ids gives a
+valid Score.
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ import numpy as np
 import symusic
 
 from midiforge.fsio import atomic_write_bytes
-from midiforge.notes.midi import DRUM_PROGRAM, NoteTable, load_score, score_to_notes
+from midiforge.notes.midi import NoteTable, load_score, score_to_notes
 from midiforge.notes.read import read_notes
 from midiforge.tokens.bpe_sample import sample_texts
 from midiforge.tokens.detok import events_to_score
+from midiforge.tokens.encode import note_events
 from midiforge.tokens.sheet import sheet_events
-from midiforge.tokens.vocab import TokenizerConfig, Vocab, changes
+from midiforge.tokens.vocab import LAYOUT_FLAGS, TokenizerConfig, Vocab, changes
 from midiforge.version import __version__
 
 FORMAT = "midiforge.tokenizer/1"
@@ -148,153 +152,12 @@ class MidiTokenizer:
 
     def events(self, notes: NoteTable, transpose: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Base event ids (int64) of a piece and a bool mask of where BPE words start."""
-        c, v = self.config, self.vocab
         if transpose == 0 and notes.sheet and notes.sheet.get("config") == self.base_fingerprint:
             return sheet_events(notes.sheet, self.vocab, notes)  # checked: MidiReadError if it does not fit
         if notes.tpq <= 0:
             return np.zeros(0, np.int64), np.zeros(0, bool)
-        scale = c.steps_per_quarter / notes.tpq
-        legacy = self.events_version < 4  # a tokenizer from before TRACK/KEYSIG/PEDAL: its BPE lacks them
-        pitch = notes.pitch.astype(np.int64)
-        program = notes.program.astype(np.int64)
-        track = np.zeros(len(pitch), np.int64) if legacy else notes.track.astype(np.int64)
-        if transpose:
-            pitched = program != DRUM_PROGRAM
-            pitch = np.where(pitched, pitch + transpose, pitch)
-        if transpose:
-            keep = (pitch >= 0) & (pitch <= 127)
-            pitch, program, track = pitch[keep], program[keep], track[keep]
-            time, duration, velocity = notes.time[keep], notes.duration[keep], notes.velocity[keep]
-        else:  # read_notes already clipped pitches to 0..127
-            time, duration, velocity = notes.time, notes.duration, notes.velocity
-        # Times go through float32 quarters, as symusic's own tick→quarter conversion does, so that a note lying
-        # exactly halfway between two grid steps rounds to the side its quarter-note time is actually on.
-        onset, dur_steps = self._to_grid(np.stack([time, duration]), notes.tpq)
-        dur_idx = v.duration_index[np.minimum(dur_steps, len(v.duration_index) - 1)]
-        vel_bin = (velocity.astype(np.int64) - 1) * c.velocity_bins // 127  # velocities are 1..127
-
-        # Meta events: tempo (consecutive duplicates after binning removed) and supported time signatures.
-        t_on = np.rint(notes.tempo_time * scale).astype(np.int64)
-        t_bin = np.abs(
-            np.log(v.tempos)[None, :] - np.log(np.clip(notes.tempo_qpm, 1e-3, None))[:, None]
-        ).argmin(1)
-        if len(t_bin):
-            # The last tempo at each grid time wins; then drop repeats of the same bin.
-            last = changes(t_on[::-1])[::-1]
-            t_on, t_bin = t_on[last], t_bin[last]
-            keep_t = changes(t_bin)
-            t_on, t_bin = t_on[keep_t], t_bin[keep_t]
-        ts_tok = np.array(
-            [
-                v.time_sig_index.get((int(n), int(d)), -1)
-                for n, d in zip(notes.ts_numerator, notes.ts_denominator, strict=True)
-            ],
-            dtype=np.int64,
-        )
-        ts_on = np.rint(notes.ts_time * scale).astype(np.int64)
-        ok = ts_tok >= 0
-        ts_on, ts_tok = ts_on[ok], ts_tok[ok]
-
-        # Key signatures (transposed with the notes: the sharps of the moved tonic) and sustain pedals.
-        ks_on, ks_tok, p_on, p_off, p_prog, p_track = (np.zeros(0, np.int64),) * 6
-        if not legacy:
-            ks_on = np.rint(notes.ks_time * scale).astype(np.int64)
-            sharps = notes.ks_key.astype(np.int64)
-            if transpose:
-                sharps = (sharps + 7 * transpose) % 12  # tonic = 7 × sharps (mod 12), and 7 × 7 = 1 (mod 12)
-                sharps = np.where(sharps > 6, sharps - 12, sharps)
-            ks_tok = (sharps + 7) * 2 + notes.ks_tonality
-            p_on, p_off = self._to_grid(
-                np.stack([notes.pedal_time, notes.pedal_time + notes.pedal_duration]), notes.tpq
-            )
-            ok = p_off > p_on  # a press shorter than half a step vanishes on the grid
-            p_on, p_off = p_on[ok], p_off[ok]
-            p_prog, p_track = notes.pedal_program[ok].astype(np.int64), notes.pedal_track[ok].astype(np.int64)
-
-        # Rows: kind 0 = time signature, 1 = key signature, 2 = tempo, 3 = pedal or note (sub 0 = pedal off,
-        # 1 = pedal on, 2 = note), sorted by time, kind, program, track, sub, velocity, duration, pitch.
-        n_note, n_tempo, n_ts, n_ks, n_ped = len(onset), len(t_on), len(ts_on), len(ks_on), len(p_on)
-        n_meta = n_ts + n_ks + n_tempo
-        r_time = np.concatenate([ts_on, ks_on, t_on, p_off, p_on, onset])
-        r_kind = np.repeat([0, 1, 2, 3], [n_ts, n_ks, n_tempo, 2 * n_ped + n_note])
-        r_sub = np.concatenate(
-            [np.zeros(n_meta + n_ped, np.int64), np.ones(n_ped, np.int64), np.full(n_note, 2)]
-        )
-        zeros = np.zeros(n_meta, np.int64)
-        r_prog = np.concatenate([zeros, p_prog, p_prog, program])
-        r_track = np.concatenate([zeros, p_track, p_track, track])
-        r_pitch = np.concatenate([zeros, np.zeros(2 * n_ped, np.int64), pitch])
-        r_a = np.concatenate(
-            [
-                v.start["timesig"] + ts_tok,
-                v.start["keysig"] + ks_tok,
-                v.start["tempo"] + t_bin,
-                np.full(n_ped, v.start["pedal"]),
-                np.full(n_ped, v.start["pedal"] + 1),
-                v.start["pitch"] + pitch,
-            ]
-        )
-        r_dur = np.concatenate([np.full(n_meta + 2 * n_ped, -1), v.start["duration"] + dur_idx])
-        r_vel = np.concatenate([np.full(n_meta + 2 * n_ped, -1), vel_bin])
-        # One packed int64 key sorts 10x faster than lexsort. Bits: pitch 0-7, duration 8-15, velocity 16-21,
-        # sub 22-23, track 24-26, program 27-34, kind 35-36, time 37-62 (2^26 steps: 5.6 M quarter notes).
-        r_time = np.clip(r_time, 0, (1 << 26) - 1)
-        rel_dur = np.where(r_dur >= 0, r_dur - v.start["duration"] + 1, 0)
-        key = (
-            (r_time << 37) | (r_kind << 35) | (r_prog << 27) | (r_track << 24) | (r_sub << 22)
-            | ((r_vel + 1) << 16) | (rel_dur << 8) | r_pitch
-        )  # fmt: skip
-        order = np.argsort(key, kind="stable")
-        r_time, r_kind, r_sub, r_prog, r_track, r_a, r_dur, r_vel = (
-            a[order] for a in (r_time, r_kind, r_sub, r_prog, r_track, r_a, r_dur, r_vel)
-        )
-        nrow = len(r_time)
-        if nrow == 0:
-            return np.zeros(0, np.int64), np.zeros(0, bool)
-
-        # Time shifts: SHIFT(max) repeated for long rests, then the remainder.
-        delta = np.empty_like(r_time)
-        delta[0] = r_time[0]
-        np.subtract(r_time[1:], r_time[:-1], out=delta[1:])
-        n_long = np.where(delta > 0, (delta - 1) // c.max_shift, 0)
-        rem = delta - n_long * c.max_shift
-
-        # Sticky state: PROGRAM / TRACK where they change from the previous note or pedal, VELOCITY / DURATION
-        # where they change from the previous note. TRACK starts at 0 (the decoder's default), never written
-        # by a legacy tokenizer.
-        note_rows = np.flatnonzero((r_kind == 3) & (r_sub == 2))
-        owned = np.flatnonzero(r_kind == 3)
-        changed = np.zeros((4, nrow), bool)
-        for j, (col, rows) in enumerate(
-            ((r_prog, owned), (r_track, owned), (r_vel, note_rows), (r_dur, note_rows))
-        ):
-            if len(rows):
-                changed[j, rows] = changes(col[rows])
-        if len(owned):
-            changed[1, owned[0]] = r_track[owned[0]] != 0
-
-        # Fixed slots per row: [SHIFT rem, PROGRAM, TRACK, VELOCITY, PITCH|PEDAL|TEMPO|TIMESIG|KEYSIG, DURATION].
-        # A DURATION right after a PITCH applies to that note and the following ones. This order (and notes
-        # of an onset sorted by velocity, then duration) measured best for BPE: 1.77 tokens/note on POP909.
-        # Slot 0 holds SHIFT(max), repeated n_long times for long rests; one np.repeat lays out every token.
-        long_shift = np.full(nrow, v.start["shift"] + c.max_shift - 1)
-        slots = np.stack(
-            [
-                long_shift,
-                v.start["shift"] + rem - 1,
-                v.start["program"] + r_prog,
-                v.start["track"] + r_track,
-                v.start["velocity"] + r_vel,
-                r_a,
-                r_dur,
-            ],
-            axis=1,
-        )
-        count = np.stack(
-            [n_long, rem > 0, changed[0], changed[1], changed[2], np.ones(nrow, np.int64), changed[3]], axis=1
-        )
-        out = np.repeat(slots.ravel(), count.ravel())
-
+        # A tokenizer from before TRACK/KEYSIG/PEDAL (events v3): its BPE lacks them, so it never writes them.
+        out = note_events(self.config, self.vocab, notes, transpose, extras=self.events_version >= 4)
         return out, self.word_starts_of_events(out)
 
     # The "sheet": a piece's base events stored in a prepared JSON file, so that loading it skips the work of
@@ -307,17 +170,6 @@ class MidiTokenizer:
             "events_b64": base64.b64encode(events.astype("<u2").tobytes()).decode("ascii"),
             "word_starts_b64": base64.b64encode(np.packbits(word_start).tobytes()).decode("ascii"),
         }
-
-    def _to_grid(self, ticks: np.ndarray, tpq: int) -> np.ndarray:
-        """Nearest grid step of each tick time. Times go through float32 quarters, as symusic's tick→quarter
-        conversion does; a time exactly halfway between two steps goes to the step whose float32 quarter value
-        is nearer, so the error stays within half a step when measured in float32 quarters too."""
-        spq = self.config.steps_per_quarter
-        q = (ticks.astype(np.float64) / tpq).astype(np.float32)
-        lo = np.floor(q.astype(np.float64) * spq)
-        err_lo = np.abs((lo / spq).astype(np.float32) - q)
-        err_hi = np.abs(((lo + 1) / spq).astype(np.float32) - q)
-        return (lo + (err_hi < err_lo)).astype(np.int64)
 
     def bpe_encode(self, events: np.ndarray, word_start: np.ndarray) -> np.ndarray:
         nspec = len(SPECIALS)
@@ -437,6 +289,9 @@ class MidiTokenizer:
     def _state(self) -> dict:
         cfg = asdict(self.config)
         cfg["ts_denominators"] = list(cfg["ts_denominators"])
+        for name in LAYOUT_FLAGS:  # written only when off, so that older tokenizers keep their fingerprints
+            if cfg[name]:
+                del cfg[name]
         return {"config": cfg, "bpe": json.loads(self._bpe.to_str()) if self._bpe is not None else None}
 
     def save(self, path: str | os.PathLike) -> None:

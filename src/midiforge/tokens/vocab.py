@@ -27,6 +27,14 @@ class TokenizerConfig:
     ts_denominators: tuple[int, ...] = (2, 4, 8, 16)
     word_split: str = "onset"  # "onset" or "beat": where BPE words end
     output_tpq: int = 480  # ticks per quarter of decoded scores
+    # What the stream carries beyond notes, tempo and meter (all three off: the information REMI(use_programs)
+    # keeps, and the events v3 stream). Off, the base vocabulary still has the kinds; they are never written.
+    tracks: bool = True  # TRACK: several tracks of one program stay apart (off: merged into one)
+    pedals: bool = True  # PEDAL: the sustain pedal
+    key_signatures: bool = True  # KEYSIG
+
+
+LAYOUT_FLAGS = ("tracks", "pedals", "key_signatures")
 
 
 class Vocab:
@@ -45,6 +53,7 @@ class Vocab:
         mids = (self.durations[1:] + self.durations[:-1]) / 2
         self.duration_index = np.searchsorted(mids, np.arange(self.durations[-1] + 1), side="left")
         self.tempos = np.geomspace(c.tempo_min, c.tempo_max, c.tempo_bins)
+        self.log_tempos = np.log(self.tempos)
         self.time_sigs = [(n, d) for d in c.ts_denominators for n in range(1, c.ts_max_numerator + 1)]
         self.time_sig_index = {ts: i for i, ts in enumerate(self.time_sigs)}
         sizes = {
