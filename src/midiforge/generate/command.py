@@ -192,12 +192,22 @@ def add_edit_arguments(p) -> None:
         help="write a new track (a GM name or program number; may repeat) to go with the prompt",
     )
     g.add_argument("--replace-track", metavar="N|NAME", help="regenerate one track (number from 1, or name)")
-    g.add_argument("--harmonize", nargs="?", type=int, const=3, metavar="VOICES",
-                   help="write VOICES (default 3) voices under a one-track melody")  # fmt: skip
+    g.add_argument("--harmonize", nargs="?", const="3", metavar="VOICES",
+                   help="write VOICES (default 3: alto, tenor, bass) voices under the one-track melody given in"
+                        " --prompt, jointly and in time with it (any checkpoint)")  # fmt: skip
+    g.add_argument("--voice-ranges", metavar="LO-HI,...",
+                   help="--harmonize: each voice's range, top voice first, MIDI numbers or names (default SATB:"
+                        " G3-D5,C3-G4,E2-C4)")  # fmt: skip
+    g.add_argument("--free-harmony", action="store_true",
+                   help="--harmonize: let the model choose every sonority (default: where the melody attacks,"
+                        " the voices sound a triad or dominant seventh with it)")  # fmt: skip
 
 
 def edit_request(args) -> Request | None:
-    r = Request(args.infill, args.add_track, args.replace_track, args.harmonize)
+    r = Request(args.infill, args.add_track, args.replace_track, args.harmonize, args.voice_ranges,
+                args.free_harmony)  # fmt: skip
+    if (args.voice_ranges is not None or args.free_harmony) and args.harmonize is None:
+        raise UsageError("--voice-ranges and --free-harmony go with --harmonize")
     return r if r.kinds() else None
 
 
@@ -222,7 +232,8 @@ def run_edit(args, request: Request) -> int:
         raise UsageError(f"cannot read prompt {args.prompt}: {e}") from e
     paths = output_paths(args.output, args.num_samples)
     model, tok = load_inference(args.checkpoint, device)
-    check_checkpoint(args.checkpoint, tok)
+    if request.harmonize is None:  # harmonising writes the ordinary stream (joint.py): any checkpoint will do
+        check_checkpoint(args.checkpoint, tok)
     request.plan(Piece.from_score(tok, prompt))  # every bad request fails before any output is written
     try:
         paths[0].parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import symusic
 import torch
 
@@ -97,7 +98,24 @@ def prompt_ids(tokenizer, prompt, prompt_bars: int | None = None) -> list[int]:
         num, den = (ts[0].numerator, ts[0].denominator) if len(ts) else (4, 4)
         bar = score.ticks_per_quarter * 4 * num // den
         score = score.clip(0, prompt_bars * bar)
-    return [tokenizer.bos_id, *tokenizer.encode(score)]
+    return close_last_note(tokenizer, [tokenizer.bos_id, *tokenizer.encode(score)])
+
+
+def close_last_note(tokenizer, ids: list[int]) -> list[int]:
+    """``ids`` with the last note's DURATION spelt out where the encoding left it to the sticky value: the
+    decoder reads a DURATION right after a PITCH as that note's own, so a continuation starting with one
+    would change the prompt's last note."""
+    v = tokenizer.vocab
+    ev = tokenizer.base_events(ids)
+    if not len(ev) or v.kind[ev[-1]] != v.k("pitch"):
+        return ids
+    durs = np.flatnonzero(v.kind[ev] == v.k("duration"))
+    d = (
+        int(v.value[ev[durs[-1]]])
+        if len(durs)
+        else int(np.searchsorted(v.durations, tokenizer.config.steps_per_quarter))
+    )
+    return [*ids, int(tokenizer.base_token_ids([v.start["duration"] + d])[0])]
 
 
 @torch.inference_mode()

@@ -27,7 +27,7 @@ from midiforge.checkpoint import read_config
 from midiforge.data import fim
 from midiforge.errors import UsageError
 from midiforge.generate.sampling import next_token
-from midiforge.notes.midi import MAX_TRACK_INDEX, NoteTable, load_score, score_to_notes
+from midiforge.notes.midi import DRUM_PROGRAM, MAX_TRACK_INDEX, NoteTable, load_score, score_to_notes
 from midiforge.tokens.controls import parse_instruments, program_name
 
 PREFIX_SHARE, SUFFIX_SHARE, GIVEN_SHARE = 0.4, 0.25, 0.5  # of the context, for prefix / suffix / given tracks
@@ -172,13 +172,11 @@ def _meta(t: NoteTable, lo: int, hi: int) -> dict:
     return {k: (getattr(t, names[0]) >= lo) & (getattr(t, names[0]) < hi) for k, names in fim._META.items()}
 
 
-def _clip(rows: NoteTable, end: int, durations: np.ndarray) -> NoteTable:
-    """Written notes and pedals end by the prompt's end, so the output keeps its length (a note's duration
-    becomes the longest one of the vocabulary that fits, since the tokenizer rounds to those)."""
-    fit = np.maximum(end - rows.time, 0)
-    longest = durations[np.maximum(np.searchsorted(durations, fit, side="right") - 1, 0)]
-    rows.duration = np.minimum(rows.duration, longest)
-    rows.pedal_duration = np.maximum(np.minimum(rows.pedal_duration, end - rows.pedal_time), 0)
+def _clip(rows: NoteTable, end: int) -> NoteTable:
+    """Written notes and pedals end by ``end`` (the span's end, or the prompt's: the output keeps its length)."""
+    rows = fim.subset(rows, rows.time < end, rows.pedal_time < end)
+    rows.duration = np.minimum(rows.duration, end - rows.time)
+    rows.pedal_duration = np.minimum(rows.pedal_duration, end - rows.pedal_time)
     return rows
 
 
@@ -187,10 +185,12 @@ def _in(x, lo, hi):
 
 
 def fill_span(s: _Sampler, piece: Piece, rs: int, re_: int) -> NoteTable:
-    """Rewrite notes and pedals starting in grid steps [rs, re_) of ``piece.table`` in place."""
+    """Rewrite notes and pedals starting in grid steps [rs, re_) of ``piece.table`` in place; the rows written.
+    They end by ``re_``: what follows the span is kept as it was, so nothing written may sound into it."""
     tok, t = s.tok, piece.table
     piece.table = fim.subset(t, ~_in(t.time, rs, re_), ~_in(t.pedal_time, rs, re_), _meta(t, -1, 1 << 62))
     sent = fim.sentinel_ids(tok)
+    written = None
     for _ in range(10_000):  # each round adds complete words or ends; the bound only guards against a bug
         t = piece.table
         # Prefix: everything before the span plus what was written so far; pedals pressed before the span are
@@ -218,16 +218,16 @@ def fill_span(s: _Sampler, piece: Piece, rs: int, re_: int) -> NoteTable:
             out = _complete_words(tok, out)
         rows = _rows_after(tok, pre_ev, out)
         ok_n, ok_p = _in(rows.time, rs, re_), _in(rows.pedal_time, rs, re_)
-        piece.table = fim.concat(
-            piece.table, _clip(fim.subset(rows, ok_n, ok_p), piece.end, tok.vocab.durations)
-        )
+        new = _clip(fim.subset(rows, ok_n, ok_p), re_)
+        piece.table = fim.concat(piece.table, new)
+        written = new if written is None else fim.concat(written, new)
         if why != "full" or not out:
-            return piece.table
+            return written
     raise AssertionError("unreachable")
 
 
-def fill_track(s: _Sampler, piece: Piece, target: tuple[int, int], given: list[tuple[int, int]]) -> None:
-    """Write track ``target`` (program, index) over the whole piece, given the tracks ``given``."""
+def fill_track(s: _Sampler, piece: Piece, target: tuple[int, int], given: list[tuple[int, int]]) -> NoteTable:
+    """Write track ``target`` (program, index) over the whole piece, given the tracks ``given``; its rows."""
     tok, t = s.tok, piece.table
     owner = t.program.astype(np.int64) * 16 + t.track
     p_owner = t.pedal_program.astype(np.int64) * 16 + t.pedal_track
@@ -262,13 +262,17 @@ def fill_track(s: _Sampler, piece: Piece, target: tuple[int, int], given: list[t
         rows.track[:] = target[1]
         rows.pedal_program[:] = target[0]
         rows.pedal_track[:] = target[1]
-        written.append(_clip(rows, piece.end, tok.vocab.durations))
+        written.append(_clip(rows, piece.end))
         if why == "full" and len(rows):
             t0 = int(rows.time.max()) + 1  # go on from just after the last whole onset written
         else:
             t0 = t1
+    out = written[0]
     for rows in written:
         piece.table = fim.concat(piece.table, rows)
+    for rows in written[1:]:
+        out = fim.concat(out, rows)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- requests
@@ -280,18 +284,31 @@ class Request:
     infill: list[str] | None = None
     add_tracks: list[str] | None = None
     replace_track: str | None = None
-    harmonize: int | None = None
+    harmonize: int | str | None = None
+    voice_ranges: str | None = None  # --harmonize: "G3-D5,C3-G4,E2-C4", top voice first (SATB by default)
+    free_harmony: bool = False  # --harmonize: no triad/dominant-seventh rule where the melody attacks
 
     def kinds(self) -> list[str]:
         names = ("--infill", "--add-track", "--replace-track", "--harmonize")
         vals = (self.infill, self.add_tracks, self.replace_track, self.harmonize)
-        return [n for n, v in zip(names, vals, strict=True) if v]
+        return [n for n, v in zip(names, vals, strict=True) if v is not None and v != []]
 
     def plan(self, piece: Piece) -> list[tuple]:
-        """[("span", rs, re) | ("track", target, given)] for this piece; UsageError for what cannot work."""
+        """[("span", rs, re) | ("track", target, given) | ("voices", n, ranges)] for this piece; UsageError for
+        what cannot work."""
+        from midiforge.generate.harmonize import parse_ranges, parse_voices, voice_plan
+
         kinds = self.kinds()
         if len(kinds) != 1:
             raise UsageError(f"give one of --infill, --add-track, --replace-track, --harmonize (got {kinds})")
+        if (self.voice_ranges is not None or self.free_harmony) and self.harmonize is None:
+            raise UsageError("--voice-ranges and --free-harmony go with --harmonize")
+        if self.harmonize is not None:  # before the prompt is looked at: a file name here is the usual slip
+            n = parse_voices(self.harmonize)
+            ranges = parse_ranges(self.voice_ranges) if self.voice_ranges is not None else None
+            if not 1 <= n <= MAX_TRACK_INDEX:
+                raise UsageError(f"--harmonize: voices must be 1..{MAX_TRACK_INDEX} (got {n})")
+            voice_plan(n, ranges)
         if not len(piece.table):
             raise UsageError("the prompt has no notes to edit")
         owners = piece.owners
@@ -316,12 +333,9 @@ class Request:
                 raise UsageError(
                     f"--harmonize needs a one-track melody; the prompt has {len(owners)} ({labels})"
                 )
-            if not 1 <= self.harmonize <= MAX_TRACK_INDEX:
-                raise UsageError(f"--harmonize: voices must be 1..{MAX_TRACK_INDEX} (got {self.harmonize})")
-            p, i = owners[0]
-            free = [j for j in range(MAX_TRACK_INDEX + 1) if j != i][: self.harmonize]
-            return _adds(owners, [(p, j) for j in free])
-
+            if owners[0][0] == DRUM_PROGRAM:
+                raise UsageError("--harmonize needs a melody; the prompt's one track is drums")
+            return [("voices", n, ranges, not self.free_harmony)]
         targets = []
         for name in self.add_tracks:
             progs = parse_instruments(name)
@@ -363,7 +377,6 @@ def check_checkpoint(ckpt_dir, tok) -> None:
             f"{ckpt_dir}: trained without infilling (its tokenizer has no infilling sentinels); train a new"
             " checkpoint (infilling is on by default, --infill-rate)"
         )
-
     cfg = read_config(ckpt_dir) or {}  # the committed save's, as load_inference read it (a run may be saving)
     rate = (cfg.get("train") or {}).get("infill_rate") or 0
     if not rate > 0:
@@ -377,11 +390,11 @@ def edit(model, tok, prompt, request: Request, *, seed: int | None = None, tempe
          top_k: int | None = None, top_p: float | None = None, max_new_tokens: int = 1024,
          use_kv_cache: bool = True, device="cpu"):  # fmt: skip
     """The edited piece as a symusic.Score (see the module docstring); ``prompt``: a Score or MIDI path/bytes."""
-    if not fim.supports_infill(tok):
-        raise UsageError("this tokenizer has no infilling sentinels (trained without infilling)")
     score = prompt if hasattr(prompt, "tracks") else load_score(prompt)
     piece = Piece.from_score(tok, score)
     steps = request.plan(piece)
+    if steps[0][0] != "voices" and not fim.supports_infill(tok):  # harmonising needs no sentinels
+        raise UsageError("this tokenizer has no infilling sentinels (trained without infilling)")
     generator = torch.Generator()
     if seed is None:
         generator.seed()
@@ -391,12 +404,29 @@ def edit(model, tok, prompt, request: Request, *, seed: int | None = None, tempe
     s = _Sampler(model, tok, device, generator, sampling, use_kv_cache, max_new_tokens)
     was_training = model.training
     model.eval()
+    written, spans, replaced = [], [], None
     try:
         for step in steps:
             if step[0] == "span":
-                fill_span(s, piece, step[1], step[2])
+                written.append(fill_span(s, piece, step[1], step[2]))
+                spans.append(step[1:])
+            elif step[0] == "track":
+                replaced = step[1] if request.replace_track is not None else None
+                written.append(fill_track(s, piece, step[1], step[2]))
             else:
-                fill_track(s, piece, step[1], step[2])
+                from midiforge.generate.harmonize import add_tracks, voices_of
+
+                plain = {k: v for k, v in sampling.items() if k != "generator"}
+                rows, targets, names = voices_of(tok, model, piece, step[1], step[2], step[3], plain, generator,
+                                                 max_new_tokens, device, use_kv_cache)  # fmt: skip
+                return add_tracks(score, rows, targets, names, tok.config.steps_per_quarter)
     finally:
         model.train(was_training)
-    return piece.score(tok)
+    from midiforge.generate.splice import splice
+
+    rows = [w for w in written if w is not None]
+    table = rows[0] if rows else fim.subset(piece.table)
+    for r in rows[1:]:
+        table = fim.concat(table, r)
+    names = {step[1]: piece.track_label(step[1]) for step in steps if step[0] == "track"}
+    return splice(tok, score, table, spans=spans, replaced=replaced, names=names)
