@@ -1,22 +1,34 @@
-"""Which token stream learns better at equal compute: ours, or MidiTok REMI(use_programs) + BPE?
+"""Which token stream learns better at equal compute: ours, ours carrying only what REMI carries, or MidiTok
+REMI(use_programs) + BPE?
 
-Both streams have the same vocabulary size (BPE trained on the same training pieces). The same model (a
-midiforge Transformer of one preset, same seed) is trained for the same number of steps on batches of the same
-number of tokens (random windows of ``--context`` tokens of ``[BOS] + ids + [EOS]``), with the same optimizer
-and schedule. Then each model scores the held-out pieces with sliding windows (midiforge.measure.scoring: every token
-once, stride = context / 2), and the table reports bits per note and bits per second: the total negative
-log-likelihood over the number of notes (of the source files, the same for both) and over their length in
-seconds. Those compare across tokenizers; bits per token and perplexity do not.
+Three rows per corpus, all at the same vocabulary size (BPE trained on the same training pieces):
 
-    .venv/bin/python bench/bench_quality.py            # POP909 from ../shared/corpus, ~15 min on 2 cores
+- **ours, full**: the default tokenizer (track identity within a program, sustain pedal, key signatures);
+- **ours, same information as REMI**: ``TokenizerConfig(tracks=False, pedals=False, key_signatures=False)``,
+  the tracks of one program merged, no pedal, no key signature, which is what REMI(use_programs) keeps;
+- **REMI**: MidiTok 3.1 REMI(use_programs) + BPE.
 
-Needs MidiTok 3.1 (the dev extra). A fixed split: the first ``--train`` files (sorted by name) train, the next
-``--test`` are held out.
+The same model (a midiforge Transformer of one preset) is trained for each row and each seed for the same number
+of steps on batches of the same number of tokens (random windows of ``--context`` tokens of
+``[BOS] + ids + [EOS]``), with the same optimizer and schedule. Then it scores the held-out pieces with sliding
+windows (midiforge.measure.scoring: every token once, stride = context / 2). The table reports bits per note and
+bits per second (total negative log-likelihood over the notes of the source files, the same for every row, and
+over their length in seconds) per seed, their mean and spread. Those compare across tokenizers; bits per token
+and perplexity do not.
+
+    .venv/bin/python bench/bench_quality.py --seeds 0 1 2                      # POP909, ~45 min on 2 cores
+    .venv/bin/python bench/bench_quality.py --seeds 0 1 2 --corpus demo/midi   # the demo's chorales
+
+A corpus folder with ``train/`` and ``val/`` inside (the demo's layout) is split that way; any other folder by
+name: the first ``--train`` files train, the next ``--test`` are held out. ``--results FILE`` keeps every
+(corpus, row, seed) result as a JSON line and reuses the ones already there, so seeds can run in separate
+processes and one last call prints the whole table. Needs MidiTok 3.1 (the dev extra).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -32,9 +44,16 @@ from midiforge.measure.stats import piece_seconds
 from midiforge.model import PRESETS, ModelConfig, Transformer
 from midiforge.notes.read import read_notes
 from midiforge.tokens.tokenizer import MidiTokenizer
+from midiforge.tokens.vocab import TokenizerConfig
 from midiforge.train.trainer import lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
+SAME_AS_REMI = TokenizerConfig(tracks=False, pedals=False, key_signatures=False)
+ROWS = {
+    "ours": "ours, full (tracks, pedal, key signature) + BPE",
+    "same": "ours, same information as REMI + BPE",
+    "remi": "MidiTok 3.1 REMI(use_programs) + BPE",
+}
 
 
 def machine() -> str:
@@ -45,17 +64,18 @@ def machine() -> str:
     )
 
 
-def ours(train: list[Path], test: list[Path], vocab: int):
-    tok = MidiTokenizer()
+def ours(train: list[Path], test: list[Path], vocab: int, config: TokenizerConfig | None = None):
+    tok = MidiTokenizer(config)
     tok.train_bpe([str(f) for f in train], vocab)
     enc = [np.asarray(tok.encode(f), np.int64) for f in train + test]
-    return "midiforge (ours) + BPE", len(tok), enc[: len(train)], enc[len(train) :]
+    return len(tok), enc[: len(train)], enc[len(train) :]
 
 
 def miditok(train: list[Path], test: list[Path], vocab: int):
-    from miditok import REMI, TokenizerConfig
+    from miditok import REMI
+    from miditok import TokenizerConfig as RemiConfig
 
-    tok = REMI(TokenizerConfig(use_programs=True))
+    tok = REMI(RemiConfig(use_programs=True))
     tok.train(vocab_size=vocab, files_paths=[str(f) for f in train])
     assert (tok["PAD_None"], tok["BOS_None"], tok["EOS_None"]) == (0, 1, 2)
 
@@ -64,15 +84,21 @@ def miditok(train: list[Path], test: list[Path], vocab: int):
         return np.asarray(seq.ids if hasattr(seq, "ids") else seq[0].ids, np.int64)
 
     enc = [ids(f) for f in train + test]
-    return "MidiTok 3.1 REMI(use_programs) + BPE", len(tok), enc[: len(train)], enc[len(train) :]
+    return len(tok), enc[: len(train)], enc[len(train) :]
+
+
+def tokenize(row: str, train: list[Path], test: list[Path], vocab: int):
+    if row == "remi":
+        return miditok(train, test, vocab)
+    return ours(train, test, vocab, SAME_AS_REMI if row == "same" else None)
 
 
 def full(ids: np.ndarray) -> np.ndarray:
     return np.concatenate([[1], ids, [2]])  # BOS ... EOS (ids 1 and 2 in both vocabularies)
 
 
-def train_model(seqs: list[np.ndarray], vocab: int, args) -> tuple[Transformer, float]:
-    torch.manual_seed(args.seed)
+def train_model(seqs: list[np.ndarray], vocab: int, args, seed: int) -> tuple[Transformer, float]:
+    torch.manual_seed(seed)
     shape = dict(PRESETS[args.preset])
     model = Transformer(ModelConfig(vocab_size=vocab, max_seq_len=args.context, dropout=0.0, **shape))
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.startswith("tok_emb")]
@@ -86,18 +112,18 @@ def train_model(seqs: list[np.ndarray], vocab: int, args) -> tuple[Transformer, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.steps, warmup, 0.1))
     pieces = [full(s) for s in seqs]
     weights = np.asarray([max(1, len(p) - args.context) for p in pieces], np.float64)
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(seed)
     model.train()
     t0 = time.perf_counter()
     for step in range(args.steps):
         x = torch.zeros(args.batch, args.context, dtype=torch.long)  # (B, T)
-        y = torch.full((args.batch, args.context), -100, dtype=torch.long)
+        y = torch.full((args.batch, args.context), -100, dtype=torch.long)  # (B, T)
         for b, i in enumerate(rng.choice(len(pieces), args.batch, p=weights / weights.sum())):
             p = pieces[i]
             start = int(rng.integers(0, max(1, len(p) - args.context)))
             w = torch.from_numpy(p[start : start + args.context + 1])
             x[b, : len(w) - 1], y[b, : len(w) - 1] = w[:-1], w[1:]
-        logits = model(x)
+        logits = model(x)  # (B, T, V)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -124,53 +150,118 @@ def held_out(model, seqs: list[np.ndarray], notes: list[int], seconds: list[floa
     }
 
 
+def split(corpus: Path, n_train: int, n_test: int) -> tuple[list[Path], list[Path]]:
+    """(training files, held-out files): the demo's train/ and val/ folders, or a fixed split by name."""
+    if (corpus / "train").is_dir() and (corpus / "val").is_dir():
+        return sorted((corpus / "train").glob("*.mid")), sorted((corpus / "val").glob("*.mid"))
+    files = sorted(corpus.glob("*.mid"))
+    if len(files) < n_train + n_test:
+        sys.exit(f"{corpus}: {len(files)} MIDI files, need {n_train + n_test}")
+    return files[:n_train], files[n_train : n_train + n_test]
+
+
+def settings(args) -> dict:
+    """What a result depends on besides corpus, row and seed: a saved result is reused only when these match."""
+    keys = ("train", "test", "vocab", "preset", "context", "batch", "steps", "lr")
+    return {k: getattr(args, k) for k in keys}
+
+
+def load_results(path: Path | None) -> list[dict]:
+    if path is None or not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_corpus(corpus: Path, args, saved: list[dict]) -> list[dict]:
+    train, test = split(corpus, args.train, args.test)
+    tables = [read_notes(f) for f in test]
+    notes, seconds = [len(t) for t in tables], [piece_seconds(t) for t in tables]
+    print(
+        f"{corpus.name}: {len(train)} training pieces ({train[0].name}..{train[-1].name}), {len(test)} held out"
+        f" ({sum(notes)} notes, {sum(seconds) / 60:.1f} min); preset {args.preset}, context {args.context},"
+        f" {args.steps} steps x {args.batch} windows = {args.steps * args.batch * args.context:,} tokens each,"
+        f" lr {args.lr}, vocabulary {args.vocab}",
+        file=sys.stderr,
+    )
+    here = settings(args)
+    out = []
+    for row in args.rows:
+        todo = []
+        for seed in args.seeds:
+            key = {"corpus": str(corpus.resolve()), "row": row, "seed": seed, "settings": here}
+            got = [r for r in saved if all(r.get(k) == v for k, v in key.items())]
+            out.append(got[-1]) if got else todo.append((seed, key))
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        vocab, tr, te = tokenize(row, train, test, args.vocab)
+        print(
+            f"{ROWS[row]}: vocabulary {vocab}, tokenized in {time.perf_counter() - t0:.0f} s", file=sys.stderr
+        )
+        for seed, key in todo:
+            model, t_train = train_model(tr, vocab, args, seed)
+            rec = {**key, "vocab": vocab, "train_tokens": sum(int(s.size) for s in tr), "train_s": t_train}
+            rec |= held_out(model, te, notes, seconds, args.context)
+            if args.results is not None:
+                with open(args.results, "a") as f:  # one line per result: a crash keeps what was done
+                    f.write(json.dumps(rec) + "\n")
+            out.append(rec)
+    return out
+
+
+def print_table(corpus: Path, results: list[dict], args) -> None:
+    seeds = list(args.seeds)
+    print(f"\n{corpus.name}: bits per note on the held-out pieces, seeds {', '.join(map(str, seeds))}\n")
+    head = " | ".join(f"seed {s}" for s in seeds)
+    print(f"| token stream | tokens/note | {head} | mean | spread (max − min) | bits/s (mean) | vs REMI |")
+    print("|---|---|" + "---|" * len(seeds) + "---|---|---|---|")
+    rows = {}
+    for row in args.rows:
+        by_seed = {r["seed"]: r for r in results if r["row"] == row and r["seed"] in seeds}
+        if by_seed:
+            rows[row] = by_seed
+    means = {row: np.mean([r["bits_per_note"] for r in rs.values()]) for row, rs in rows.items()}
+    for row, by_seed in rows.items():
+        bits = np.array([r["bits_per_note"] for r in by_seed.values()])
+        cells = " | ".join(f"{by_seed[s]['bits_per_note']:.2f}" if s in by_seed else "–" for s in seeds)
+        tpn = np.mean([r["tokens_per_note"] for r in by_seed.values()])
+        bps = np.mean([r["bits_per_second"] for r in by_seed.values()])
+        vs = f"{means[row] / means['remi'] - 1:+.1%}" if "remi" in means and row != "remi" else ""
+        print(
+            f"| {ROWS[row]} | {tpn:.2f} | {cells} | **{means[row]:.2f}** | {np.ptp(bits):.2f} | {bps:.1f} | {vs} |"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus" / "pop909")
+    p.add_argument(
+        "--corpus", type=Path, action="append",
+        help="MIDI folder; may repeat (default: POP909 from ../shared/corpus)",
+    )  # fmt: skip
     p.add_argument("--train", type=int, default=100, help="training pieces (default %(default)s)")
     p.add_argument("--test", type=int, default=20, help="held-out pieces (default %(default)s)")
-    p.add_argument("--vocab", type=int, default=2048, help="vocabulary size of both (default %(default)s)")
+    p.add_argument(
+        "--vocab", type=int, default=2048, help="vocabulary size of every row (default %(default)s)"
+    )
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--batch", type=int, default=16, help="windows per step (default %(default)s)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (default 0)")
+    p.add_argument(
+        "--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="rows to run (default all)"
+    )
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--results", type=Path, help="JSON lines file: results appended, and reused when there")
     args = p.parse_args()
-    files = sorted(args.corpus.glob("*.mid"))
-    if len(files) < args.train + args.test:
-        sys.exit(f"{args.corpus}: {len(files)} MIDI files, need {args.train + args.test}")
-    train, test = files[: args.train], files[args.train : args.train + args.test]
-    tables = [read_notes(f) for f in test]
-    notes, seconds = [len(t) for t in tables], [piece_seconds(t) for t in tables]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    corpora = args.corpus or [ROOT.parent / "shared" / "corpus" / "pop909"]
     print(f"machine: {machine()}")
-    print(
-        f"POP909: {len(train)} training pieces ({train[0].name}..{train[-1].name}), {len(test)} held out"
-        f" ({sum(notes)} notes, {sum(seconds) / 60:.1f} min); preset {args.preset}, context {args.context},"
-        f" {args.steps} steps x {args.batch} windows = {args.steps * args.batch * args.context:,} tokens each,"
-        f" lr {args.lr}, vocabulary {args.vocab}\n"
-    )
-    rows = []
-    for build in (ours, miditok):
-        t0 = time.perf_counter()
-        name, vocab, tr, te = build(train, test, args.vocab)
-        t_tok = time.perf_counter() - t0
-        print(
-            f"{name}: vocabulary {vocab}, tokenized in {t_tok:.0f} s; training", file=sys.stderr, flush=True
-        )
-        model, t_train = train_model(tr, vocab, args)
-        res = held_out(model, te, notes, seconds, args.context)
-        train_tokens = sum(int(s.size) for s in tr)
-        rows.append((name, vocab, train_tokens, t_train, res))
-    print(
-        "| token stream | vocab | training-set tokens | train s | tokens/note | bits/token | bits/note | bits/s |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for name, vocab, train_tokens, t_train, r in rows:
-        print(
-            f"| {name} | {vocab} | {train_tokens:,} | {t_train:.0f} | {r['tokens_per_note']:.2f} |"
-            f" {r['bits_per_token']:.3f} | **{r['bits_per_note']:.2f}** | {r['bits_per_second']:.1f} |"
-        )
+    saved = load_results(args.results)
+    for corpus in corpora:
+        print_table(corpus, run_corpus(corpus, args, saved), args)
     print(f"\nmachine at the end: {machine()}")
 
 
