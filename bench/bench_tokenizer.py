@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     base = MidiTokenizer()
     mf_bpe, mf_train_s = timed_train_mf(TokenizerConfig(), train_files, args.vocab)
     mf_beat, _ = timed_train_mf(TokenizerConfig(word_split="beat"), train_files, args.vocab)
+    # The information REMI(use_programs) keeps: tracks of one program merged, no pedal, no key signature.
+    same_cfg = TokenizerConfig(tracks=False, pedals=False, key_signatures=False)
+    mf_same, _ = timed_train_mf(same_cfg, train_files, args.vocab)
     extra: dict[str, MidiTokenizer] = {}
     if not args.no_extra_vocab:
         extra["onset"], _ = timed_train_mf(TokenizerConfig(), train_files, args.extra_vocab)
@@ -356,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     add("midiforge base events, no BPE", len(base), mf_base_n)
     add(f"**midiforge BPE {args.vocab}, onset words**", len(mf_bpe), mf_count(mf_bpe))
     add(f"midiforge BPE {args.vocab}, beat words", len(mf_beat), mf_count(mf_beat))
+    add(f"midiforge BPE {args.vocab}, same information as REMI", len(mf_same), mf_count(mf_same))
     for split, tok in extra.items():
         add(f"midiforge BPE {args.extra_vocab}, {split} words", len(tok), mf_count(tok))
     print(
