@@ -18,6 +18,14 @@ Run from the repository root (about 15-20 minutes on 2 CPU cores; the corpus is 
    to its requested tag, against chance (1/tags), the unconditioned samples, and the real validation pieces.
 
 Prints markdown: machine, settings, the table. Sampling: temperature 1, top-k --top-k.
+
+``--checkpoint CKPT`` instead measures the requests of issue 18 on a trained checkpoint (the demo's), with
+``--samples`` pieces per request and the same number without it (the baseline), sampled as ``midiforge generate``
+does by default: ``--instruments piano,violin`` (both have notes, and no other instrument or second track),
+``--tempo 90`` and ``--time-sig 3/4`` (every tempo / time signature event of the file is the one asked for) and
+``--key "D minor"`` (the Krumhansl-Kessler estimate of the notes, controls.estimate_key, says D minor)::
+
+    .venv/bin/python bench/bench_controls.py --checkpoint demo/ckpt --samples 20 --seed 1
 """
 
 from __future__ import annotations
@@ -131,8 +139,56 @@ def link_extra(corpus: Path, spec: str, limit: int | None) -> None:
             dst.symlink_to(Path(f).resolve())
 
 
+REQUESTS = (  # (label, generate() controls, goal)
+    ("--instruments piano,violin", {"instruments": "piano,violin"}, ">= 90%"),
+    ("--tempo 90", {"tempo": 90}, "100%"),
+    ("--time-sig 3/4", {"time_sig": "3/4"}, "100%"),
+    ('--key "D minor"', {"key": "D minor"}, ">= 70%"),
+)
+
+
+def obeyed(controls: dict, score) -> bool:
+    """Whether a generated score is what was asked for (see the module docstring)."""
+    from midiforge.tokens.controls import estimate_key, parse_key
+
+    if "instruments" in controls:
+        tracks = [(128 if t.is_drum else t.program) for t in score.tracks if len(t.notes)]
+        return sorted(tracks) == [0, 40]
+    if "tempo" in controls:
+        return len(score.tempos) > 0 and all(abs(t.qpm - controls["tempo"]) < 0.01 for t in score.tempos)
+    if "time_sig" in controls:
+        n, d = (int(x) for x in controls["time_sig"].split("/"))
+        ts = score.time_signatures
+        return len(ts) > 0 and all((t.numerator, t.denominator) == (n, d) for t in ts)
+    notes = score_to_notes(score)
+    return len(notes) > 0 and estimate_key(notes) == parse_key(controls["key"])
+
+
+def requests_table(args) -> int:
+    """The issue-18 requests on a trained checkpoint: adherence against the same samples without the request."""
+    model, tok = ck.load_inference(args.checkpoint)
+    t0 = time.perf_counter()
+    plain = [g.score for g in generate(model, tok, num_samples=args.samples, seed=args.seed)]
+    rows = []
+    for label, controls, goal in REQUESTS:
+        gens = generate(model, tok, num_samples=args.samples, seed=args.seed, controls=controls)
+        hit = np.mean([obeyed(controls, g.score) for g in gens])
+        base = np.mean([obeyed(controls, s) for s in plain])
+        rows.append(f"| `{label}` | {hit:.0%} | {base:.0%} | {goal} |")
+    print(f"# bench_controls --checkpoint ({time.strftime('%Y-%m-%d %H:%M')})\n")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__};"
+          f" load average {os.getloadavg()[0]:.1f}\n")  # fmt: skip
+    print(f"checkpoint {args.checkpoint}: {args.samples} samples per request, --seed {args.seed}, generate's"
+          f" defaults (1024 new tokens, temperature 1); {time.perf_counter() - t0:.0f} s\n")  # fmt: skip
+    print("| request | obeyed | without the request (baseline) | goal |")
+    print("|---|---|---|---|")
+    print("\n".join(rows))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", type=Path, help="measure issue 18's requests on this checkpoint instead")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_controls"))
     ap.add_argument("--styles", default="bach,palestrina,monteverdi,trecento,folk")
     ap.add_argument("--per-style", type=int, default=40)
@@ -154,6 +210,8 @@ def main() -> int:
     ap.add_argument("--extra-max", type=int, default=None, help="at most this many files of each --extra")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.checkpoint is not None:
+        return requests_table(args)
     t_all = time.perf_counter()
 
     corpus = args.work / "corpus"
@@ -188,7 +246,7 @@ def main() -> int:
     for tag, files in train_files.items():
         for f in files:
             n = read_notes(f)
-            labels.append(measure(n))
+            labels.append(measure(n, use_key_signature=False))
             feats.append(features(n))
             ys.append(tag)
     clf = Centroids(np.stack(feats), ys)
@@ -200,7 +258,7 @@ def main() -> int:
 
     t0 = time.perf_counter()
     uncond = sample(model, tok, None, args.uncond, args, args.seed)
-    un_measured = [measure(n) for n in uncond]
+    un_measured = [measure(n, use_key_signature=False) for n in uncond]
     rows = []
     seed = args.seed + 1
     for kind in KINDS:
@@ -211,7 +269,7 @@ def main() -> int:
         hits, base, detail = [], [], []
         for v in values:
             got = [
-                value_of(measure(n), kind)
+                value_of(measure(n, use_key_signature=False), kind)
                 for n in sample(model, tok, request(kind, v), args.samples, args, seed)
             ]
             seed += 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from midiforge.generate.constraints import combine
 from midiforge.generate.sampling import MAX_SECONDS_CHECK_EVERY, WINDOW_KEEP, next_token, window_cut
 
 
@@ -22,19 +23,28 @@ def reference_loop(
     # Only as many positions as this run can fill: the window may be far longer than the generation.
     cache = model.new_kv_cache(B, max_len=min(window, len(head) + max_new_tokens)) if use_kv_cache else None
     cached = 0  # ids[:, start:cached] are in the cache
+    rules = steer.constraints(head, B, "cpu") if steer is not None else []
+    pin = torch.tensor(steer.pinned if steer is not None else [], dtype=torch.long).repeat(B, 1)  # (B, P)
+    banned_mask = torch.zeros(len(tokenizer), dtype=torch.bool)
+    banned_mask[list(banned)] = True
     for step in range(max_new_tokens):
         active = torch.tensor([not s for s in stop])
-        if ids.size(1) - start > window:  # no room for the next position: slide
-            keep = max(1, int(window * WINDOW_KEEP))
+        if ids.size(1) - start + (pin.size(1) if start else 0) > window:  # no room for the next position: slide
+            keep = max(1, int(window * WINDOW_KEEP) - pin.size(1))
             cut = ids.size(1) - keep
             start = window_cut(tokenizer, ids, cut, min(cut + window // 8, ids.size(1) - 1), active)
             if cache is not None:
                 # Rotary positions are relative to the window start, so the kept tokens are prefilled again.
                 cache.reset()
                 cached = start
-        feed = ids[:, cached if cache is not None else start :].to(device)
+        feed = ids[:, cached if cache is not None else start :]
+        if start and (cache is None or cached == start):  # a slid context starts with the control prefix again
+            feed = torch.cat([pin, feed], dim=1)
         allowed = steer.allowed(ids, len(head), step) if steer is not None else None  # (B, V) or None
-        tok = next_token(model, feed, cache, banned=banned, allowed=allowed, **sampling)  # (B,)
+        allowed = combine(allowed, rules, banned_mask)
+        tok = next_token(model, feed.to(device), cache, banned=banned, allowed=allowed, **sampling)  # (B,)
+        for rule in rules:
+            rule.update(tok)
         cached = ids.size(1)
         tok = torch.where(active, tok, torch.full_like(tok, tokenizer.pad_id))  # finished rows: PAD, ignored
         ids = torch.cat([ids, tok[:, None]], dim=1)

@@ -2,6 +2,7 @@
 on the device (tokens), the one-token static step (logits), the fused no-sync training step (losses, skipped
 steps), deferred read-back of step results (metrics bit for bit) and compilation (loss, checkpoint keys)."""
 
+import numpy as np
 import pytest
 import torch
 from reference_loop import reference_loop
@@ -11,6 +12,7 @@ from midiforge.generate.core import prompt_ids
 from midiforge.generate.decode import decode
 from midiforge.generate.steer import Steering
 from midiforge.model import ModelConfig, Transformer
+from midiforge.tokens.onsetgrid import OnsetGrid
 from midiforge.tokens.tokenizer import MidiTokenizer
 from midiforge.train import accel
 from midiforge.train import distributed as dist
@@ -36,14 +38,15 @@ def eos_prone_model(tok, max_seq_len=64) -> Transformer:
 
 
 def both_loops(
-    model, tok, *, prompt=None, B=3, n=120, max_seconds=None, kv=True, ignore_eos=False, steer=None, **s
-):
-    head = prompt_ids(tok, prompt)
+    model, tok, *, prompt=None, B=3, n=120, max_seconds=None, kv=True, ignore_eos=False, steer=None,
+    controls=None, **s,
+):  # fmt: skip
     banned = [tok.pad_id, tok.bos_id] + ([tok.eos_id] if ignore_eos else [])
     out = []
     for loop in (reference_loop, decode):
         g = torch.Generator().manual_seed(7)
-        st = None if steer is None else Steering.build(tok, None, steer, None)
+        st = None if steer is None else Steering.build(tok, controls, steer, None)
+        head = prompt_ids(tok, prompt) if st is None else st.head(prompt_ids(tok, prompt))
         with torch.inference_mode():
             ids, stop = loop(model, tok, head, B, n, max_seconds, kv, banned, dict(s, generator=g), "cpu", st)
         out.append((ids, stop))
@@ -59,10 +62,19 @@ def both_loops(
         dict(kv=False, B=2, n=60),
         dict(ignore_eos=True, B=2, n=150),  # past the 64-token window: the context slides
         dict(prompt=[10, 20, 30, 40], steer=15, n=90),  # steer: no EOS before 15 new tokens
+        # Requests and the onset grid: state masks on the device, and the control prefix kept when it slides.
+        dict(steer=0, n=150, B=2, ignore_eos=True,
+             controls={"instruments": "piano,violin", "tempo": 90, "key": "D minor", "time_sig": "3/4"}),
     ],
 )
 def test_decode_gives_the_reference_tokens(tok, kw):
-    (ref, ref_stop), (fast, fast_stop) = both_loops(eos_prone_model(tok), tok, **kw)
+    counts = np.zeros((13, 12), np.int64)
+    counts[:, [0, 3, 6]] = 5
+    tok.onset_grid = OnsetGrid(12, counts)  # the grid mask runs in every case
+    try:
+        (ref, ref_stop), (fast, fast_stop) = both_loops(eos_prone_model(tok), tok, **kw)
+    finally:
+        tok.onset_grid = None
     assert fast_stop == ref_stop
     assert torch.equal(fast[:, : ref.size(1)], ref)
     # The fast loop looks at EOS only every SYNC_EVERY tokens: what it ran past the end is PAD.

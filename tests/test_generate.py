@@ -269,11 +269,15 @@ def test_cli_writes_midi_wav_and_pianoroll(ckpt, tmp_path, capsys):
         top_k=20,
     )
     assert expected[0].ids != expected[1].ids
+    from midiforge.generate.core import prompt_ids
+
+    head_end = tokenizer.decode(prompt_ids(tokenizer, symusic.Score(str(prompt)), 2)).to("second").end()
     for i, want in enumerate(expected, start=1):
         path = tmp_path / f"song_{i}.mid"
         score = symusic.Score(str(path))
         assert score.note_num() >= 6  # at least the 2 prompt bars
-        assert score.to("second").end() <= 6.0 + 1e-2
+        # --max-seconds counts the new music: the prompt is never cut.
+        assert head_end - 1e-2 <= score.to("second").end() <= head_end + 6.0 + 1e-2
         assert _notes_by_track(score) == _notes_by_track(want.score)
 
         # What the command printed about this file agrees with the file.

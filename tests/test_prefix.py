@@ -61,3 +61,45 @@ def test_control_dropout_is_seeded_and_drops_some(files, tmp_path):
     assert sum(len(again._prefix[p]) for p in range(3)) == counts[-1]
     assert len(set(counts)) > 1 and min(counts) < 3 * 6  # some controls dropped, not always the same
     assert np.all(np.asarray(counts) >= 0)
+
+
+def test_every_window_carries_the_prefix_and_every_token_is_learned_once(files, tmp_path):
+    tok = MidiTokenizer()
+    cp = ControlPrefix(tok, dropout=0.0)
+    ds = MidiDataset(files, tok, max_sequence_length=256, cache_dir=tmp_path, augment=False, controls=cp)
+    assert (ds.lengths <= 256).all()
+    later = [i for i in range(len(ds)) if ds._win_start[i] > 0]
+    assert later  # the pieces are longer than one window
+    learned = {p: 0 for p in range(3)}
+    for i in range(len(ds)):
+        x, y = ds[i]
+        p = int(ds._win_piece[i])
+        pre = ds._prefix[p]
+        names = tok.token_names(x[: len(pre) + 1].tolist())
+        first = 1 if ds._win_start[i] == 0 else 0  # BOS only where the piece starts
+        assert all(n.startswith("CTL_") for n in names[first : first + len(pre)])
+        assert (y[: len(pre)] == -100).all() and (y[len(pre) :] >= 0).all()
+        learned[p] += int((y >= 0).sum())
+    for p in range(3):  # every token of [BOS] + ids + [EOS] but BOS is a label exactly once
+        assert learned[p] == len(ds.piece_ids(p)) + 1
+
+
+def test_the_key_label_is_the_key_the_notes_sound_in(tmp_path):
+    import symusic
+
+    from midiforge.notes.midi import score_to_notes
+    from midiforge.tokens.controls import estimate_key, key_name
+
+    s = symusic.Score(480)
+    s.key_signatures.append(symusic.KeySignature(0, 4, 0))  # E major written, C major played
+    t = symusic.Track("t", 0, False)
+    for i, p in enumerate([60, 64, 67, 72, 65, 62, 59, 60] * 4):
+        t.notes.append(symusic.Note(i * 480, 480, p, 90))
+    s.tracks.append(t)
+    path = tmp_path / "c.mid"
+    s.dump_midi(str(path))
+    tok = MidiTokenizer()
+    cp = ControlPrefix(tok, dropout=0.0)
+    ids = np.asarray(tok.encode(str(path)))
+    got = cp.controls(str(path), ids, 0).key
+    assert key_name(got) == "C major" == key_name(estimate_key(score_to_notes(s)))

@@ -29,6 +29,7 @@ from midiforge.errors import UsageError
 from midiforge.fsio import atomic_write_bytes
 from midiforge.generate.core import argument_problems, generate
 from midiforge.measure import copycheck, scoring
+from midiforge.measure.beat import STEPS_PER_QUARTER, note_steps
 from midiforge.measure.copycheck import DEFAULT_THRESHOLD
 from midiforge.measure.scoring import Piece
 from midiforge.measure.stats import compare_sets, figure_png, piece_seconds, piece_stats
@@ -75,6 +76,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens")
     g.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass, in (0, 1]")
     g.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    g.add_argument(
+        "--grid-mask", choices=("pairs", "positions", "off"), default="pairs",
+        help="onset grid mask of the samples and the floor (default pairs; see `midiforge generate --help`)",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu", metavar="D", help="torch device (default cpu)")
 
 
@@ -111,12 +116,24 @@ def untrained_model(model, seed: int):
     return Transformer(model.config).to(next(model.parameters()).device).eval()
 
 
-def sample_statistics(gens, tables, floor_gens) -> dict:
-    ref = [piece_stats(t) for t in tables]
+def used_positions(tok, tables) -> tuple[np.ndarray, str]:
+    """(12,) bool: where the training set starts notes (the checkpoint's record), else where the reference
+    pieces do; and which of the two it is."""
+    grid = getattr(tok, "onset_grid", None)
+    if grid is not None and grid.steps_per_quarter == STEPS_PER_QUARTER:
+        return grid.used(), "the checkpoint's training set"
+    used = np.zeros(STEPS_PER_QUARTER, bool)
+    for t in tables:
+        used[note_steps(t) % STEPS_PER_QUARTER] = True
+    return used, "the reference pieces (the checkpoint recorded no onset grid)"
+
+
+def sample_statistics(gens, tables, floor_gens, used=None) -> dict:
+    ref = [piece_stats(t, used) for t in tables]
     sets = {
         "reference": ref,
-        "samples": [piece_stats(score_to_notes(g.score)) for g in gens],
-        "floor": [piece_stats(score_to_notes(g.score)) for g in floor_gens],
+        "samples": [piece_stats(score_to_notes(g.score), used) for g in gens],
+        "floor": [piece_stats(score_to_notes(g.score), used) for g in floor_gens],
         "half_a": ref[0::2],
         "half_b": ref[1::2],
     }
@@ -152,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         sampling = dict(
             max_new_tokens=args.max_tokens, max_seconds=args.max_seconds, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, num_samples=args.samples, seed=args.seed, device=device,
+            grid=args.grid_mask,
         )  # fmt: skip
         gens = generate(model, tok, None, **sampling)
         floor = generate(untrained_model(model, args.seed), tok, None, **sampling)
@@ -159,7 +177,9 @@ def run(args: argparse.Namespace) -> int:
             {"notes": g.score.note_num(), "seconds": round(g.seconds, 3), "tokens": g.num_new_tokens}
             for g in gens
         ]
-        report["statistics"] = sample_statistics(gens, tables, floor)
+        used, origin = used_positions(tok, tables)
+        report["grid_positions"] = {"used": np.flatnonzero(used).tolist(), "from": origin}
+        report["statistics"] = sample_statistics(gens, tables, floor, used)
     if index is not None:
         report["copy_check"] = _copy_check(index, tok, pieces, gens, args.copy_threshold)
     report["seconds"] = round(time.perf_counter() - t0, 2)
@@ -269,6 +289,12 @@ def _print_summary(report: dict, lik: dict) -> None:
             print(
                 f"    {name:16s} samples {_f(ov.get('samples'))}  ceiling (half vs half)"
                 f" {_f(ov.get('ceiling'))}  floor (untrained model) {_f(ov.get('floor'))}"
+            )
+        for name in ("on_beat", "off_grid"):  # shares: their means say more than the overlap of their spreads
+            m = report["statistics"][name]["mean"]
+            print(
+                f"    {name:16s} mean share: samples {_f(m.get('samples'))}  reference {_f(m.get('reference'))}"
+                f"  halves {_f(m.get('half_a'))} / {_f(m.get('half_b'))}  floor {_f(m.get('floor'))}"
             )
     cc = report.get("copy_check")
     if cc:

@@ -360,7 +360,19 @@ class MidiDataset(torch.utils.data.Dataset):
             self._tcol = np.zeros(n, np.int64)
         self.transpositions = self.transposes[self._tcol]  # semitones per piece this epoch
         num_ids = self._length[np.arange(n), self._tcol]
-        long = np.flatnonzero(num_ids + 1 > self.max_sequence_length)
+        # Every window carries its piece's control prefix (after BOS in the first window, first in the others),
+        # so the model learns the controls everywhere in a piece; windows leave room for the whole prefix.
+        self._prefix: dict[int, np.ndarray] = {}
+        room = np.zeros(n, np.int64)
+        if self.controls is not None:
+            for p in range(n):
+                if p % _RELEASE_EVERY == 0:
+                    self.cache.release()
+                ids, t = self.piece_ids(p), self.transpositions[p]
+                self._prefix[p] = self.controls.prefix_ids(self.files[p], ids, t, epoch, p)
+                room[p] = min(self.controls.room(self.files[p], ids, t), self.max_sequence_length // 2)
+        limit = self.max_sequence_length - room
+        long = np.flatnonzero(num_ids + 1 > limit)
         win_piece, win_start, win_stop = [np.arange(n)], [np.zeros(n, np.int64)], [num_ids + 2]
         if len(long):
             keep = np.ones(n, bool)
@@ -369,42 +381,24 @@ class MidiDataset(torch.utils.data.Dataset):
             for k, p in enumerate(long.tolist()):
                 if k % _RELEASE_EVERY == 0:
                     self.cache.release()
-                starts = self._window_starts(p)
+                starts = self._window_starts(p, int(limit[p]))
                 win_piece.append(np.full(len(starts), p))
                 win_start.append(starts)
                 win_stop.append(np.append(starts[1:] + 1, num_ids[p] + 2))
         piece, start, stop = (np.concatenate(a).astype(np.int64) for a in (win_piece, win_start, win_stop))
         order = np.lexsort((start, piece))  # windows grouped by piece, in reading order
         self._win_piece, self._win_start, self._win_stop = piece[order], start[order], stop[order]
-        self.lengths = self._win_stop - self._win_start - 1
-        self._prefix: dict[int, np.ndarray] = {}
-        if self.controls is not None:  # the window starting a piece gets its prefix; its tail makes room
-            for k, i in enumerate(np.flatnonzero(self._win_start == 0).tolist()):
-                if k % _RELEASE_EVERY == 0:
-                    self.cache.release()
-                p = int(self._win_piece[i])
-                pre = self.controls.prefix_ids(
-                    self.files[p], self.piece_ids(p), self.transpositions[p], epoch, p
-                )
-                self._prefix[p] = pre
-                over = max(0, int(self.lengths[i]) + len(pre) - self.max_sequence_length)
-                self._win_stop[i] -= min(over, int(self._win_stop[i]) - 2)
-            self.lengths = (
-                self._win_stop
-                - self._win_start
-                - 1
-                + (self._win_start == 0)
-                * np.array([len(self._prefix.get(int(p), ())) for p in self._win_piece], np.int64)
-            )
+        pre_len = np.array([len(self._prefix.get(int(p), ())) for p in self._win_piece], np.int64)
+        self.lengths = self._win_stop - self._win_start - 1 + pre_len
         self.cache.release()  # the scans above touched (nearly) every page of the cache
 
-    def _window_starts(self, piece: int) -> np.ndarray:
-        key = (piece, int(self._tcol[piece]))
+    def _window_starts(self, piece: int, limit: int) -> np.ndarray:
+        key = (piece, int(self._tcol[piece]), limit)
         starts = self._cuts.get(key)
         if starts is None:
             ids = self.piece_ids(piece)
             ws = self.tokenizer.word_starts(np.asarray(ids, np.int64))
-            starts = self._cuts[key] = window_starts(ws, len(ids), self.max_sequence_length)
+            starts = self._cuts[key] = window_starts(ws, len(ids), limit)
         return starts
 
     def __len__(self) -> int:
@@ -423,18 +417,19 @@ class MidiDataset(torch.utils.data.Dataset):
         w[lo : lo + len(body)] = body
         if b == n + 2:
             w[-1] = self.tokenizer.eos_id
-        pre = self._prefix.get(p) if a == 0 else None
-        if pre is not None and len(pre):  # [BOS] + prefix + music; no loss on predicting the controls
-            w = np.concatenate([w[:1], pre, w[1:]])
-            w = torch.from_numpy(w)
-            labels = w[1:].clone()
-            labels[: len(pre)] = -100  # sampler.IGNORE_INDEX
-            return w[:-1], labels
+        pre = self._prefix.get(p)
         # Infilling examples are seeded per (seed, epoch, window): a resumed run rebuilds the same examples.
-        if self.infill is not None:
+        # A window that starts its piece keeps its prefix and is never one; the others may become one first.
+        if self.infill is not None and not (a == 0 and pre is not None and len(pre)):
             fim = self.infill(w, self.infill.rng(self.seed, self.epoch, i))
             if fim is not None:
                 return torch.from_numpy(fim[0]), torch.from_numpy(fim[1])
+        if pre is not None and len(pre):  # [BOS] + prefix + music, or prefix + music; no loss on the controls
+            w = np.concatenate([w[:1], pre, w[1:]]) if a == 0 else np.concatenate([pre, w])
+            w = torch.from_numpy(w)
+            labels = w[1:].clone()
+            labels[: len(pre)] = -100  # sampler.IGNORE_INDEX (a later window: its first token is not new)
+            return w[:-1], labels
         w = torch.from_numpy(w)
         return w[:-1], w[1:]
 

@@ -36,9 +36,16 @@ class ControlPrefix:
         key = (path, int(transpose))
         c = self._measured.get(key)
         if c is None:
-            c = measure(score_to_notes(self.tokenizer.decode(ids)))
+            # The key label is the Krumhansl estimate of the notes, not the key signature: the estimator that
+            # judges adherence makes the labels, and a signature names two keys (D minor and F major share one).
+            c = measure(score_to_notes(self.tokenizer.decode(ids)), use_key_signature=False)
             c = self._measured[key] = replace(c, tag=self.tags.get(path))
         return c
+
+    def room(self, path: str, ids: np.ndarray, transpose: int) -> int:
+        """Tokens of the piece's whole control prefix (nothing dropped): what its windows leave free for it."""
+        events = prefix_events(self.controls(path, ids, transpose), self.tokenizer.vocab, self.tokenizer.tags)
+        return len(events)
 
     def prefix_ids(self, path: str, ids: np.ndarray, transpose: int, epoch: int, piece: int) -> np.ndarray:
         """Token ids of the piece's control prefix this epoch (dropout applied)."""

@@ -40,7 +40,8 @@ def configure_parser(p) -> None:
         "--max-tokens", type=int, default=1024, metavar="N", help="new tokens per sample (default 1024)"
     )
     p.add_argument(
-        "--max-seconds", type=float, metavar="S", help="stop each sample once its music is S seconds long"
+        "--max-seconds", type=float, metavar="S",
+        help="stop each sample once it has S seconds of new music (after the prompt, which is never cut)",
     )
     p.add_argument(
         "--ignore-eos", action="store_true", help="never stop at end-of-sequence (fill --max-tokens)"
@@ -160,6 +161,7 @@ def run(args) -> int:
         controls=cli_controls(args),
         min_new_tokens=args.min_new_tokens,
         min_seconds=args.min_seconds,
+        grid=args.grid_mask,
     )
     elapsed = time.perf_counter() - t0
     num_tokens = sum(r.num_new_tokens for r in results)

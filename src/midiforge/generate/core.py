@@ -22,6 +22,7 @@ from midiforge.data.fim import sentinel_ids
 from midiforge.errors import UsageError
 from midiforge.generate.decode import decode
 from midiforge.generate.steer import Steering
+from midiforge.generate.streams import RowStreams
 from midiforge.notes.midi import load_score
 from midiforge.notes.scoretime import clip_seconds
 
@@ -138,11 +139,14 @@ def generate(
     controls=None,
     min_new_tokens: int | None = None,
     min_seconds: float | None = None,
+    grid: str = "pairs",
 ) -> list[Generation]:
     """Generate ``num_samples`` pieces together (one batch), each continuing ``prompt`` (see :func:`prompt_ids`).
 
-    A sample stops at EOS (unless ``ignore_eos``), after ``max_new_tokens``, or once its music passes
-    ``max_seconds`` (checked every few tokens; the score is then clipped to ``max_seconds``). When the context
+    A sample stops at EOS (unless ``ignore_eos``), after ``max_new_tokens``, or once its new music passes
+    ``max_seconds`` after the prompt's end (checked every few tokens; the score is then clipped there: the prompt
+    is never cut). ``grid``: the onset grid mask ("pairs", "positions" or "off"; steer.py, constraints.py), on
+    when the checkpoint recorded its training set's grid. Sample k draws from its own stream (seed, k). When the context
     fills the model's window (``model.config.max_seq_len``) the oldest tokens are dropped and the cache refilled.
     ``controls``: a Controls or a dict of the CLI spellings (``{"instruments": "piano,bass", "key": "D minor",
     "tempo": 90, "time_sig": "3/4", "density": "low", "polyphony": "high", "tag": "jazz"}``); see steer.py.
@@ -161,14 +165,13 @@ def generate(
     )
     if problems:
         raise UsageError("; ".join(problems))
-    steer = Steering.build(tokenizer, controls, min_new_tokens or 0, min_seconds)
+    steer = Steering.build(tokenizer, controls, min_new_tokens or 0, min_seconds, grid=grid)
     steer = steer.with_defaults(prompt is not None, max_new_tokens)
     head = steer.head(prompt_ids(tokenizer, prompt, prompt_bars))
-    generator = torch.Generator(device=device)  # sampling runs where the model is (decode.py)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    head_score = tokenizer.decode(head)
+    head_end = float(head_score.to("second").end()) if head_score.note_num() else 0.0
+    limit = None if max_seconds is None else head_end + max_seconds  # the prompt's own seconds don't count
+    generator = RowStreams(int(torch.seed()) if seed is None else seed)  # sample k: stream (seed, k)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     banned = [tokenizer.pad_id, tokenizer.bos_id] + ([tokenizer.eos_id] if ignore_eos else [])
     banned += sentinel_ids(tokenizer).tolist()  # the infilling sentinels belong to infill.py's inputs only
@@ -182,7 +185,7 @@ def generate(
             head,
             B,
             max_new_tokens,
-            max_seconds,
+            limit,
             use_kv_cache,
             banned,
             sampling,
@@ -192,16 +195,29 @@ def generate(
     finally:
         model.train(was_training)
 
-    return [_result(tokenizer, ids[b].tolist(), len(head), stop[b], max_seconds) for b in range(B)]
+    tick = head_ticks(tokenizer, head)
+    return [_result(tokenizer, ids[b].tolist(), len(head), stop[b], limit, steer, tick) for b in range(B)]
 
 
-def _result(tokenizer, row: list[int], head_len: int, stop: str, max_seconds: float | None) -> Generation:
-    """One row of the token buffer as a Generation: cut at its EOS (or at the PAD after an early stop)."""
+def head_ticks(tokenizer, head: list[int]) -> int:
+    """The tick (of decoded scores) where the head ends: its time shifts, summed."""
+    v = tokenizer.vocab
+    e = tokenizer.base_events(head)
+    steps = int(v.value[e][v.kind[e] == v.k("shift")].sum())
+    return steps * (tokenizer.config.output_tpq // tokenizer.config.steps_per_quarter)
+
+
+def _result(tokenizer, row: list[int], head_len: int, stop: str, max_seconds: float | None, steer=None,
+            head_tick: int = 0) -> Generation:  # fmt: skip
+    """One row of the token buffer as a Generation: cut at its EOS (or at the PAD after an early stop), with
+    the stated tempo exact (steer.finish) and clipped at ``max_seconds`` (absolute: prompt + new music)."""
     if tokenizer.eos_id in row[head_len:]:
         row = row[: row.index(tokenizer.eos_id, head_len) + 1]
     elif tokenizer.pad_id in row[head_len:]:  # stopped early (max_seconds): PAD is never sampled
         row = row[: row.index(tokenizer.pad_id, head_len)]
     score, num_events, num_skipped = tokenizer.decode_with_stats(row)
+    if steer is not None:
+        score = steer.finish(score, head_tick)
     reason = stop or "max_tokens"
     if max_seconds is not None and score.note_num() and score.to("second").end() > max_seconds:
         score, reason = clip_seconds(score, max_seconds), "max_seconds"

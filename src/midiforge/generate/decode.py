@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from midiforge.generate.constraints import combine
 from midiforge.generate.sampling import MAX_SECONDS_CHECK_EVERY, WINDOW_KEEP, sample, window_cut
 
 SYNC_EVERY = 16  # tokens between the host's looks at the EOS flags (a power of two dividing 32)
@@ -84,6 +85,9 @@ def decode(
     cache = model.new_kv_cache(B, max_len=min(window, total)) if use_kv_cache else None
     cached = 0  # buf[:, start:cached] are in the cache
     mask_host, mask_dev = None, None  # steer's last (B, V) mask, and its copy on the device
+    rules = steer.constraints(head, B, device) if steer is not None else []  # per-row state masks, on device
+    pin = torch.tensor(steer.pinned if steer is not None else [], dtype=torch.long, device=device)
+    pin = pin.repeat(B, 1)  # (B, P) the control prefix, kept at the front of a slid context
     step_fn = None
     if graph and cache is not None and device.type == "cuda":
         try:
@@ -91,9 +95,9 @@ def decode(
         except RuntimeError as e:  # an unsupported op in capture: the eager loop still works
             print(f"note: CUDA graph capture failed ({str(e).splitlines()[0]}); decoding eagerly")
     for step in range(max_new_tokens):
-        if n - start > window:  # no room for the next position: slide (rare: the host looks now)
-            host, active = buf[:, :n].cpu(), ~done.cpu()
-            keep = max(1, int(window * WINDOW_KEEP))
+        if n - start + (pin.size(1) if start else 0) > window:  # no room for the next position: slide
+            host, active = buf[:, :n].cpu(), ~done.cpu()  # (rare: the host looks now)
+            keep = max(1, int(window * WINDOW_KEEP) - pin.size(1))
             cut = n - keep
             start = window_cut(tokenizer, host, cut, min(cut + window // 8, n - 1), active)
             if cache is not None:
@@ -111,11 +115,16 @@ def decode(
             cache.pos += 1
         else:
             feed = buf[:, cached if cache is not None else start : n]
+            if start and (cache is None or cached == start):  # a slid context starts with the prefix again
+                feed = torch.cat([pin, feed], dim=1)
             logits = model(feed, cache, last_only=True)[:, -1, :].float()  # (B, V)
         logits = logits.masked_fill(banned_mask, float("-inf"))  # as next_token, without the host copy
-        if allowed is not None:
-            logits = logits.masked_fill(~mask_dev, float("-inf"))
+        ok = combine(mask_dev if allowed is not None else None, rules, banned_mask)  # (B, V) or None
+        if ok is not None:
+            logits = logits.masked_fill(~ok, float("-inf"))
         tok = sample(logits, **sampling)  # (B,), on the device
+        for rule in rules:
+            rule.update(tok)
         cached = n
         tok = torch.where(done, tokenizer.pad_id, tok)  # finished rows: PAD, ignored
         buf[:, n] = tok

@@ -25,7 +25,8 @@ def sample(
 ) -> torch.Tensor:
     """Token ids (B,) drawn from logits (B, V) with temperature, then top-k, then nucleus (top-p) filtering.
 
-    Draws exactly one uniform number per row from ``generator`` (inverse-CDF sampling), so the random stream
+    Draws exactly one uniform number per row from ``generator`` (a torch.Generator, or a streams.RowStreams with
+    one stream per row) by inverse-CDF sampling, so the random stream
     advances the same way whatever the logits are.
     """
     logits = logits.float() / temperature  # (B, V)
@@ -40,7 +41,10 @@ def sample(
         drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     cdf = probs.cumsum(-1)  # (B, V), unnormalised after filtering
-    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device) * cdf[:, -1:]  # (B, 1)
+    if hasattr(generator, "uniform"):  # streams.RowStreams: row k's own stream (seed, k)
+        u = generator.uniform(probs.size(0), probs.device) * cdf[:, -1:]  # (B, 1)
+    else:
+        u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device) * cdf[:, -1:]  # (B, 1)
     # First index whose cdf exceeds u: always a token of positive probability...
     idx = torch.searchsorted(cdf, u, right=True).squeeze(-1)  # (B,)
     # ...unless rounding put u at the total: then the last token of positive probability.

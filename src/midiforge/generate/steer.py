@@ -1,10 +1,15 @@
-"""Steering a generation: the control prefix, the --instruments hard constraint, and EOS held back until a
-minimum length. Used by :func:`midiforge.generate.core.generate` through two small hooks: the head (prefix tokens)
-and :meth:`Steering.allowed`, a (B, V) mask applied to the logits before sampling.
+"""Steering a generation: the control prefix, the requests that hold whatever the weights, the onset grid, and
+EOS held back until a minimum length. Used by :func:`midiforge.generate.core.generate` through small hooks: the head
+(prefix and stated events), :meth:`Steering.allowed` (a (B, V) mask from the host), :meth:`Steering.constraints`
+(masks that follow each sample's state on the device, constraints.py) and :meth:`Steering.finish`.
 
-The instrument constraint is exact, not learned: every token whose base events contain a PROGRAM outside the
-allowed set is masked (one boolean per token, precomputed from its base events), and the head ends with a
-PROGRAM event of an allowed instrument so that the decoder's sticky program never starts outside the set.
+Requests are facts, not hints:
+- ``--instruments A,B``: every token holding a PROGRAM outside the set, or a TRACK past the first, is masked (one
+  track per instrument), and every listed instrument opens at the first onset (constraints.OpenInstruments);
+- ``--tempo``, ``--time-sig``, ``--key``: written into the head as TEMPO, TIMESIG and KEYSIG events (the model
+  reads them, as it read them at the start of every training piece) and never drawn again; the tempo is then
+  set to exactly the number given (a TEMPO event holds one of 128 bins).
+The control prefix (CTL_* events, learned) goes after BOS as in training.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 
 from midiforge.errors import UsageError
 from midiforge.tokens.controls import (
+    TEMPO_EDGES,
     Controls,
     parse_instruments,
     parse_key,
@@ -24,29 +30,39 @@ from midiforge.tokens.controls import (
     parse_tempo,
     parse_time_sig,
     prefix_events,
+    signature_of_key,
 )
 
 CHECK_SECONDS_EVERY = 32  # tokens between decodes of a row that must reach min_seconds
+GRID_MODES = ("pairs", "positions", "off")
 DEFAULT_PROMPT_MIN_TOKENS = (
     128  # with a prompt and no --min-new-tokens/--min-seconds: ~60 notes of continuation
 )
 
 
 def token_kind_masks(tokenizer) -> dict[str, np.ndarray]:
-    """Per token id: ``program`` (V, 129) bool — the token contains PROGRAM(p); ``control`` (V,) — it contains
-    a CTL_* event. Precomputed once per tokenizer from the flat base-event tables (no loop per token)."""
+    """Per token id: ``program`` (V, 129) bool — the token contains PROGRAM(p); ``track`` (V, tracks) — TRACK(i);
+    ``tempo``, ``timesig``, ``keysig``, ``control`` (V,) — it contains such an event (control: any CTL_*).
+    Precomputed once per tokenizer from the flat base-event tables (no loop per token)."""
     v = tokenizer.vocab
     V = len(tokenizer)
     owner = np.repeat(np.arange(V), tokenizer._lens)  # token id of every entry of the flat base-event table
     flat = tokenizer._flat
     kind = v.kind[flat]
-    program = np.zeros((V, 129), bool)
-    is_prog = kind == v.k("program")
-    program[owner[is_prog], v.value[flat[is_prog]]] = True
+    out = {}
+    for name, size in (("program", 129), ("track", v.sizes["track"])):
+        table = np.zeros((V, size), bool)
+        hit = kind == v.k(name)
+        table[owner[hit], v.value[flat[hit]]] = True
+        out[name] = table
+    for name in ("tempo", "timesig", "keysig"):
+        out[name] = np.zeros(V, bool)
+        out[name][owner[kind == v.k(name)]] = True
     control = np.zeros(V, bool)
     ctl_kinds = [v.k(k) for k in v.kinds if k.startswith("ctl_")]
     control[owner[np.isin(kind, ctl_kinds)]] = True
-    return {"program": program, "control": control}
+    out["control"] = control
+    return out
 
 
 def parse_controls(tokenizer, *, instruments=None, tempo=None, time_sig=None, key=None, density=None,
@@ -67,6 +83,19 @@ def parse_controls(tokenizer, *, instruments=None, tempo=None, time_sig=None, ke
     )
 
 
+def bin_middle(tempo_bin: int) -> float:
+    """A tempo inside control bin ``tempo_bin`` (for a Controls given without the number asked for)."""
+    edges = (TEMPO_EDGES[0] - 20.0, *TEMPO_EDGES, TEMPO_EDGES[-1] + 40.0)
+    return (edges[tempo_bin] + edges[tempo_bin + 1]) / 2
+
+
+def exact_qpm(given, c: Controls | None) -> float | None:
+    """The tempo number the user gave (controls as a dict of CLI spellings), else None."""
+    if isinstance(given, dict) and given.get("tempo") is not None and c is not None and c.tempo is not None:
+        return float(given["tempo"])
+    return None
+
+
 def as_controls(tokenizer, controls) -> Controls | None:
     """``controls`` given to generate(): None, a Controls, or a dict of the CLI spellings."""
     if controls is None or isinstance(controls, Controls):
@@ -85,36 +114,84 @@ class Steering:
     min_new_tokens: int = 0
     min_seconds: float | None = None
     base_mask: torch.Tensor | None = None  # (V,) bool, True = may be sampled
+    qpm: float | None = None  # the tempo asked for, exactly (controls hold a bin)
+    grid: str = "pairs"  # the onset grid mask: "pairs", "positions" or "off" (constraints.GridMask)
+    pinned: list[int] = field(default_factory=list)  # the control prefix: kept in the context when it slides
     _reached: list[bool] = field(default_factory=list)
 
     @classmethod
-    def build(cls, tokenizer, controls=None, min_new_tokens: int = 0, min_seconds: float | None = None):
+    def build(cls, tokenizer, controls=None, min_new_tokens: int = 0, min_seconds: float | None = None,
+              grid: str = "pairs"):  # fmt: skip
+        if grid not in GRID_MODES:
+            raise UsageError(f"grid mask must be one of {', '.join(GRID_MODES)} (got {grid!r})")
         c = as_controls(tokenizer, controls)
         if c is not None and c.any() and not tokenizer.has_controls:
             raise UsageError(
                 "this checkpoint was trained before controls existed: generate without --instruments, --tempo,"
                 " --time-sig, --key, --density, --polyphony and --tag (or train a new model)"
             )
-        s = cls(tokenizer, c, int(min_new_tokens or 0), min_seconds)
+        s = cls(tokenizer, c, int(min_new_tokens or 0), min_seconds, grid=grid)
+        s.qpm = exact_qpm(controls, c)
         if tokenizer.has_controls:  # control events are the user's to give, never the model's to sample
             masks = token_kind_masks(tokenizer)
             allowed = ~masks["control"]
             if c is not None and c.instruments is not None:
                 others = np.setdiff1d(np.arange(129), c.instruments)
                 allowed &= ~masks["program"][:, others].any(axis=1)
+                allowed &= ~masks["track"][:, 1:].any(axis=1)  # one track per instrument
+            for name, kind in (("tempo", "tempo"), ("time_sig", "timesig"), ("key", "keysig")):
+                if c is not None and getattr(c, name) is not None:  # stated once, in the head
+                    allowed &= ~masks[kind]
             s.base_mask = torch.from_numpy(allowed)
         return s
 
     def head(self, ids: list[int]) -> list[int]:
-        """[BOS] + prefix + the prompt's tokens + (with --instruments) PROGRAM of the first allowed instrument."""
+        """[BOS] + prefix + the prompt's tokens + the stated events (TIMESIG, KEYSIG, TEMPO, in the order pieces
+        start with; at the prompt's end) + (with --instruments) PROGRAM of the first instrument."""
         tok, c = self.tokenizer, self.controls
         if c is None or not c.any():
             return ids
-        prefix = tok.base_token_ids(prefix_events(c, tok.vocab, tok.tags)).tolist()
-        out = [ids[0], *prefix, *ids[1:]]
+        v = tok.vocab
+        prefix = tok.base_token_ids(prefix_events(c, v, tok.tags)).tolist()
+        self.pinned = prefix
+        stated = []
+        if c.time_sig is not None:
+            stated.append(v.start["timesig"] + v.time_sig_index[tuple(c.time_sig)])
+        if c.key is not None:
+            sharps, tonality = signature_of_key(c.key)
+            stated.append(v.start["keysig"] + (sharps + 7) * 2 + tonality)
+        if c.tempo is not None:
+            qpm = self.qpm if self.qpm is not None else bin_middle(c.tempo)
+            stated.append(v.start["tempo"] + int(np.abs(np.log(v.tempos) - np.log(qpm)).argmin()))
         if c.instruments is not None:
-            out.append(int(tok.base_token_ids([tok.vocab.start["program"] + c.instruments[0]])[0]))
+            stated.append(v.start["program"] + c.instruments[0])
+        return [ids[0], *prefix, *ids[1:], *tok.base_token_ids(stated).tolist()]
+
+    def constraints(self, head: list[int], batch: int, device) -> list:
+        """The masks that follow each row's state (constraints.py): the onset grid, the instruments' opening."""
+        from midiforge.generate.constraints import GridMask, OpenInstruments, TokenTable
+
+        grid = getattr(self.tokenizer, "onset_grid", None)
+        c = self.controls
+        opening = c is not None and c.instruments is not None
+        if (grid is None or self.grid == "off") and not opening:
+            return []
+        table = TokenTable.of(self.tokenizer)
+        out = []
+        if grid is not None and self.grid != "off":
+            out.append(GridMask(table, grid.allowed(self.grid), grid.timesig_allowed(), head, batch, device))
+        if opening:
+            out.append(OpenInstruments(table, c.instruments, c.instruments[0], batch, self.tokenizer.eos_id, device))
         return out
+
+    def finish(self, score, head_tick: int):
+        """The score with the stated tempo exactly as given: the TEMPO events from the head's end (at tick
+        ``head_tick`` of the score) on, which are the head's own, since no other is ever drawn."""
+        if self.qpm is not None:
+            for t in score.tempos:
+                if t.time >= head_tick:
+                    t.qpm = self.qpm
+        return score
 
     def with_defaults(self, has_prompt: bool, max_new_tokens: int) -> Steering:
         """A prompt with no minimum asked for gets DEFAULT_PROMPT_MIN_TOKENS (so that it is really continued)."""
@@ -160,6 +237,14 @@ def add_arguments(p) -> None:
     g.add_argument("--density", metavar="LEVEL", help="notes per bar: low, medium or high (learned, soft)")
     g.add_argument("--polyphony", metavar="LEVEL", help="notes at once: low, medium or high (learned, soft)")
     g.add_argument("--tag", metavar="NAME", help="style tag the checkpoint was trained with (-t NAME=DIR)")
+    g.add_argument(
+        "--grid-mask",
+        choices=GRID_MODES,
+        default="pairs",
+        help="start notes only where the training set does: 'pairs' (default) allows a position of the quarter"
+        " only after the positions it follows in the training set, 'positions' any position it uses; 'off'"
+        " allows all (checkpoints that recorded no grid: always off)",
+    )
     g.add_argument(
         "--min-new-tokens",
         type=int,

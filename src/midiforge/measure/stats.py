@@ -7,7 +7,7 @@ in that key's scale).
 
 Per set (:func:`compare_sets`): each statistic pooled over the set's pieces as a normalised histogram, and its
 *overlap* with the reference set's histogram, sum(min(p, q)) in [0, 1] (1: the same distribution). Scalars
-(density, polyphony, range, key correlation, in-scale share) compare the sets' per-piece values by the overlap of
+(density, polyphony, range, key correlation, in-scale share, on-beat and off-grid shares: beat.py) compare the sets' per-piece values by the overlap of
 their kernel density estimates. A number means something only between a floor and a ceiling, so the caller compares three
 sets with the same reference: the samples, one half of the reference against the other (the ceiling) and a set
 that is clearly not music (the floor; ``midiforge evaluate`` samples an untrained model of the same shape).
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from midiforge.measure.beat import off_grid_share, on_beat_share
 from midiforge.notes.midi import NoteTable
 from midiforge.tokens.controls import KK_PROFILES, PITCH_CLASSES
 
@@ -43,6 +44,8 @@ SCALARS = {
     "pitch_range": "pitch range (semitones)",
     "key_correlation": "best key-profile correlation",
     "in_scale": "share of notes in the key's scale",
+    "on_beat": "share of notes starting on a beat",
+    "off_grid": "share of notes starting where the training set never does",
 }
 
 
@@ -100,8 +103,10 @@ def polyphony(onset: np.ndarray, offset: np.ndarray) -> float:
     return float((count[:-1][live] * span[live]).sum() / total) if total > 0 else float(count.max())
 
 
-def piece_stats(notes: NoteTable) -> dict:
-    """The statistics of one piece (drums excluded); values are plain floats/lists (JSON-ready)."""
+def piece_stats(notes: NoteTable, used_positions: np.ndarray | None = None) -> dict:
+    """The statistics of one piece (drums excluded but from the beat's two); values are plain floats/lists
+    (JSON-ready). ``used_positions``: (12,) bool, the positions of the quarter where the training set starts
+    notes (beat.py); ``off_grid`` is 0 without it."""
     pitched = ~notes.is_drum
     pitch = notes.pitch[pitched].astype(np.int64)
     time, dur = notes.time[pitched].astype(np.int64), notes.duration[pitched].astype(np.int64)
@@ -126,6 +131,8 @@ def piece_stats(notes: NoteTable) -> dict:
         "key": key_name(tonic, mode),
         "key_correlation": r,
         "in_scale": float(np.isin(pitch % 12, scale).mean()) if n else 0.0,
+        "on_beat": on_beat_share(notes),
+        "off_grid": 0.0 if used_positions is None else off_grid_share(notes, used_positions),
     }
 
 

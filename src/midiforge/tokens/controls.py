@@ -234,6 +234,17 @@ def key_of_signature(sharps: int, tonality: int) -> int:
     return tonic * 2 + int(tonality)
 
 
+def signature_of_key(key: int) -> tuple[int, int]:
+    """(sharps -7..7, tonality 0 major / 1 minor) of the usual key signature of ``key`` (tonic * 2 + mode): the
+    fewest accidentals, flats for E-flat minor (its relative major is spelled G-flat, not F-sharp)."""
+    tonic, tonality = divmod(int(key), 2)
+    major_tonic = (tonic + 3) % 12 if tonality else tonic
+    sharps = (7 * major_tonic) % 12  # tonic = 7 x sharps (mod 12), and 7 x 7 = 1 (mod 12)
+    if sharps > 6 or (sharps == 6 and tonality):
+        sharps -= 12
+    return sharps, tonality
+
+
 def measure(notes, *, use_key_signature: bool = True) -> Controls:
     """The controls of a piece (a NoteTable), as training labels and as the adherence judge."""
     if len(notes) == 0:

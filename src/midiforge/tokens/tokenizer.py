@@ -40,6 +40,7 @@ from midiforge.notes.read import read_notes
 from midiforge.tokens.bpe_sample import sample_texts
 from midiforge.tokens.detok import events_to_score
 from midiforge.tokens.encode import note_events
+from midiforge.tokens.onsetgrid import OnsetGrid
 from midiforge.tokens.sheet import sheet_events
 from midiforge.tokens.vocab import LAYOUT_FLAGS, TokenizerConfig, Vocab, changes
 from midiforge.version import __version__
@@ -68,6 +69,7 @@ class MidiTokenizer:
         # the checkpoints trained with it stay valid.
         self.events_version = EVENTS_VERSION
         self.tags: list[str] = []  # style-tag names of the CTL_TAG slots, in slot order (set by training)
+        self.onset_grid: OnsetGrid | None = None  # where the training set starts notes (recorded by training)
         self._set_tables()
 
     # ------------------------------------------------------------------ vocabulary
@@ -308,6 +310,7 @@ class MidiTokenizer:
             "fingerprint": self.fingerprint,
             "events_version": self.events_version,
             "tags": list(self.tags),
+            **({"onset_grid": self.onset_grid.to_json()} if self.onset_grid is not None else {}),
             **self._state(),
         }
         atomic_write_bytes(path, json.dumps(doc, indent=1, ensure_ascii=False).encode("utf-8"))
@@ -323,6 +326,7 @@ class MidiTokenizer:
         tok = cls(TokenizerConfig(**cfg))
         tok.events_version = int(doc.get("events_version", LEGACY_EVENTS_VERSION))
         tok.tags = [str(t) for t in doc.get("tags", [])]
+        tok.onset_grid = OnsetGrid.from_json(doc.get("onset_grid"))
         if doc.get("bpe") is not None:
             from tokenizers import Tokenizer
 

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from midiforge import checkpoint as ckpt_io
@@ -275,6 +276,7 @@ def build_datasets(setup: Setup, tok, info: dist.DistInfo):
     val_ds = build(setup.val_files, False) if setup.val_files else None
     if builder:
         dist.barrier()
+    record_grid(train_ds, tok, setup.ckpt_dir / ckpt_io.TOKENIZER_FILE, info.is_main)
     for name, ds in (("training", train_ds), ("validation", val_ds)):
         if ds is None:
             continue
@@ -286,6 +288,26 @@ def build_datasets(setup: Setup, tok, info: dist.DistInfo):
             dist.note0(f"{ds.num_skipped} {name} files skipped{example}")
         dist.print0(f"{name} data: {ds.num_pieces} pieces, {len(ds)} windows, {int(ds.lengths.sum())} tokens")
     return train_ds, val_ds
+
+
+def record_grid(train_ds, tok, path, write: bool) -> None:
+    """Where the training pieces start notes (onsetgrid.py), kept in tokenizer.json for generate's grid mask.
+    Counted untransposed (transposing moves no onset); every rank computes the same table, rank 0 writes it."""
+    from midiforge.tokens.onsetgrid import count_grid
+
+    class Pieces:  # the pieces' token ids, read only when counted
+        def __len__(self):
+            return train_ds.num_pieces
+
+        def __getitem__(self, i):
+            return train_ds.piece_ids(i, 0)
+
+    grid = count_grid(tok, Pieces())
+    train_ds.cache.release()
+    old = tok.onset_grid
+    tok.onset_grid = grid
+    if write and (old is None or not np.array_equal(old.counts, grid.counts)):
+        tok.save(path)
 
 
 def model_config(setup: Setup, tok):

@@ -1,0 +1,105 @@
+"""Controls that are requests (issue 18), on untrained models: every requested instrument present and no other,
+one track each; tempo, time signature and key signature written as given. And two faults: sample k depends on
+(seed, k) only, and --max-seconds counts new music, never cutting the prompt."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+from conftest import make_score
+from conftest import tiny_model as _tiny_model
+
+from midiforge.generate import generate
+from midiforge.notes.midi import score_to_notes
+from midiforge.tokens.controls import measure, signature_of_key
+from midiforge.tokens.tokenizer import MidiTokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+tiny_model = functools.partial(_tiny_model, max_seq_len=96)
+
+
+@pytest.fixture(scope="module")
+def bpe_tok(tmp_path_factory) -> MidiTokenizer:
+    """A BPE tokenizer whose merged tokens carry PROGRAM events of several programs (0, 33, 40, drums)."""
+    root = tmp_path_factory.mktemp("bpe")
+    paths = []
+    for i in range(4):
+        p = root / f"p{i}.mid"
+        make_score(seed=i, num_notes=150, programs=(0, 33, 40)).dump_midi(str(p))
+        paths.append(str(p))
+    tok = MidiTokenizer()
+    tok.train_bpe(paths, len(tok) + 300)
+    return tok
+
+
+def programs_of(score) -> dict[int, int]:
+    """program (128 = drums) → number of tracks with notes"""
+    out: dict[int, int] = {}
+    for t in score.tracks:
+        if len(t.notes):
+            p = 128 if t.is_drum else t.program
+            out[p] = out.get(p, 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("spec, want", [("piano,violin", {0, 40}), ("drums,bass,flute", {128, 32, 73})])
+def test_every_requested_instrument_and_no_other(bpe_tok, spec, want):
+    model = tiny_model(bpe_tok)  # untrained: nothing here may depend on the weights
+    for seed in range(3):
+        for r in generate(
+            model, bpe_tok, max_new_tokens=60, num_samples=4, seed=seed, controls={"instruments": spec}
+        ):
+            got = programs_of(r.score)
+            assert set(got) == want, (seed, got)
+            assert all(n == 1 for n in got.values())  # one track per requested instrument
+
+
+def test_tempo_time_signature_and_key_as_given(bpe_tok):
+    model = tiny_model(bpe_tok, seed=1)
+    asked = {"tempo": 90, "time_sig": "3/4", "key": "D minor", "instruments": "piano"}
+    for r in generate(model, bpe_tok, max_new_tokens=80, num_samples=6, seed=2, controls=asked):
+        s = r.score
+        assert [round(t.qpm, 3) for t in s.tempos] == [90.0]
+        assert [(t.time, t.numerator, t.denominator) for t in s.time_signatures] == [(0, 3, 4)]
+        assert [(k.key, k.tonality) for k in s.key_signatures] == [(-1, 1)]
+    assert round(generate(model, bpe_tok, max_new_tokens=20, seed=0, controls={"tempo": "61.5"})[0]
+                 .score.tempos[0].qpm, 2) == 61.5  # fmt: skip
+
+
+def test_key_signatures_of_keys():
+    assert signature_of_key(2 * 2 + 1) == (-1, 1)  # D minor: one flat
+    assert signature_of_key(7 * 2) == (1, 0)  # G major: one sharp
+    assert signature_of_key(3 * 2 + 1) == (-6, 1)  # E-flat minor: six flats
+    assert signature_of_key(6 * 2) == (6, 0)  # F-sharp major
+
+
+def test_sample_k_depends_on_seed_and_k_only(bpe_tok):
+    model = tiny_model(bpe_tok, seed=3)
+    few = generate(model, bpe_tok, max_new_tokens=40, num_samples=2, seed=1)
+    many = generate(model, bpe_tok, max_new_tokens=40, num_samples=5, seed=1)
+    assert [g.ids for g in few] == [g.ids for g in many[:2]]
+    assert few[0].ids != few[1].ids
+    other = generate(model, bpe_tok, max_new_tokens=40, num_samples=2, seed=2)
+    assert other[0].ids != few[0].ids
+
+
+def test_max_seconds_counts_new_music_and_never_cuts_the_prompt(bpe_tok):
+    prompt = make_score(seed=4, num_notes=60, programs=(0,), drums=False)
+    prompt_end = prompt.to("second").end()
+    assert prompt_end > 6.0
+    model = tiny_model(bpe_tok, seed=4)
+    (r,) = generate(model, bpe_tok, prompt, max_new_tokens=300, max_seconds=2.0, seed=0, ignore_eos=True)
+    n_prompt = prompt.note_num()
+    assert r.score.note_num() > n_prompt  # the prompt is all there, and something after it
+    assert r.stop_reason == "max_seconds"
+    assert prompt_end <= r.seconds <= prompt_end + 2.0 + 1e-3
+
+
+def test_training_labels_use_the_estimated_key(bpe_tok):
+    notes = score_to_notes(make_score(seed=5, num_notes=80, programs=(0,), drums=False))
+    from midiforge.tokens.controls import estimate_key
+
+    assert measure(notes, use_key_signature=False).key == estimate_key(notes)
+    assert np.isfinite(measure(notes).tempo)
