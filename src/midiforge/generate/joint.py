@@ -1,4 +1,4 @@
-"""Write tracks together with the given ones, in time: ``generate --harmonize`` and the track edits.
+"""Write tracks together with given ones, in time (what ``generate --harmonize`` runs on).
 
 The model reads and writes the ordinary token stream, the layout it is trained on most, in which every onset
 lists its notes track by track. The given notes are forced into that stream at their own times (at each step
@@ -13,6 +13,7 @@ the tokens that can follow are visited. For a harmonisation (:class:`VoiceRules`
 four-part writing: each voice one note at a time, inside its range, never above the voice over it; a voice
 whose note has ended attacks with the melody; no parallel fifths or octaves with a voice above. The output
 voices are legato: a note lasts until the next note of its voice (the melody's end for the last one).
+Without rules (``rules=None``) the targets are free tracks: any pitches, several at an onset.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from midiforge.data import fim
 from midiforge.generate.sampling import sample
 from midiforge.notes.midi import NoteTable
 
-SATB_RANGES = {"Alto": (55, 74), "Tenor": (48, 67), "Bass": (40, 60)}  # G3-D5, C3-G4, E2-C4
-VOICE_NAMES = ("Alto", "Tenor", "Bass")
 # Pitch-class sets of every major and minor triad and dominant seventh: a sonority fits when it is a subset.
 CHORDS = [
     frozenset((r + i) % 12 for i in iv) for r in range(12) for iv in ((0, 4, 7), (0, 3, 7), (0, 4, 7, 10))
