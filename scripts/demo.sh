@@ -39,7 +39,7 @@ echo "  evaluation      : $DEMO_DIR/report.json, $DEMO_DIR/report.png"
 echo
 # Last: what the model makes, measured on the validation chorales -- held-out bits per note and per second,
 # sample statistics against the validation set (ceiling: half vs half; floor: an untrained model), copy check.
-$mf evaluate "$DEMO_DIR/ckpt" -d "$DEMO_DIR/json/val" -o "$DEMO_DIR/report.json" --samples 8 \
+$mf evaluate "$DEMO_DIR/ckpt" -v "$DEMO_DIR/json/val" -o "$DEMO_DIR/report.json" --samples 8 \
     --max-seconds 30 --top-p 0.95 --seed 0
 # The harmonisation measured: 10 held-out chorales' sopranos harmonised, against Bach's and a random-chord floor,
 # by the project's judge (../shared/tools/voice_leading.py beside the repository; skipped where it is absent).

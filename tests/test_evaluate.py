@@ -205,7 +205,7 @@ def test_seconds_follow_the_tempo_map():
 def test_cli_writes_the_report_and_the_figure(tok, tmp_path, capsys):
     ckpt = save_ckpt(tmp_path / "ck", tiny_model(tok, 64), tok, train=pop909(1, 2, 3))
     out = tmp_path / "rep" / "report.json"
-    args = [str(ckpt), "-d", str(pop909(8)[0]), "-d", str(pop909(9)[0]), "-o", str(out)]
+    args = [str(ckpt), "-v", str(pop909(8)[0]), "-v", str(pop909(9)[0]), "-o", str(out)]
     args += ["--samples", "2", "--max-tokens", "64", "--cache-dir", str(tmp_path / "cache")]
     assert main(["evaluate", *args]) == 0
     printed = capsys.readouterr().out
@@ -232,7 +232,7 @@ def test_cli_writes_the_report_and_the_figure(tok, tmp_path, capsys):
 
 def test_cli_without_a_training_set_still_scores(tok, tmp_path, capsys):
     ckpt = save_ckpt(tmp_path / "ck", tiny_model(tok, 64), tok, train=[tmp_path / "gone"])
-    assert main(["evaluate", str(ckpt), "-d", str(pop909(8)[0])]) == 0
+    assert main(["evaluate", str(ckpt), "-v", str(pop909(8)[0])]) == 0
     printed = capsys.readouterr().out
     assert "bits/note" in printed and "training set: skipped" in printed and "gone" in printed
 
@@ -255,7 +255,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tok, tmp_path, capsys, case):
         (empty / "bad.mid").write_bytes(b"MThd garbage")
         data = str(empty)
     extra = ["--stride", "0"] if case == "bad_stride" else []
-    assert main(["evaluate", str(ckpt), "-d", data, *extra]) == 2
+    assert main(["evaluate", str(ckpt), "-v", data, *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("midiforge evaluate: error:") and "\n" not in err
 
@@ -280,7 +280,7 @@ def test_training_records_val_bits_per_note_that_evaluate_reproduces_and_tensorb
     # evaluate with stride = context scores the validation set in the very windows training used
     assert (
         main(
-            ["evaluate", str(ckpt), "-d", str(pop909(2)[0]), "--stride", "96", "-o", str(tmp_path / "r.json")]
+            ["evaluate", str(ckpt), "-v", str(pop909(2)[0]), "--stride", "96", "-o", str(tmp_path / "r.json")]
         )
         == 0
     )

@@ -74,6 +74,35 @@ def _one_error_line(capsys, *fragments):
     return err[0]
 
 
+# --- what a run leaves out --------------------------------------------------------------------------------
+def test_every_skipped_file_is_listed_with_its_reason(data, tmp_path, capsys):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(data / "train", mixed)
+    (mixed / "empty.mid").write_bytes(b"")
+    (mixed / "garbage.mid").write_bytes(b"MThd garbage")
+    (mixed / "other.json").write_text(json.dumps({"schema": "something/else"}))
+    val = tmp_path / "val"
+    shutil.copytree(data / "other", val)
+    (val / "empty.mid").write_bytes(b"")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    shutil.copy(data / "tokenizer-train.json", ckpt / ck.TOKENIZER_FILE)
+    capsys.readouterr()
+    assert tr.main(["1", str(ckpt), "-t", str(mixed), "-v", str(val), *TINY]) == 0
+    rows = [json.loads(line) for line in (ckpt / ck.SKIPPED_FILE).read_text().splitlines()]
+    by_name = {(r["set"], Path(r["path"]).name): r["reason"] for r in rows}
+    assert by_name.keys() == {("training", "empty.mid"), ("training", "garbage.mid"), ("training", "other.json"),
+                              ("validation", "empty.mid")}  # fmt: skip
+    assert "empty" in by_name["training", "empty.mid"] and "schema" in by_name["training", "other.json"]
+    assert all(Path(r["path"]).is_file() for r in rows)  # the path as found, to go and look at
+    notes = [x for x in capsys.readouterr().err.splitlines() if "files skipped" in x]
+    assert len(notes) == 2 and notes[0].startswith("note: 3 training files skipped (")
+    assert all(str(ckpt / ck.SKIPPED_FILE) in x for x in notes)
+    # A run that leaves nothing out writes an empty list.
+    assert tr.main(["1", str(tmp_path / "clean"), "-t", str(data / "train"), *TINY]) == 0
+    assert (tmp_path / "clean" / ck.SKIPPED_FILE).read_text() == ""
+
+
 # --- one writer ------------------------------------------------------------------------------------------
 _HOLDER = """
 import sys

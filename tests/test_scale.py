@@ -222,7 +222,7 @@ def test_damaged_lz4_blob_is_a_corrupt_shard_not_a_crash(prepared):
 
 @pytest.mark.parametrize(
     "extra,msg",
-    [(["--format", "xml"], "--format must be json or shards"), (["--shard-size", "0"], "at least 1")],
+    [(["--format", "xml"], "invalid choice: 'xml'"), (["--shard-size", "0"], "at least 1")],
 )
 def test_prepare_format_errors_are_one_line(extra, msg, tmp_path, capsys):
     src = corpus_dir("pop909", "001.mid")

@@ -10,16 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import symusic
 import torch
 from conftest import make_score
 from conftest import tiny_model as _tiny_model
 
+from midiforge.checkpoint import load_inference
 from midiforge.cli import main
 from midiforge.generate.core import generate
 from midiforge.generate.steer import DEFAULT_PROMPT_MIN_TOKENS, token_kind_masks
 from midiforge.model import ModelConfig
 from midiforge.notes.midi import score_to_notes
-from midiforge.tokens.controls import Controls, measure, parse_key
+from midiforge.tokens.controls import key_name, measure, parse_key, program_name
 from midiforge.tokens.tokenizer import MidiTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -127,11 +129,53 @@ def test_control_prefix_follows_bos_and_is_never_sampled(bpe_tok):
     assert not any("CTL_" in n for n in names[r.num_prompt_tokens :])
 
 
-def test_measure_reads_the_piece():
-    s = make_score(seed=0, num_notes=100, programs=(0, 33))
-    c = measure(score_to_notes(s))
-    assert c.instruments == (0, 33, 128) and c.time_sig == (4, 4)
-    assert isinstance(c, Controls) and c.key is not None and c.density in (0, 1, 2)
+def _piece(qpm, time_sig, chord, per_bar, bars, program, key_sig=None) -> symusic.Score:
+    """``bars`` bars of ``chord`` struck ``per_bar`` times a bar, each held until the next."""
+    tpq = 480
+    s = symusic.Score(tpq)
+    s.tempos.append(symusic.Tempo(0, qpm=qpm))
+    s.time_signatures.append(symusic.TimeSignature(0, *time_sig))
+    if key_sig is not None:
+        s.key_signatures.append(symusic.KeySignature(0, *key_sig))
+    step = tpq * 4 * time_sig[0] // time_sig[1] // per_bar
+    track = symusic.Track("t", program, False)
+    for i in range(bars * per_bar):
+        for pitch in chord:
+            track.notes.append(symusic.Note(i * step, step, pitch, 80))
+    s.tracks.append(track)
+    return s
+
+
+@pytest.mark.parametrize(
+    "piece, expected",
+    [
+        # C major triads under a D minor key signature: the signature names the key. 9 notes a bar, 3 at once.
+        (_piece(100, (3, 4), (60, 64, 67), 3, 8, 0, key_sig=(-1, 1)),
+         dict(instruments=(0,), tempo="90-104 bpm", time_sig="3/4", key="D minor", density="low",
+              polyphony="medium")),
+        # No signature: the key is estimated from the pitches (A minor triads). 24 notes a bar, 3 at once.
+        (_piece(150, (4, 4), (57, 60, 64), 8, 4, 33),
+         dict(instruments=(33,), tempo="134-156 bpm", time_sig="4/4", key="A minor", density="high",
+              polyphony="medium")),
+        # Four voices in 6/8 at 60 bpm, 8 chords a bar: 32 notes a bar, 4 at once.
+        (_piece(60, (6, 8), (45, 57, 60, 64), 8, 4, 52),
+         dict(instruments=(52,), tempo="60-76 bpm", time_sig="6/8", key="A minor", density="high",
+              polyphony="high")),
+        # One note at a time, 4 a bar: sparse and monophonic.
+        (_piece(120, (4, 4), (62,), 4, 4, 40),
+         dict(instruments=(40,), tempo="118-134 bpm", time_sig="4/4", density="low",
+              polyphony="low")),
+    ],
+)  # fmt: skip
+def test_measure_reads_the_piece(piece, expected):
+    c = measure(score_to_notes(piece))
+    got = {k: v for k, v in c.describe().items() if k in expected}
+    assert got == {**expected, "instruments": [program_name(p) for p in expected["instruments"]]}
+    assert c.instruments == expected["instruments"]
+    if "key" in expected:  # the key signature wins over the pitches only when asked to
+        assert key_name(measure(score_to_notes(piece), use_key_signature=False).key) == (
+            "C major" if expected["key"] == "D minor" else expected["key"]
+        )
     assert parse_key("d minor") == parse_key("D min") == 2 * 2 + 1
 
 
@@ -171,10 +215,25 @@ def test_cli_with_controls_writes_only_allowed_programs(ckpt, tmp_path, capsys):
     out = tmp_path / "c.mid"
     argv = ["generate", str(ckpt), "-o", str(out), "--max-tokens", "60", "--seed", "1", "--ignore-eos"]
     assert main(argv + ["--instruments", "bass", "--tag", "bach", "--key", "A minor"]) == 0
-    import symusic
-
     s = symusic.Score(str(out))
     assert s.note_num() > 0 and {t.program for t in s.tracks} == {32}
+    # The command passes every control on: the same piece as generate() given them, whose prefix holds them.
+    model, tok = load_inference(ckpt)
+    controls = {"instruments": "bass", "tag": "bach", "key": "A minor"}
+    (r,) = generate(model, tok, max_new_tokens=60, seed=1, ignore_eos=True, controls=controls)
+    assert tok.token_names(r.ids)[1:4] == ["CTL_TAG_0", "CTL_PROGRAM_32", f"CTL_KEY_{parse_key('A minor')}"]
+    assert s == symusic.Score.from_midi(r.score.dumps_midi())
+
+
+def test_without_seed_a_random_one_is_printed_and_reproduces_the_piece(ckpt, tmp_path, capsys):
+    argv = ["generate", str(ckpt), "--max-tokens", "40", "--ignore-eos"]
+    assert main([*argv, "-o", str(tmp_path / "a.mid")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("generated ") and ", seed " in last
+    seed = last.rsplit(" ", 1)[1]
+    assert main([*argv, "-o", str(tmp_path / "b.mid"), "--seed", seed]) == 0
+    assert capsys.readouterr().out.strip().endswith(f", seed {seed}")
+    assert (tmp_path / "a.mid").read_bytes() == (tmp_path / "b.mid").read_bytes()
 
 
 def test_checkpoint_from_before_controls_generates_and_refuses_controls(tmp_path, capsys):

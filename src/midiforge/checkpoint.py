@@ -53,6 +53,7 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 PLOT_FILE = "training.png"
+SKIPPED_FILE = "skipped.jsonl"  # every training/validation file a run left out, and why (rewritten each run)
 PENDING_DIR = ".pending"
 COMMIT_MARKER = "COMMIT"
 LOCK_FILE = ".lock"

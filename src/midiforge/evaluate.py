@@ -1,4 +1,4 @@
-"""`midiforge evaluate CKPT -d DATA`: what a model makes, measured.
+"""`midiforge evaluate CKPT -v DATA`: what a model makes, measured.
 
 1. Likelihood of held-out pieces (:mod:`midiforge.measure.scoring`): tokens per note, bits per token, bits per note,
    bits per second, a breakdown by attribute, and a unigram model of the training tokens as a baseline.
@@ -6,7 +6,7 @@
    a ceiling (one half of DATA against the other) and a floor (N pieces from an untrained model of the same
    shape, same sampling settings).
 3. A copy check (:mod:`midiforge.measure.copycheck`) of the samples, and of the held-out pieces for reference, against
-   the training set (``--train``, or the one the checkpoint recorded).
+   the training set (``-t``, or the one the checkpoint recorded).
 
 Reads the checkpoint (never writes there; the token cache and the training-set index go to ``--cache-dir``,
 by default ``CKPT/cache``, the training run's own token cache). ``-o REPORT.json`` writes the report, and with
@@ -36,60 +36,55 @@ from midiforge.measure.stats import compare_sets, figure_png, piece_seconds, pie
 from midiforge.model import Transformer
 from midiforge.notes.midi import MidiReadError, find_files, score_to_notes
 from midiforge.notes.read import read_notes
+from midiforge.options import (
+    DATA_HELP,
+    add_checkpoint,
+    add_device,
+    add_sampling,
+    add_train_data,
+    add_val_data,
+    seed_of,
+)
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory written by `midiforge train`")
-    p.add_argument(
-        "-d", "--data", action="append", required=True, metavar="DATA",
-        help="held-out files/directories (.mid/.midi/.json); may repeat",
-    )  # fmt: skip
+    add_checkpoint(p)
+    add_val_data(p, f"held-out pieces to measure the model on: {DATA_HELP}", required=True)
     p.add_argument("-o", "--output", metavar="REPORT.json", help="write the report here (and REPORT.png)")
     p.add_argument(
         "--stride", type=int, metavar="N",
-        help="sliding-window stride in tokens for pieces longer than the model's context (default: half the"
-        " context; each token is scored once, with at least context - stride tokens before it when possible)",
+        help="for pieces longer than the model's context: score them in windows that move N tokens at a time"
+        " (default: half the context; each token is scored once)",
     )  # fmt: skip
+    add_train_data(p, "the training data, for the baseline and the copy check, as given to `midiforge train`"
+                   " (default: the checkpoint's own)")  # fmt: skip
     p.add_argument(
-        "--train", action="append", metavar="TRAIN",
-        help="training files/directories for the baseline and the copy check (default: the checkpoint's)",
-    )  # fmt: skip
-    p.add_argument(
-        "--cache-dir", metavar="DIR", help="token cache and training-set index (default CKPT/cache)"
+        "--cache-dir", metavar="DIR", help="token cache and training-set index (default: CKPT/cache)"
     )
     p.add_argument(
-        "--samples", type=int, default=0, metavar="N", help="generate N pieces and compare statistics"
+        "--samples", type=int, default=0, metavar="N", help="generate N pieces and compare their statistics"
     )
     p.add_argument(
         "--copy-threshold", type=int, metavar="NOTES",
         help="flag samples sharing a longer run of notes with a training piece (default: the longest run of"
         f" a held-out piece with the training set, at least {DEFAULT_THRESHOLD})",
     )  # fmt: skip
-    g = p.add_argument_group("generation (with --samples; as in `midiforge generate`)")
-    g.add_argument(
-        "--max-tokens", type=int, default=1024, metavar="N", help="new tokens per sample (default 1024)"
-    )
-    g.add_argument("--max-seconds", type=float, metavar="S", help="stop each sample at S seconds of music")
-    g.add_argument(
-        "--temperature", type=float, default=1.0, metavar="T", help="sampling temperature (default 1.0)"
-    )
-    g.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens")
-    g.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass, in (0, 1]")
-    g.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    g = p.add_argument_group("sampling (with --samples; as in `midiforge generate`)")
+    add_sampling(g)
     g.add_argument(
         "--grid-mask", choices=("pairs", "positions", "off"), default="pairs",
         help="onset grid mask of the samples and the floor (default pairs; see `midiforge generate --help`)",
     )  # fmt: skip
-    p.add_argument("--device", default="cpu", metavar="D", help="torch device (default cpu)")
+    add_device(p)
 
 
-def _data_files(paths: list[str]) -> list[Path]:
-    missing = [p for p in paths if not Path(p).exists()]
+def _data_files(paths: list[Path]) -> list[Path]:
+    missing = [str(p) for p in paths if not Path(p).exists()]
     if missing:
-        raise UsageError(f"-d: no such file or directory: {', '.join(missing)}")
+        raise UsageError(f"-v: no such file or directory: {', '.join(missing)}")
     files = find_files(paths, suffixes=DATA_SUFFIXES)
     if not files:
-        raise UsageError(f"-d: no .mid/.midi/.json file in {', '.join(paths)}")
+        raise UsageError(f"-v: no .mid/.midi/.json/.mfshard file in {', '.join(map(str, paths))}")
     return files
 
 
@@ -143,7 +138,7 @@ def sample_statistics(gens, tables, floor_gens, used=None) -> dict:
 def run(args: argparse.Namespace) -> int:
     _check_arguments(args)
     device = resolve_device(args.device)
-    files = _data_files(args.data)
+    files = _data_files(args.val_dataset)
 
     ckpt = Path(args.checkpoint)
     model, tok = ck.load_inference(ckpt, device)
@@ -152,12 +147,12 @@ def run(args: argparse.Namespace) -> int:
     pieces, tables, skipped = read_pieces(files, tok)
     if not pieces:
         first = next(iter(skipped.items()))
-        raise UsageError(f"-d: no usable piece ({len(skipped)} files skipped, e.g. {first[0]}: {first[1]})")
+        raise UsageError(f"-v: no usable piece ({len(skipped)} files skipped, e.g. {first[0]}: {first[1]})")
     t0 = time.perf_counter()
     index, index_note = _training_index(args, ckpt, tok)
     report: dict = {
         "checkpoint": str(ckpt),
-        "data": [str(p) for p in args.data],
+        "data": [str(p) for p in args.val_dataset],
         "skipped": skipped,
         "likelihood": scoring.score(
             model, tok, pieces, stride=stride, device=device, unigram=_unigram(index, tok)
@@ -166,13 +161,14 @@ def run(args: argparse.Namespace) -> int:
     }
     gens = []
     if args.samples:
+        seed = report["seed"] = seed_of(args)
         sampling = dict(
             max_new_tokens=args.max_tokens, max_seconds=args.max_seconds, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, num_samples=args.samples, seed=args.seed, device=device,
+            top_k=args.top_k, top_p=args.top_p, num_samples=args.samples, seed=seed, device=device,
             grid=args.grid_mask,
         )  # fmt: skip
         gens = generate(model, tok, None, **sampling)
-        floor = generate(untrained_model(model, args.seed), tok, None, **sampling)
+        floor = generate(untrained_model(model, seed), tok, None, **sampling)
         report["samples"] = [
             {"notes": g.score.note_num(), "seconds": round(g.seconds, 3), "tokens": g.num_new_tokens}
             for g in gens
@@ -210,9 +206,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def _training_index(args: argparse.Namespace, ckpt: Path, tok):
     """(the copy check's index of the training set or None, a line saying where it came from)."""
-    train_files, origin = copycheck.training_files(ck.read_config(ckpt), args.train)
-    if args.train and not train_files:
-        raise UsageError(f"--train: {origin}")
+    train_files, origin = copycheck.training_files(ck.read_config(ckpt), args.train_dataset)
+    if args.train_dataset and not train_files:
+        raise UsageError(origin)
     if not train_files:
         return None, f"skipped: {origin}"
     cache_dir = Path(args.cache_dir) if args.cache_dir else ckpt / "cache"
@@ -283,7 +279,7 @@ def _print_summary(report: dict, lik: dict) -> None:
     parts = ", ".join(f"{k} {_f(v)}" for k, v in lik["breakdown_bits_per_note"].items() if v)
     print(f"  bits/note by attribute: {parts}")
     if "statistics" in report:
-        print("  sample statistics, overlap with the reference (1 = same distribution):")
+        print(f"  sample statistics (seed {report['seed']}), overlap with the reference (1 = same distribution):")
         for name, entry in report["statistics"].items():
             ov = entry["overlap"]
             print(

@@ -6,7 +6,9 @@ They live here, not in the MIDI layer, so that writing a checkpoint or a plot ne
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -24,6 +26,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = 
             f.flush()
             os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    """``records`` as JSON Lines (one object a line, UTF-8), written atomically; none: an empty file."""
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
+    atomic_write_bytes(path, "".join(lines).encode("utf-8"))
 
 
 def bytes_sha256(data: bytes) -> str:

@@ -333,7 +333,7 @@ def build_styles_corpus(out_dir, styles: list[str], per_style: int | None = None
 
 # ------------------------------------------------------------------------------------------- command line
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out", nargs="?", metavar="OUT", help="folder for train/ and val/ MIDI files")
+    p.add_argument("out", metavar="OUT", help="folder for the train/ and val/ MIDI files")
     p.add_argument("--limit", metavar="N", help="convert only the first N chorales (natural order of names)")
     p.add_argument("-j", "--jobs", metavar="JOBS", help="worker processes (default: number of CPUs)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -348,9 +348,6 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    # Arguments are checked here rather than by argparse so that every mistake is one line and exit code 2.
-    if not args.out:
-        raise UsageError("give the output folder OUT")
     limit = whole_number(args.limit, "--limit")
     if getattr(args, "styles", None) is not None:
         return _run_styles(args)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from midiforge.data.workers import DEFAULT_FILE_TIMEOUT_S, map_isolated
 from midiforge.errors import UsageError
-from midiforge.fsio import atomic_write_bytes, file_sha256
+from midiforge.fsio import atomic_write_bytes, atomic_write_jsonl, file_sha256
 from midiforge.notes.midi import (
     JSON_SCHEMA,
     MidiReadError,
@@ -255,8 +255,7 @@ def write_errors(out: Path, summary: PrepareSummary) -> None:
 def write_reasons(out: Path, rows) -> None:
     """``OUT/errors.jsonl``, one ``{"path", "reason"}`` line per (path, reason) of ``rows``, in their order.
     The one writer of that file (prepare, shards, demo-data)."""
-    lines = [json.dumps({"path": str(p), "reason": r}, ensure_ascii=False) + "\n" for p, r in rows]
-    atomic_write_bytes(out / ERRORS_FILE, "".join(lines).encode("utf-8"))
+    atomic_write_jsonl(out / ERRORS_FILE, ({"path": str(p), "reason": r} for p, r in rows))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -265,22 +264,23 @@ def write_reasons(out: Path, rows) -> None:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sources", nargs="*", metavar="SRC", help="MIDI files or folders (searched recursively)")
-    p.add_argument("-o", "--out", metavar="OUT", help="folder for the JSON files and errors.jsonl (required)")
+    p.add_argument("sources", nargs="+", metavar="SRC", help="MIDI files or folders (searched recursively)")
+    p.add_argument("-o", "--out", required=True, metavar="OUT",
+                   help="folder for the dataset, and errors.jsonl: every file left out and why")  # fmt: skip
     p.add_argument("-j", "--jobs", metavar="JOBS", help="worker processes (default: number of CPUs)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--format",
         default="json",
-        metavar="FORMAT",
-        help="json (one file per piece, the default) or shards (a few thousand pieces per binary"
-        " shard-NNNNN.mfshard, checksummed; for large corpora: smaller than the MIDI, faster to load)",
+        choices=("json", "shards"),
+        help="json: one file per piece; shards: a few thousand pieces per checksummed binary file, smaller"
+        " than the MIDI and faster to load, for large corpora (default: %(default)s)",
     )
     p.add_argument(
         "--shard-size",
         default=None,
         metavar="N",
-        help="pieces per shard with --format shards (default: 2048)",
+        help=f"pieces per shard with --format shards (default: {DEFAULT_PIECES_PER_SHARD})",
     )
 
 
@@ -303,14 +303,7 @@ def parse_jobs(text: str | None) -> int | None:
 
 
 def run(args) -> int:
-    # Arguments are checked here rather than by argparse so that every mistake is one line and exit code 2.
-    if not args.sources:
-        raise UsageError("give at least one SRC file or folder")
-    if not args.out:
-        raise UsageError("give the output folder with -o OUT")
-    fmt = getattr(args, "format", "json")
-    if fmt not in ("json", "shards"):
-        raise UsageError(f"--format must be json or shards, not {fmt!r}")
+    fmt = args.format
     if fmt == "shards":
         size = whole_number(args.shard_size, "--shard-size")
         if size is None:

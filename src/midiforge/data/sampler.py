@@ -1,7 +1,7 @@
 """Batching: the Σ len² sampler that packs windows under a budget, and the collate that pads them.
 
-The budget is ``sum(L ** 2)`` per batch (attention's cost grows with the square of a window's length), the
-seed's ``-b/--max-batch-size``; in code it is called ``batch_budget``.
+The budget is ``sum(L ** 2)`` per batch (attention's cost grows with the square of a window's length), given
+with ``-b/--max-batch-size``; in code it is called ``batch_budget``.
 """
 
 from __future__ import annotations

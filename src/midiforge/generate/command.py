@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import symusic
-import torch
 
 from midiforge.checkpoint import load_inference
 from midiforge.device import resolve_device
@@ -23,62 +22,27 @@ from midiforge.generate.steer import cli_controls, min_problems
 from midiforge.measure import copycheck
 from midiforge.notes.midi import MidiReadError, load_score
 from midiforge.notes.render import render_pianoroll, render_wav
+from midiforge.options import add_checkpoint, add_device, add_sampling, seed_of
 
 
 def configure_parser(p) -> None:
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory written by `midiforge train`")
-    p.add_argument(
-        "-o",
-        "--output",
-        required=True,
-        metavar="OUT.mid",
-        help="output MIDI file (OUT_1.mid ... with -n > 1)",
-    )
-    p.add_argument("--prompt", metavar="IN.mid", help="MIDI file to continue (default: start from scratch)")
-    p.add_argument("--prompt-bars", type=int, metavar="N", help="use only the first N bars of the prompt")
-    p.add_argument(
-        "--max-tokens", type=int, default=1024, metavar="N", help="new tokens per sample (default 1024)"
-    )
-    p.add_argument(
-        "--max-seconds", type=float, metavar="S",
-        help="stop each sample once it has S seconds of new music (after the prompt, which is never cut)",
-    )
-    p.add_argument(
-        "--ignore-eos", action="store_true", help="never stop at end-of-sequence (fill --max-tokens)"
-    )
-    p.add_argument(
-        "--temperature", type=float, default=1.0, metavar="T", help="sampling temperature > 0 (default 1.0)"
-    )
-    p.add_argument("--top-k", type=int, metavar="K", help="sample only from the K most likely tokens")
-    p.add_argument(
-        "--top-p",
-        type=float,
-        metavar="P",
-        help="nucleus sampling: smallest set of tokens with mass P, in (0, 1]",
-    )
-    p.add_argument("--seed", type=int, metavar="S", help="random seed (same seed, same music)")
-    p.add_argument(
-        "-n",
-        "--num-samples",
-        type=int,
-        default=1,
-        metavar="N",
-        help="number of pieces, generated as one batch",
-    )
-    p.add_argument(
-        "--wav",
-        action="store_true",
-        help="also render OUT.wav (FluidSynth if installed, else a preview synth)",
-    )
+    add_checkpoint(p)
+    p.add_argument("-o", "--output", required=True, metavar="OUT.mid",
+                   help="the MIDI file to write (OUT_1.mid, OUT_2.mid ... with -n above 1)")  # fmt: skip
+    p.add_argument("--prompt", metavar="IN.mid", help="a MIDI file to continue (default: start from nothing)")
+    p.add_argument("--prompt-bars", type=int, metavar="N", help="continue only the first N bars of the prompt")
+    add_sampling(p)
+    p.add_argument("--ignore-eos", action="store_true", help="never end a piece early (fill --max-tokens)")
+    p.add_argument("-n", "--num-samples", type=int, default=1, metavar="N",
+                   help="how many pieces, written together (default: %(default)s)")  # fmt: skip
+    p.add_argument("--wav", action="store_true",
+                   help="also render OUT.wav (FluidSynth when installed, else a simple built-in synthesizer)")  # fmt: skip
     p.add_argument("--pianoroll", action="store_true", help="also draw OUT.png, a piano roll")
-    p.add_argument(
-        "--no-kv-cache", action="store_true", help="recompute the whole context every step (slow; for checks)"
-    )
-    p.add_argument(
-        "--device", default="cpu", metavar="D", help="torch device, e.g. cpu, cuda, cuda:1, mps (default cpu)"
-    )
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="recompute the whole context at every step (slow; the same music, for checking)")  # fmt: skip
+    add_device(p)
     add_steer_arguments(p)  # controls, --min-new-tokens, --min-seconds
-    copycheck.add_arguments(p)  # --check-copies, --train, --copy-threshold
+    copycheck.add_arguments(p)  # --check-copies, -t/--train-dataset, --copy-threshold
     add_edit_arguments(p)  # --infill, --add-track, --replace-track, --harmonize
 
 
@@ -142,6 +106,7 @@ def run(args) -> int:
         raise UsageError(f"cannot create output directory {paths[0].parent}: {e.strerror}") from e
 
     model, tokenizer = load_inference(args.checkpoint, device)
+    seed = seed_of(args)
     t0 = time.perf_counter()
     results = generate(
         model,
@@ -153,7 +118,7 @@ def run(args) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         num_samples=args.num_samples,
-        seed=args.seed,
+        seed=seed,
         ignore_eos=args.ignore_eos,
         use_kv_cache=not args.no_kv_cache,
         prompt_bars=args.prompt_bars,
@@ -173,19 +138,20 @@ def run(args) -> int:
             f"(stopped: {r.stop_reason}), {r.num_skipped} skipped-invalid events"
             + (f"; {', '.join(extras)}" if extras else "")
         )
-    print(f"generated {num_tokens} tokens in {elapsed:.1f} s ({num_tokens / max(elapsed, 1e-9):.0f} tok/s)")
+    rate = num_tokens / max(elapsed, 1e-9)
+    print(f"generated {num_tokens} tokens in {elapsed:.1f} s ({rate:.0f} tok/s), seed {seed}")
     if copy_files is not None:
         copycheck.print_check(args, tokenizer, copy_files, [r.ids for r in results], [str(p) for p in paths])
     return 0
 
 
 def add_edit_arguments(p) -> None:
-    g = p.add_argument_group("editing inside the --prompt (a checkpoint trained with infilling)")
+    g = p.add_argument_group("editing inside the --prompt (checkpoints trained with infilling, the default)")
     g.add_argument(
         "--infill",
         action="append",
         metavar="BARS",
-        help="regenerate these bars (e.g. 9-16, or 9-16,25-28; may repeat), keeping the rest",
+        help="rewrite these bars (e.g. 9-16, or 9-16,25-28; may repeat), keeping the rest",
     )
     g.add_argument(
         "--add-track",
@@ -193,7 +159,7 @@ def add_edit_arguments(p) -> None:
         metavar="INSTRUMENT",
         help="write a new track (a GM name or program number; may repeat) to go with the prompt",
     )
-    g.add_argument("--replace-track", metavar="N|NAME", help="regenerate one track (number from 1, or name)")
+    g.add_argument("--replace-track", metavar="N|NAME", help="rewrite one track (its number from 1, or its name)")
     g.add_argument("--harmonize", nargs="?", const="3", metavar="VOICES",
                    help="write VOICES (default 3: alto, tenor, bass) voices under the one-track melody given in"
                         " --prompt, jointly and in time with it (any checkpoint)")  # fmt: skip
@@ -241,7 +207,7 @@ def run_edit(args, request: Request) -> int:
         paths[0].parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create output directory {paths[0].parent}: {e.strerror}") from e
-    seed = args.seed if args.seed is not None else int(torch.seed() % (1 << 31))
+    seed = seed_of(args)
     t0 = time.perf_counter()
     for k, path in enumerate(paths):
         score = edit(model, tok, prompt, request, seed=seed + k, temperature=args.temperature, top_k=args.top_k,

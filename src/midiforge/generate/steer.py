@@ -227,7 +227,8 @@ class Steering:
 
 # --- command line (added to `midiforge generate` by generate.configure_parser) ---------------------------------
 def add_arguments(p) -> None:
-    g = p.add_argument_group("controls (see README, 'Steering'); bad values list the valid ones")
+    g = p.add_argument_group("controls (checkpoints trained with controls, the default); a bad value lists the"
+                             " valid ones")  # fmt: skip
     g.add_argument(
         "--instruments", metavar="LIST", help="hard constraint: GM names or programs, e.g. piano,bass,drums"
     )

@@ -30,12 +30,14 @@ import numpy as np
 
 from midiforge import checkpoint as ck
 from midiforge.data.dataset import DATA_SUFFIXES, MidiDataset
+from midiforge.data.tagging import split_specs
 from midiforge.errors import UsageError
 from midiforge.fsio import atomic_write_bytes
 from midiforge.notes.midi import find_files
+from midiforge.options import add_train_data
 
 NGRAM = 8  # symbols per indexed n-gram: runs of at least NGRAM + 1 notes are found
-MAX_POSTINGS = 2000  # an n-gram found more often than this in the training set is skipped as a seed
+MAX_POSTINGS = 2000  # an n-gram found more often than this in the training set is too common to start a match from
 VERIFY = 16  # candidate runs verified per query
 DEFAULT_THRESHOLD = 48  # notes: a sample sharing a longer run with a training piece is flagged
 _MUL = np.uint64(0x9E3779B97F4A7C15)
@@ -197,19 +199,22 @@ class CopyIndex:
 
 
 def training_files(ckpt_config: dict | None, train: list | None) -> tuple[list[Path], str]:
-    """The training files (``--train`` or the checkpoint's recorded training set) and where they came from;
-    an empty list and the reason when there are none."""
+    """The training files (``-t`` or the checkpoint's recorded training set, ``NAME=DIR`` read as in
+    `midiforge train`) and where they came from; an empty list and the reason when there are none."""
     if train:
-        paths, origin = [Path(p) for p in train], "--train"
+        specs, origin = train, "-t"
     else:
-        recorded = ((ckpt_config or {}).get("train") or {}).get("train_dataset") or []
-        paths, origin = [Path(p) for p in recorded], "the checkpoint's training set"
-        if not paths:
-            return [], "the checkpoint records no training set (give --train)"
+        specs = ((ckpt_config or {}).get("train") or {}).get("train_dataset") or []
+        origin = "the checkpoint's training set"
+        if not specs:
+            return [], "the checkpoint records no training set (give -t)"
+    problems: list[str] = []
+    paths = split_specs(specs, origin, problems).paths
     missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        hint = "" if train else " (give --train)"
-        return [], f"{origin}: no such file or directory: {', '.join(missing)}{hint}"
+    if problems or missing:
+        hint = "" if train else " (give -t)"
+        what = "; ".join(problems) or f"{origin}: no such file or directory: {', '.join(missing)}"
+        return [], what + hint
     return find_files(paths, suffixes=DATA_SUFFIXES), origin
 
 
@@ -264,12 +269,8 @@ def add_arguments(p) -> None:
         help="after generating, print the longest run of notes each sample shares with a training piece"
         " (transposition-invariant) and flag copies",
     )
-    p.add_argument(
-        "--train",
-        action="append",
-        metavar="TRAIN",
-        help="training files/directories for --check-copies (default: the checkpoint's recorded training set)",
-    )
+    add_train_data(p, "the training data for --check-copies, as given to `midiforge train`"
+                   " (default: the checkpoint's own)")  # fmt: skip
     p.add_argument(
         "--copy-threshold",
         type=int,
@@ -285,7 +286,7 @@ def cli_training_files(args) -> list[Path] | None:
         return None
     if args.copy_threshold < 1:
         raise UsageError(f"--copy-threshold must be >= 1 (got {args.copy_threshold})")
-    files, origin = training_files(ck.read_config(Path(args.checkpoint)), args.train)
+    files, origin = training_files(ck.read_config(Path(args.checkpoint)), args.train_dataset)
     if not files:
         raise UsageError(f"--check-copies: {origin}")
     return files

@@ -6,7 +6,7 @@ One validator: a request becomes the argv of ``midiforge generate`` and is parse
 :func:`midiforge.generate.command.run` itself, whose UsageError is the one-line message the page shows. So every option
 generate gains later (controls, infill, ...) appears in the page and is checked exactly as on the CLI.
 
-Safety: options that name files (the checkpoint, the output, the prompt, --train, and any later option whose
+Safety: options that name files (the checkpoint, the output, the prompt, -t/--train-dataset, and any later option whose
 metavar says PATH/DIR/FILE/... ) are never taken from the client; the server sets its own. Every file goes into
 the studio's output folder under names the server makes (random ids), and files are served only by looking
 up those ids in memory, never by joining a client string to a path.
@@ -31,7 +31,7 @@ from midiforge.errors import MidiforgeError, UsageError
 from midiforge.generate import command as generate_command
 
 # generate options the server owns: file paths, and how the server runs (device, files it renders).
-SERVER_ONLY = {"checkpoint", "output", "prompt", "train", "wav", "pianoroll", "no_kv_cache", "device", "help"}
+SERVER_ONLY = {"checkpoint", "output", "prompt", "train_dataset", "wav", "pianoroll", "no_kv_cache", "device", "help"}
 # A later option whose metavar names a file is hidden too, so that no client string becomes a path.
 PATHLIKE_METAVAR = re.compile(r"PATH|DIR|FILE|CKPT|TRAIN|OUT|\.MID|\.JSON", re.IGNORECASE)
 MAX_VALUE_CHARS = 200  # longest value of one option a request may carry
@@ -94,7 +94,7 @@ def option_fields(parser: argparse.ArgumentParser) -> list[dict]:
     for g in parser._action_groups:  # argparse keeps no public list of groups
         for a in g._group_actions:
             title = "generation" if g.title in (None, "options", "optional arguments") else g.title
-            group_of[id(a)] = re.split(r" \(|;", title)[0]  # "controls (see README ...)" → "controls"
+            group_of[id(a)] = re.split(r" \(|;", title)[0]  # "controls (checkpoints trained ...)" → "controls"
     fields = []
     for a in parser._actions:
         if not exposed(a):

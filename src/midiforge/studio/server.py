@@ -26,6 +26,7 @@ from midiforge.device import resolve_device
 from midiforge.errors import UsageError
 from midiforge.fsio import atomic_write_bytes
 from midiforge.notes.midi import MidiReadError, load_score
+from midiforge.options import add_checkpoint, add_device
 from midiforge.studio.jobs import ID, Job, JobQueue, generate_parser, option_fields, request_argv
 
 STATIC = {"studio.js": "text/javascript", "studio.css": "text/css", "index.html": "text/html"}
@@ -292,14 +293,14 @@ def url_of(server: ThreadingHTTPServer) -> str:
 
 
 def configure_parser(p) -> None:
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint directories to choose from")
+    add_checkpoint(p, "checkpoint folders to choose from", many=True)
     p.add_argument(
         "--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)"
     )
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 = any free port)")
     p.add_argument("--out", default="studio-out", metavar="DIR",
                    help="the only folder the studio writes to: uploads and generated files (default studio-out)")  # fmt: skip
-    p.add_argument("--device", default="cpu", metavar="D", help="torch device for generation (default cpu)")
+    add_device(p)
     p.add_argument(
         "--max-upload-mb", type=float, default=4.0, metavar="MB", help="upload size limit (default 4)"
     )

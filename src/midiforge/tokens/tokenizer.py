@@ -163,7 +163,7 @@ class MidiTokenizer:
         return out, self.word_starts_of_events(out)
 
     # The "sheet": a piece's base events stored in a prepared JSON file, so that loading it skips the work of
-    # events() (the seed's JSON datasets stored their sheet too). Valid only for the same base configuration.
+    # events() (as the JSON datasets of the original specification did). Valid only for the same base configuration.
     def sheet(self, notes: NoteTable) -> dict:
         events, word_start = self.events(notes)
         return {

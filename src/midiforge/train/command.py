@@ -89,7 +89,7 @@ def launch(cfg: RunConfig) -> int:
             )
             return 0
     n_gpu = torch.cuda.device_count() if setup.device.type == "cuda" else 0
-    if not dist.from_env().enabled and cfg.device is None and n_gpu > 1:
+    if not dist.from_env().enabled and cfg.device in (None, "auto") and n_gpu > 1:
         print(f"starting {n_gpu} data-parallel workers, one per GPU", flush=True)
         import torch.multiprocessing as mp
 

@@ -16,6 +16,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from midiforge.model import PRESETS
+from midiforge.options import DATA_HELP, DEVICE_DEFAULT, TRAIN_FLAGS, VAL_FLAGS, Parser, data_keywords
 from midiforge.tokens.bpe_sample import DEFAULT_SAMPLE_EVENTS as DEFAULT_BPE_SAMPLE_EVENTS
 
 PRESETS_CHOICES = ("tiny", "small", "base", "large")
@@ -25,13 +26,13 @@ DEFAULT_VOCAB = 2048
 SHAPE_FIELDS = ("n_layer", "n_head", "d_model", "d_ff")
 
 EPILOG = """
-Re-running the same command resumes from CKPT_PATH (mid-epoch included); num_epochs is the total, so a larger
-number extends a finished run (the warmup+cosine schedule is then rebuilt for the new total and the learning rate
-continues from that curve). -l and -w from the command line replace the checkpointed values on purpose.
+Re-running the same command resumes from CKPT (mid-epoch included); NUM_EPOCHS is the total, so a larger
+number extends a finished run (the learning-rate schedule is then rebuilt for the new total and continues from
+that curve). -l and -w from the command line replace the checkpointed values on purpose.
 The model shape options apply to a new run; with a checkpoint they must match it (or be omitted).
-Only one training run may write to CKPT_PATH at a time (it holds CKPT_PATH/.lock); generate and plot may read
-it meanwhile. CKPT_PATH receives model.pth, optimizer.pth, state.pth, metrics.json, config.json,
-tokenizer.json (trained on the training set first when absent), training.png and cache/ (tokenized data).
+Only one training run may write to CKPT at a time; generate and plot may read it meanwhile. CKPT receives the
+model, the optimizer and training state, metrics.json, config.json, the tokenizer (learned from the training
+set first when absent), training.png, skipped.jsonl (every file left out, and why) and cache/ (tokenized data).
 """
 
 
@@ -47,29 +48,30 @@ def opt(default=None, *flags: str, help: str, type=None, group: str = "", **argp
 class RunConfig:
     """Everything a user can set for a training run (see ``midiforge train --help``)."""
 
-    num_epochs: int = opt(MISSING, type=int, help="total epochs (a larger number than before extends a run)")
+    num_epochs: int = opt(
+        MISSING, type=int, metavar="NUM_EPOCHS", help="total epochs (a larger number than before extends a run)"
+    )
     ckpt_path: Path = opt(
-        MISSING, type=Path, help="checkpoint directory; re-running the same command resumes"
+        MISSING, type=Path, metavar="CKPT", help="checkpoint folder; re-running the same command resumes"
     )
     train_dataset: list[Path] = opt(
         [],
-        "-t",
-        "--train-dataset",
+        *TRAIN_FLAGS,
         type=Path,
         required=True,
-        help="training files/directories (.mid/.midi and prepared .json, mixed); may repeat. NAME=DIR tags"
-        " DIR's pieces with the style tag NAME (generate --tag NAME); a bare DIR has none",
+        metavar="TRAIN",
+        help=f"training data: {DATA_HELP}. NAME=DIR tags DIR's pieces with the style tag NAME (generate --tag"
+        " NAME); a bare DIR has none",
     )
     val_dataset: list[Path] = opt(
-        [], "-v", "--val-dataset", type=Path, help="validation files/directories (NAME=DIR as -t); may repeat"
+        [], *VAL_FLAGS, type=Path, metavar="VAL", help="validation data, as -t (NAME=DIR included)"
     )
     min_sequence_length: int = opt(
         8,
         "-m",
         "--min-sequence-length",
         type=int,
-        help="skip pieces shorter than this many tokens (default: %(default)s; the seed's 2**32 would skip"
-        " every piece)",
+        help="skip pieces shorter than this many tokens (default: %(default)s)",
     )
     max_sequence_length: int = opt(
         2**17,
@@ -79,7 +81,8 @@ class RunConfig:
         help="longest training window in tokens; longer pieces are cut into windows at note onsets;"
         " lowered to isqrt(-b) (and to the model's context length) when larger (default: %(default)s)",
     )
-    # Called max_batch_size by the seed; it is a budget of sum(len**2) per batch, not a number of samples.
+    # Spelled --max-batch-size on the command line (the name it was specified with); it is a budget of
+    # sum(len**2) per batch, not a number of samples.
     batch_budget: int = opt(
         8 * 1536**2,
         "-b",
@@ -93,9 +96,7 @@ class RunConfig:
         "--learning-rate",
         type=float,
         help="peak AdamW learning rate: warmup over min(100, 10%% of the steps), cosine decay to 10%%;"
-        " overrides a checkpoint's (default: %(default)s). Measured on 8 POP909 songs, 6 epochs (468 steps):"
-        " validation loss 6.20/6.12/6.13 (tiny) and 6.19/5.97/6.24 (small) for 1e-2/3e-3/1e-3 -- the seed's"
-        " 0.01 did not diverge but learned slower and noisier; consider 1e-3 or less for base/large",
+        " overrides a checkpoint's; consider 1e-3 or less for base and large (default: %(default)s)",
     )
     weight_decay: float = opt(
         0.01,
@@ -149,9 +150,8 @@ class RunConfig:
         type=int,
         group="model",
         help="a new tokenizer learns its BPE merges from at most this many base events (tokens before BPE),"
-        " whole pieces drawn in a --seed-ed random order across the training set; BPE memory grows with it"
-        " (measured on 10k POP909-like files: 0.5 GB at the default, 1.6 GB for all 63M events, tokens/note"
-        " +0.1%%); 0: every file (default: %(default)s)",
+        " whole pieces in a seeded random order across the training set; memory grows with it; 0: every"
+        " file (default: %(default)s)",
     )
     seed: int = opt(
         0,
@@ -168,16 +168,17 @@ class RunConfig:
         help="mixed precision: auto = bf16 on CUDA when supported, else fp16 with loss scaling; fp32 on CPU"
         " (default: %(default)s)",
     )
-    device: str | None = opt(
-        None, "--device", group="run", help="cpu, cuda or cuda:N (default: cuda when available)"
+    device: str = opt(
+        DEVICE_DEFAULT, "--device", group="run", metavar="DEVICE",
+        help="where to train: auto (CUDA when available, else the CPU), cpu, cuda or cuda:N (default: %(default)s)",
     )
     compile: str = opt(
         "auto",
         "--compile",
         group="run",
         choices=("auto", "on", "off"),
-        help="torch.compile the model (dynamic shapes): auto = on for CUDA, off on CPU, where it gained nothing"
-        " at tiny/small sizes and costs minutes of compiling (default: %(default)s)",
+        help="compile the model with torch.compile (dynamic shapes): auto = on for CUDA, off on the CPU"
+        " (default: %(default)s)",
     )
     augment: bool = opt(
         True, "--no-augment", group="run", help="no random transposition of the training pieces"
@@ -188,7 +189,7 @@ class RunConfig:
         type=float,
         group="run",
         help="share of training windows rearranged as infilling examples (a span given both sides, or a track given"
-        " the others; fim.py), so that generate --infill/--add-track/--replace-track/--harmonize work; 0: plain"
+        " the others), so that generate --infill/--add-track/--replace-track/--harmonize work; 0: plain"
         " continuation only. Validation windows stay ordinary (default: %(default)s)",
     )
     infill_track_share: float = opt(
@@ -218,7 +219,7 @@ class RunConfig:
         "--cache-dir",
         type=Path,
         group="run",
-        help="token cache folder (default: CKPT_PATH/cache). Several machines: either shared storage that every"
+        help="token cache folder (default: CKPT/cache). Several machines: either shared storage that every"
         " node sees (--cache-scope shared) or a disk of each node's own (--cache-scope node)",
     )
     cache_scope: str = opt(
@@ -245,7 +246,7 @@ class RunConfig:
         nargs="?",
         const="",
         metavar="DIR",
-        help="write TensorBoard logs to DIR (given bare: CKPT_PATH/tensorboard): loss, perplexity, bits per note,"
+        help="write TensorBoard logs to DIR (given bare: CKPT/tensorboard): loss, perplexity, bits per note,"
         " learning rate, tokens/s, gradient norm, and a short sample per epoch as piano roll and audio; needs"
         " pip install 'midiforge[tensorboard]'. Put a bare --tensorboard after the positional arguments",
     )
@@ -310,7 +311,7 @@ class RunConfig:
 GROUP_TITLES = {
     "model": "model shape (a new run; a checkpoint keeps its own shape)",
     "run": "run",
-    "controls": "controls and style tags (see README, 'Steering')",
+    "controls": "controls and style tags (what generate can be steered by)",
 }
 
 
@@ -331,8 +332,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kw["dest"] = f.name
         if f.type == "bool":  # the only booleans default to on and have a --no-... switch
             target.add_argument(*m["flags"], action="store_false", **kw)
-        elif f.type.startswith("list"):
-            target.add_argument(*m["flags"], action="extend", nargs="+", type=m["type"], default=None, **kw)
+        elif f.type.startswith("list"):  # the data options, spelled as in every command
+            data = data_keywords(kw["metavar"], kw["help"], required=kw.get("required", False))
+            target.add_argument(*m["flags"], dest=f.name, **data)
         else:
             if m["type"] is not None:
                 kw["type"] = m["type"]
@@ -340,10 +342,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
-    parser = argparse.ArgumentParser(
-        prog="midiforge train",
-        description="train a Transformer on MIDI/JSON datasets (resumes automatically)",
-    )
+    parser = Parser(prog="midiforge train", description="train a model on MIDI files, or resume a run")
     add_arguments(parser)
     args = parser.parse_args(argv)
     return RunConfig.from_args(args)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from midiforge.errors import UsageError
 from midiforge.fsio import atomic_write_bytes
+from midiforge.options import add_checkpoint
 
-# The seed's styles: train loss red solid, val loss blue dotted, train ppl green dashed, val ppl blue dashed.
+# The specified styles: train loss red solid, val loss blue dotted, train ppl green dashed, val ppl blue dashed.
 STYLES = {
     "train_loss": {"color": "tab:red", "linestyle": "-", "label": "train loss"},
     "val_loss": {"color": "tab:blue", "linestyle": ":", "label": "validation loss"},
@@ -102,20 +103,21 @@ def plot_metrics(metrics: dict, out_path: str | os.PathLike) -> None:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt_path", type=Path, help="checkpoint directory holding metrics.json")
+    add_checkpoint(p, "checkpoint folder of a training run")
     p.add_argument(
         "-o",
         "--output",
         type=Path,
         default=None,
-        help="where to write the PNG (default: CKPT_PATH/training.png)",
+        metavar="OUT.png",
+        help="where to draw the curves (default: the run's own training.png)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     from midiforge import checkpoint as ck  # here: `midiforge plot` need not import torch
 
-    ckpt = Path(args.ckpt_path)
+    ckpt = Path(args.checkpoint)
     path = ckpt / ck.METRICS_FILE
     # The committed save's files (a run may be saving into the directory right now); nothing is written there.
     blobs = ck.read_committed(ckpt, [ck.METRICS_FILE, ck.CONFIG_FILE]) if ckpt.is_dir() else {}

@@ -8,6 +8,7 @@ UsageError. It only reads. Then :func:`build_tokenizer`, :func:`build_datasets`,
 
 from __future__ import annotations
 
+import collections
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,9 +20,11 @@ from midiforge import checkpoint as ckpt_io
 from midiforge.data import fim, tagging
 from midiforge.data.dataset import DATA_SUFFIXES, MidiDataset
 from midiforge.data.prefix import ControlPrefix
+from midiforge.data.prepare import reason_category
 from midiforge.data.sampler import collate
 from midiforge.data.workers import default_jobs
 from midiforge.errors import UsageError
+from midiforge.fsio import atomic_write_jsonl
 from midiforge.model import PRESETS, ModelConfig
 from midiforge.notes.midi import find_files
 from midiforge.notes.shards import expand_pieces
@@ -74,8 +77,9 @@ def _dataset_files(paths, what: str, errors: list[str]) -> list[Path]:
 
 
 def _device(cfg: RunConfig, errors: list[str]) -> tuple[torch.device, str]:
+    auto = cfg.device in (None, "auto")  # None: a config.json["train"] from before "auto" was spelled out
     try:
-        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if auto else cfg.device)
     except (RuntimeError, ValueError) as e:
         errors.append(f"--device {cfg.device!r}: {e}")
         return torch.device("cpu"), "off"
@@ -277,15 +281,24 @@ def build_datasets(setup: Setup, tok, info: dist.DistInfo):
     if builder:
         dist.barrier()
     record_grid(train_ds, tok, setup.ckpt_dir / ckpt_io.TOKENIZER_FILE, info.is_main)
-    for name, ds in (("training", train_ds), ("validation", val_ds)):
+    sets = {"training": train_ds, "validation": val_ds}
+    listing = setup.ckpt_dir / ckpt_io.SKIPPED_FILE
+    if info.is_main:  # every run rewrites it: what this run left out
+        atomic_write_jsonl(listing, ({"path": f, "set": name, "reason": why} for name, ds in sets.items()
+                                     if ds is not None for f, why in ds.skipped.items()))  # fmt: skip
+    for name, ds in sets.items():
         if ds is None:
             continue
-        first = next(iter(ds.skipped.items()), None)
-        example = f" (e.g. {first[0]}: {first[1]})" if first else ""
-        if len(ds) == 0:
-            raise UsageError(f"no usable piece in the {name} set: {ds.num_skipped} files skipped{example}")
-        if ds.num_skipped:
-            dist.note0(f"{ds.num_skipped} {name} files skipped{example}")
+        if ds.skipped:
+            whys = collections.Counter(reason_category(r) for r in ds.skipped.values()).most_common()
+            first = next(iter(ds.skipped.items()))
+            skipped = (f"{ds.num_skipped} {name} files skipped ({', '.join(f'{k}: {n}' for k, n in whys)};"
+                       f" e.g. {first[0]}: {first[1]})")  # fmt: skip
+            if len(ds) == 0:
+                raise UsageError(f"no usable piece in the {name} set: {skipped}")
+            dist.note0(f"{skipped}; every one with its reason in {listing}")
+        elif len(ds) == 0:
+            raise UsageError(f"no usable piece in the {name} set")
         dist.print0(f"{name} data: {ds.num_pieces} pieces, {len(ds)} windows, {int(ds.lengths.sum())} tokens")
     return train_ds, val_ds
 

@@ -244,7 +244,7 @@ class Trainer:
                 break
             except OOM as e:
                 if self.info.enabled or self.pieces >= inputs.size(0):
-                    # Ranks must take the same steps: one rank cannot retry alone (the seed's DDP hung so).
+                    # Ranks must take the same steps: one rank cannot retry alone (a lone retry would hang the others).
                     raise OutOfMemory(
                         f"out of memory on a batch of {tuple(inputs.shape)} tokens; lower -b/--max-batch-size"
                     ) from e
