@@ -20,6 +20,7 @@ from midiforge.generate import infill
 from midiforge.generate.core import generate
 from midiforge.notes.midi import load_score, score_to_notes
 from midiforge.notes.read import read_notes
+from midiforge.tokens.encode import to_grid
 from midiforge.tokens.tokenizer import MidiTokenizer
 from midiforge.train.config import RunConfig
 
@@ -224,7 +225,7 @@ def test_span_infill_keeps_everything_outside_over_many_seeds_across_windows(tok
     changed = 0
 
     def outside(notes):  # by the grid step the tokenizer puts each onset on, as the edit decides
-        on = tok._to_grid(np.array([n[3] for n in notes], np.int64), score.ticks_per_quarter)
+        on = to_grid(np.array([n[3] for n in notes], np.int64), score.ticks_per_quarter, 12)
         keep = ~(((on >= bars[19]) & (on < bars[23])) | ((on >= bars[39]) & (on < bars[40])))
         return [n for n, k in zip(notes, keep, strict=True) if k]
 

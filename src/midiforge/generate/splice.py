@@ -11,6 +11,7 @@ import numpy as np
 import symusic
 
 from midiforge.notes.midi import DRUM_PROGRAM, MAX_TRACK_INDEX
+from midiforge.tokens.encode import to_grid
 
 
 def track_keys(score: symusic.Score) -> list:
@@ -42,13 +43,13 @@ def splice(tok, score: symusic.Score, written, *, spans=(), replaced=None, names
             continue
         if spans:
             a = track.notes.numpy()
-            keep = ~_in_spans(tok._to_grid(a["time"].astype(np.int64), tpq), spans)
+            keep = ~_in_spans(to_grid(a["time"].astype(np.int64), tpq, spq), spans)
             track.notes = symusic.Note.from_numpy(
                 *(a[k][keep] for k in ("time", "duration", "pitch", "velocity"))
             )
             if len(track.pedals):
                 pa = track.pedals.numpy()
-                pk = ~_in_spans(tok._to_grid(pa["time"].astype(np.int64), tpq), spans)
+                pk = ~_in_spans(to_grid(pa["time"].astype(np.int64), tpq, spq), spans)
                 track.pedals = symusic.Pedal.from_numpy(pa["time"][pk], pa["duration"][pk])
     by_key = {k: t for k, t in zip(keys, out.tracks, strict=True) if k is not None}
     w_key = written.program.astype(np.int64) * 16 + written.track
