@@ -9,6 +9,9 @@ Layout of ``ckpt/`` (see docs/CONTRACTS.md)::
     config.json     {"model": ModelConfig.to_dict(), "train": {...hyper-parameters...}}
     tokenizer.json  MidiTokenizer.save (written once, before training starts)
     training.png    the curves (derived from metrics.json)
+    split.json      without -v: the validation split (midiforge.data.split), written once
+    best/           with validation: model.pth, config.json (+ the "best" record), tokenizer.json and state.pth
+                    of the epoch with the lowest validation bits per note (:func:`save_best`, same journal)
 
 One writer, many readers. The training run that writes holds an exclusive ``flock`` on ``ckpt/.lock`` for
 its whole life (:class:`RunLock`); the kernel drops it when the process dies, so a stale lock never blocks.
@@ -60,6 +63,9 @@ LOCK_FILE = ".lock"
 # Files of one save, in rename order; state.pth last so that it is the final word on what was committed.
 SAVE_FILES = (MODEL_FILE, OPTIMIZER_FILE, METRICS_FILE, CONFIG_FILE, STATE_FILE)
 HASHED_FILES = (MODEL_FILE, OPTIMIZER_FILE, METRICS_FILE, CONFIG_FILE)  # config.json since format 2
+BEST_DIR = "best"  # CKPT/best: inference files of the epoch with the lowest validation figure
+BEST_FILES = (TOKENIZER_FILE, MODEL_FILE, CONFIG_FILE, STATE_FILE)  # rename order, state.pth last
+_JOURNALED = frozenset(SAVE_FILES + BEST_FILES)
 READ_RETRY_SECONDS = 10.0  # how long a reader waits for a writer to finish renaming a save
 _PREFIXES = ("module.", "_orig_mod.")
 
@@ -204,11 +210,42 @@ def save(
     }
     state = dict(state, files={name: bytes_sha256(blobs[name]) for name in HASHED_FILES})
     blobs[STATE_FILE] = torch_bytes(state)
-    for name in SAVE_FILES:
+    _journal(pending, ckpt_dir, blobs, SAVE_FILES)
+
+
+def _journal(pending: Path, ckpt_dir: Path, blobs: dict[str, bytes], order: tuple[str, ...]) -> None:
+    for name in order:
         atomic_write_bytes(pending / name, blobs[name])
-    atomic_write_bytes(pending / COMMIT_MARKER, json_bytes({"files": list(SAVE_FILES)}))
+    atomic_write_bytes(pending / COMMIT_MARKER, json_bytes({"files": list(order)}))
     fsync_dir(pending)
     recover(ckpt_dir)
+
+
+def save_best(ckpt_dir: str | os.PathLike, *, model: dict, config: dict, tokenizer: bytes, record: dict) -> None:
+    """``CKPT/best``: what ``generate`` needs (model, tokenizer, config.json with the ``best`` record: epoch,
+    step, validation figures), saved like :func:`save`, with state.pth holding the sums. The caller holds the
+    RunLock."""
+    best = Path(ckpt_dir) / BEST_DIR
+    best.mkdir(parents=True, exist_ok=True)
+    recover(best)
+    (best / PENDING_DIR).mkdir()
+    blobs = {
+        TOKENIZER_FILE: tokenizer,
+        MODEL_FILE: torch_bytes(strip_prefixes(model)),
+        CONFIG_FILE: json_bytes(dict(config, best=record)),
+    }
+    sums = {name: bytes_sha256(blob) for name, blob in blobs.items()}
+    blobs[STATE_FILE] = torch_bytes({"format": 2, "best": record, "files": sums})
+    _journal(best / PENDING_DIR, best, blobs, BEST_FILES)
+
+
+def read_best(ckpt_dir: str | os.PathLike) -> dict | None:
+    """The record of what ``CKPT/best`` holds (epoch, step, val_bits_per_note, val_loss); None when none."""
+    best = Path(ckpt_dir) / BEST_DIR
+    if not has_checkpoint(best):
+        return None
+    record = (read_config(best) or {}).get("best")
+    return record if isinstance(record, dict) else None
 
 
 # --- readers: never write -----------------------------------------------------------------------------------
@@ -218,7 +255,7 @@ def _commit_list(pending: Path) -> list[str]:
         names = json.loads((pending / COMMIT_MARKER).read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return []
-    return [n for n in names if n in SAVE_FILES]
+    return [n for n in names if n in _JOURNALED]
 
 
 def committed_paths(ckpt_dir: str | os.PathLike) -> dict[str, Path]:
@@ -228,7 +265,7 @@ def committed_paths(ckpt_dir: str | os.PathLike) -> dict[str, Path]:
     pending = ckpt_dir / PENDING_DIR
     rolled = set(_commit_list(pending)) if pending.is_dir() else set()
     paths = {}
-    for name in SAVE_FILES:
+    for name in _JOURNALED:
         p = pending / name
         paths[name] = p if name in rolled and p.is_file() else ckpt_dir / name
     return paths
@@ -364,7 +401,7 @@ def load(ckpt_dir: str | os.PathLike, map_location="cpu") -> Checkpoint:
 # --- tokenizer and inference --------------------------------------------------------------------------------
 def load_tokenizer(ckpt_dir: str | os.PathLike):
     """The checkpoint's MidiTokenizer, or None when it has none yet."""
-    path = Path(ckpt_dir) / TOKENIZER_FILE
+    path = committed_paths(ckpt_dir)[TOKENIZER_FILE]  # CKPT/best journals its copy with its saves
     if not path.is_file():
         return None
     try:

@@ -206,7 +206,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def _training_index(args: argparse.Namespace, ckpt: Path, tok):
     """(the copy check's index of the training set or None, a line saying where it came from)."""
-    train_files, origin = copycheck.training_files(ck.read_config(ckpt), args.train_dataset)
+    train_files, origin = copycheck.training_files(ck.read_config(ckpt), args.train_dataset, ckpt)
     if args.train_dataset and not train_files:
         raise UsageError(origin)
     if not train_files:

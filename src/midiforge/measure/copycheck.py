@@ -1,10 +1,9 @@
 """Does a generated piece copy the training set? The longest run of consecutive notes it shares with any
 training piece, transposition-invariant, from an index built once per training set and cached on disk.
 
-A piece becomes its pitched notes (drums left out) on the tokenizer's grid, ordered by onset then pitch, and
-then a string of *symbols*, one per pair of neighbouring notes: (onset interval in grid steps, pitch
-interval). Intervals make it transposition-invariant; the grid makes a sample and the piece it copies agree
-exactly. A shared run of ``s`` symbols is a run of ``s + 1`` notes.
+A piece becomes a string of *symbols* (:mod:`midiforge.tokens.intervals`), one per pair of neighbouring
+notes: (onset interval in grid steps, pitch interval). Intervals make it transposition-invariant; the grid makes
+a sample and the piece it copies agree exactly. A shared run of ``s`` symbols is a run of ``s + 1`` notes.
 
 The index holds a 64-bit hash of every ``NGRAM`` consecutive symbols of every training piece, sorted, with
 where it occurs (piece, position): one numpy sort, seconds for 10,000 pieces. A query hashes its own n-grams,
@@ -35,6 +34,7 @@ from midiforge.errors import UsageError
 from midiforge.fsio import atomic_write_bytes
 from midiforge.notes.midi import find_files
 from midiforge.options import add_train_data
+from midiforge.tokens.intervals import note_sequence, symbols  # noqa: F401 -- also this module's API
 
 NGRAM = 8  # symbols per indexed n-gram: runs of at least NGRAM + 1 notes are found
 MAX_POSTINGS = 2000  # an n-gram found more often than this in the training set is too common to start a match from
@@ -42,30 +42,6 @@ VERIFY = 16  # candidate runs verified per query
 DEFAULT_THRESHOLD = 48  # notes: a sample sharing a longer run with a training piece is flagged
 _MUL = np.uint64(0x9E3779B97F4A7C15)
 _FORMAT = 1
-
-
-def note_sequence(tokenizer, ids) -> tuple[np.ndarray, np.ndarray]:
-    """(onset in grid steps, pitch) of the pitched notes of a token sequence, ordered by onset then pitch."""
-    v = tokenizer.vocab
-    e = tokenizer.base_events(np.asarray(ids, np.int64))
-    kind, val = v.kind[e], v.value[e]
-    time = np.cumsum(np.where(kind == v.k("shift"), val, 0))
-    idx = np.arange(len(e))
-    last_prog = np.maximum.accumulate(np.where(kind == v.k("program"), idx, -1)) if len(e) else idx
-    program = np.where(last_prog >= 0, val[np.maximum(last_prog, 0)], 0)
-    note = (kind == v.k("pitch")) & (program != 128)
-    onset, pitch = time[note], val[note]
-    order = np.lexsort((pitch, onset))
-    return onset[order], pitch[order]
-
-
-def symbols(onset: np.ndarray, pitch: np.ndarray) -> np.ndarray:
-    """One int64 per pair of neighbouring notes: onset interval (0..4095 steps) and pitch interval."""
-    if len(onset) < 2:
-        return np.zeros(0, np.int64)
-    d_on = np.clip(np.diff(onset), 0, 4095).astype(np.int64)
-    d_pitch = np.diff(pitch).astype(np.int64) + 128  # 1..255
-    return (d_on << 8) | d_pitch
 
 
 def ngram_hashes(flat: np.ndarray) -> np.ndarray:
@@ -198,11 +174,19 @@ class CopyIndex:
 # --- the training set --------------------------------------------------------------------------------------
 
 
-def training_files(ckpt_config: dict | None, train: list | None) -> tuple[list[Path], str]:
-    """The training files (``-t`` or the checkpoint's recorded training set, ``NAME=DIR`` read as in
-    `midiforge train`) and where they came from; an empty list and the reason when there are none."""
+def training_files(
+    ckpt_config: dict | None, train: list | None, ckpt_dir: str | os.PathLike | None = None
+) -> tuple[list[Path], str]:
+    """The training files (``-t``, the training side of the checkpoint's ``split.json``, or its recorded
+    training set, ``NAME=DIR`` read as in `midiforge train`) and where they came from; an empty list and the
+    reason when there are none."""
+    from midiforge.data.split import recorded_split
+
+    split = None if train or ckpt_dir is None else recorded_split(ckpt_dir, ckpt_config)
     if train:
         specs, origin = train, "-t"
+    elif split is not None:
+        specs, origin = [str(p) for p in split[1].train_files], f"the training side of {split[0]}"
     else:
         specs = ((ckpt_config or {}).get("train") or {}).get("train_dataset") or []
         origin = "the checkpoint's training set"
@@ -213,9 +197,9 @@ def training_files(ckpt_config: dict | None, train: list | None) -> tuple[list[P
     missing = [str(p) for p in paths if not p.exists()]
     if problems or missing:
         hint = "" if train else " (give -t)"
-        what = "; ".join(problems) or f"{origin}: no such file or directory: {', '.join(missing)}"
+        what = "; ".join(problems) or f"{origin}: no such file or directory: {', '.join(missing[:3])}"
         return [], what + hint
-    return find_files(paths, suffixes=DATA_SUFFIXES), origin
+    return (paths if split is not None else find_files(paths, suffixes=DATA_SUFFIXES)), origin
 
 
 def _cache_key(tokenizer, files: list[Path]) -> str:
@@ -286,7 +270,7 @@ def cli_training_files(args) -> list[Path] | None:
         return None
     if args.copy_threshold < 1:
         raise UsageError(f"--copy-threshold must be >= 1 (got {args.copy_threshold})")
-    files, origin = training_files(ck.read_config(Path(args.checkpoint)), args.train_dataset)
+    files, origin = training_files(ck.read_config(Path(args.checkpoint)), args.train_dataset, args.checkpoint)
     if not files:
         raise UsageError(f"--check-copies: {origin}")
     return files

@@ -31,10 +31,10 @@ from midiforge.data.tagging import signature as controls_signature  # noqa: E402
 from midiforge.errors import UsageError, report  # noqa: E402
 from midiforge.measure.scoring import count_notes  # noqa: E402
 from midiforge.model import Transformer  # noqa: E402
-from midiforge.train import accel  # noqa: E402
+from midiforge.train import accel, sizing  # noqa: E402
 from midiforge.train import distributed as dist  # noqa: E402
 from midiforge.train.config import RunConfig, add_arguments, parse_args  # noqa: E402
-from midiforge.train.loop import Loop, SavePolicy, fit  # noqa: E402
+from midiforge.train.loop import BestKeeper, Loop, SavePolicy, fit  # noqa: E402
 from midiforge.train.plot import plot_metrics  # noqa: E402
 from midiforge.train.rng import seed_everything  # noqa: E402
 from midiforge.train.setup import (  # noqa: E402
@@ -123,6 +123,7 @@ def train(cfg: RunConfig, setup: Setup | None = None) -> int:
             for note in setup.notes:
                 dist.note0(note)
             try:
+                sizing.build_split(setup, info)  # before BPE, which learns from the training side only
                 tokenizer = build_tokenizer(setup, info)
                 train_ds, val_ds = build_datasets(setup, tokenizer, info)
             except UsageError:
@@ -137,7 +138,7 @@ def train(cfg: RunConfig, setup: Setup | None = None) -> int:
 def _fit(setup, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
     """Build the model and Trainer, restore the checkpoint when resuming, then run :func:`fit`."""
     cfg, device = setup.cfg, setup.device
-    model_cfg = model_config(setup, tok)
+    model_cfg = model_config(setup, tok, int(train_ds.lengths.sum()))
     trainer, compiled = _build_trainer(setup, model_cfg, info)
     sampler = MidiDatasetSampler(
         train_ds, cfg.batch_budget, shuffle=True, seed=cfg.seed, rank=info.rank, world_size=info.world_size
@@ -176,6 +177,8 @@ def _fit(setup, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
                 config=config,
             )
 
+    best = _best_keeper(setup, trainer, config, info) if val_loader is not None else None
+
     on = cfg.tensorboard is not None and info.is_main
     tb = TensorBoardLog(log_dir(cfg.tensorboard, setup.ckpt_dir)) if on else None
 
@@ -208,11 +211,24 @@ def _fit(setup, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
             where=str(setup.ckpt_dir),
             # CUDA (fused step): results stay on the GPU for up to READBACK_EVERY steps; CPU: read every step
             readback_every=accel.READBACK_EVERY if trainer.fused else 1,
+            best=best,
         )
     )
     if tb is not None:
         tb.close()
     return code
+
+
+def _best_keeper(setup, trainer, config: dict, info: dist.DistInfo) -> BestKeeper:
+    """CKPT/best (rank 0 writes it; every rank keeps the same record) and --patience."""
+
+    def save_best(record: dict) -> None:
+        if info.is_main:
+            model = trainer.state_dict()["model"]
+            tok_bytes = (setup.ckpt_dir / ckpt_io.TOKENIZER_FILE).read_bytes()  # as rank 0 wrote it last
+            ckpt_io.save_best(setup.ckpt_dir, model=model, config=config, tokenizer=tok_bytes, record=record)
+
+    return BestKeeper(save_best, ckpt_io.read_best(setup.ckpt_dir), setup.cfg.patience)
 
 
 def _build_trainer(setup, model_cfg, info: dist.DistInfo):

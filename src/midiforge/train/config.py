@@ -33,6 +33,8 @@ The model shape options apply to a new run; with a checkpoint they must match it
 Only one training run may write to CKPT at a time; generate and plot may read it meanwhile. CKPT receives the
 model, the optimizer and training state, metrics.json, config.json, the tokenizer (learned from the training
 set first when absent), training.png, skipped.jsonl (every file left out, and why) and cache/ (tokenized data).
+split.json without -v (the validation split, kept for good) and best/ when there is validation: the weights of
+the epoch with the lowest validation bits per note (generate, evaluate and studio take CKPT/best).
 """
 
 
@@ -65,6 +67,15 @@ class RunConfig:
     )
     val_dataset: list[Path] = opt(
         [], *VAL_FLAGS, type=Path, metavar="VAL", help="validation data, as -t (NAME=DIR included)"
+    )
+    val_share: float = opt(
+        0.2,
+        "--val-share",
+        type=float,
+        metavar="SHARE",
+        help="without -v: hold out up to this share of the -t files for validation, in groups that never"
+        " straddle the split (copies, transpositions, pieces sharing a long run of notes), seeded by --seed,"
+        " recorded in CKPT_PATH/split.json and reused on resume; 0: no validation (default: %(default)s)",
     )
     min_sequence_length: int = opt(
         8,
@@ -111,7 +122,8 @@ class RunConfig:
         "--preset",
         group="model",
         choices=PRESETS_CHOICES,
-        help=f"model size preset (default for a new run: {DEFAULT_PRESET})",
+        help="model size preset (default for a new run: chosen from the training tokens and the device, one"
+        f" line says which and why; {DEFAULT_PRESET} under shape options given without --preset)",
     )
     n_layer: int | None = opt(
         None, "--n-layer", type=int, group="model", help="override the preset's n_layer"
@@ -230,6 +242,15 @@ class RunConfig:
         help="who fills the token cache while the other processes wait: shared = global rank 0, for a cache"
         " every process sees; node = local rank 0 of each node, for a node-local --cache-dir (default:"
         " %(default)s)",
+    )
+    patience: int | None = opt(
+        None,
+        "--patience",
+        type=int,
+        group="run",
+        metavar="N",
+        help="stop after N epochs without a lower validation bits per note than CKPT_PATH/best holds"
+        " (default: off)",
     )
     max_steps: int | None = opt(
         None,
@@ -382,6 +403,10 @@ def value_problems(cfg: RunConfig, base_vocab: int) -> list[str]:
         errors.append(f"{flag('weight_decay')} must be >= 0, got {cfg.weight_decay}")
     if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
         errors.append(f"{flag('dropout')} must be in [0, 1), got {cfg.dropout}")
+    if not 0 <= cfg.val_share < 1:
+        errors.append(f"{flag('val_share')} must be in [0, 1) (0: no validation), got {cfg.val_share}")
+    if cfg.patience is not None and cfg.patience < 1:
+        errors.append(f"{flag('patience')} must be at least 1, got {cfg.patience}")
     if cfg.num_workers is not None and cfg.num_workers < 0:
         errors.append(f"{flag('num_workers')} must be >= 0, got {cfg.num_workers}")
     if cfg.vocab_size is not None and cfg.vocab_size < base_vocab:

@@ -88,6 +88,41 @@ def record_window(state: TrainState, metrics: dict, epoch: int, n_batches: int) 
         state.win_loss, state.win_tokens = 0.0, 0
 
 
+def val_figure(row: dict) -> float | None:
+    """What "better" means for validation: bits per note, or the loss when no notes were counted."""
+    return row["val_bits_per_note"] if row.get("val_bits_per_note") is not None else row.get("val_loss")
+
+
+@dataclass
+class BestKeeper:
+    """``CKPT/best``: the weights of the epoch with the lowest validation figure so far, and ``--patience``."""
+
+    save: Callable[[dict], None]  # write CKPT/best from the current weights with this record (rank 0)
+    record: dict | None = None  # epoch, step, val_bits_per_note, val_loss of what CKPT/best holds
+    patience: int | None = None
+
+    def offer(self, row: dict) -> bool:
+        """Save the weights as the best when ``row`` (an epoch's metrics) beats the record; whether it did."""
+        fig = val_figure(row)
+        if fig is None or (self.record is not None and not fig < val_figure(self.record)):
+            return False
+        self.record = {k: row[k] for k in ("epoch", "step", "val_bits_per_note", "val_loss")}
+        self.save(self.record)
+        return True
+
+    def exhausted(self, epochs_done: int) -> bool:
+        """Whether --patience epochs have passed without a better figure."""
+        last = self.record["epoch"] if self.record is not None else 0
+        return self.patience is not None and epochs_done - last >= self.patience
+
+    def describe(self, where: str) -> str:
+        r = self.record
+        if r is None:
+            return "no validation figure yet"
+        fig = f"{r['val_bits_per_note']:.3f} bits/note" if r["val_bits_per_note"] is not None else "val loss"
+        return f"best: epoch {r['epoch']} ({fig}) in {where}/best"
+
+
 @dataclass
 class Loop:
     """What :func:`fit` drives: built by :mod:`midiforge.train.command`."""
@@ -106,6 +141,7 @@ class Loop:
     val_notes: int = 0  # validation notes, counted once: bits/note = loss * tokens / notes / ln 2
     on_step: Callable[[str, float, int], None] | None = None  # (status, loss sum, tokens) per step
     readback_every: int = 1  # steps whose results stay on the device before one read-back (accel.Readback)
+    best: BestKeeper | None = None  # with validation: CKPT/best and --patience
 
 
 def _replay(loop: Loop, readback, world: int, epoch: int, n_batches: int, progress: Progress) -> None:
@@ -122,6 +158,11 @@ def fit(loop: Loop) -> int:
     """Run the epochs from ``loop.state`` (possibly mid-epoch) to ``loop.num_epochs``. Returns the exit code."""
     trainer, state, device = loop.trainer, loop.state, loop.trainer.device
     world = dist.current().world_size
+    best = loop.best
+    if best is not None and state.batch == 0 and state.epoch > 0 and best.exhausted(state.epoch):
+        dist.print0(f"{loop.where}: stopped early before (--patience {best.patience}); {best.describe(loop.where)}."
+                    " Pass a larger --patience, or none, to train further.")  # fmt: skip
+        return 0
     for epoch in range(state.epoch, loop.num_epochs):
         if state.batch == 0:
             loop.sampler.set_epoch(epoch)
@@ -158,16 +199,24 @@ def fit(loop: Loop) -> int:
                     return 0
         _replay(loop, readback, world, epoch, n_batches, progress)
         progress.close()
-        _end_epoch(loop, epoch, time.monotonic() - t_epoch)
+        patience_over = _end_epoch(loop, epoch, time.monotonic() - t_epoch)
         if stopping and epoch + 1 < loop.num_epochs:
             dist.print0(f"stopped after {state.step} steps (--max-steps); checkpoint saved")
             return 0
-    dist.print0(f"done: {loop.num_epochs} epochs; checkpoint in {loop.where}")
+        if patience_over and epoch + 1 < loop.num_epochs:
+            dist.print0(
+                f"stopped early after epoch {epoch + 1}: no lower validation bits per note in {best.patience}"
+                f" epochs (--patience); {best.describe(loop.where)}"
+            )
+            return 0
+    kept = f"; {best.describe(loop.where)}" if best is not None else ""
+    dist.print0(f"done: {loop.num_epochs} epochs; checkpoint in {loop.where}{kept}")
     return 0
 
 
-def _end_epoch(loop: Loop, epoch: int, seconds: float) -> None:
-    """Validation, the epoch's metrics row, the save (always: skipped steps leave the weights unchanged)."""
+def _end_epoch(loop: Loop, epoch: int, seconds: float) -> bool:
+    """Validation, the epoch's metrics row, CKPT/best when it is the best so far, the save (always: skipped
+    steps leave the weights unchanged). Returns whether --patience has run out."""
     trainer, state, device = loop.trainer, loop.state, loop.trainer.device
     if device.type == "cuda":
         torch.cuda.empty_cache()  # training activations out, validation batches in
@@ -196,12 +245,16 @@ def _end_epoch(loop: Loop, epoch: int, seconds: float) -> None:
             f"epoch {epoch + 1} ends after {state.bad} non-finite step(s) in a row; saved anyway"
             " (skipped steps leave the weights unchanged)"
         )
+    # CKPT/best first: killed between the two saves, the epoch is trained again and CKPT/best already holds it.
+    improved = loop.best is not None and loop.best.offer(loop.metrics["epochs"][-1])
     state.new_epoch(epoch + 1)
     loop.save()
     loop.policy.saved()
     loop.end_of_epoch()
     val = f", val loss {val_loss:.4f} (ppl {perplexity(val_loss):.2f})" if val_loss is not None else ""
+    val += " (best so far)" if improved else ""
     tl = f"{train_loss:.4f} (ppl {perplexity(train_loss):.2f})" if train_loss is not None else "n/a"
     dist.print0(
         f"epoch {epoch + 1}/{loop.num_epochs}: train loss {tl}{val}, {seconds:.1f} s, lr {trainer.lr:.3g}"
     )
+    return loop.best is not None and loop.best.exhausted(epoch + 1)

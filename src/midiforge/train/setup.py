@@ -31,6 +31,7 @@ from midiforge.notes.shards import expand_pieces
 from midiforge.tokens.bpe_sample import SampleStats
 from midiforge.tokens.tokenizer import MidiTokenizer
 from midiforge.train import distributed as dist
+from midiforge.train import sizing
 from midiforge.train.config import (
     DEFAULT_DROPOUT,
     DEFAULT_PRESET,
@@ -63,6 +64,9 @@ class Setup:
     notes: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)  # piece → style tag (-t NAME=DIR, --tags-csv)
     tag_names: list[str] = field(default_factory=list)  # this run's tag names, in the order given
+    split: str = sizing.SPLIT_NONE  # where the validation set comes from (sizing.plan_split)
+    found_files: list[Path] = field(default_factory=list)  # every -t file, before any split
+    auto_preset: bool = False  # a new run with no shape option: the preset is chosen from the training tokens
 
 
 def _dataset_files(paths, what: str, errors: list[str]) -> list[Path]:
@@ -144,7 +148,7 @@ def resolve(cfg: RunConfig, known: Setup | None = None) -> Setup:
     train_spec = tagging.split_specs(cfg.train_dataset, flag("train_dataset"), errors)
     val_spec = tagging.split_specs(cfg.val_dataset, flag("val_dataset"), errors)
     if known is not None:
-        train_files, val_files = known.train_files, known.val_files
+        train_files, val_files = known.found_files, known.val_files
     else:
         train_files = _dataset_files(train_spec.paths, flag("train_dataset"), errors)
         val_files = _dataset_files(val_spec.paths, flag("val_dataset"), errors) if cfg.val_dataset else []
@@ -156,6 +160,10 @@ def resolve(cfg: RunConfig, known: Setup | None = None) -> Setup:
     ckpt_dir = Path(cfg.ckpt_path)
     config, state, tok = _read_checkpoint(ckpt_dir, errors)
     controls, control_dropout = tagging.resolve_controls(cfg, config, tok, tag_names, errors, notes)
+    found_files = train_files
+    split, train_files, val_files = sizing.plan_split(
+        cfg, ckpt_dir, config, train_files, val_files, errors, notes
+    )
 
     asked, window = cfg.shape(), cfg.window
     shape = dict(PRESETS[DEFAULT_PRESET], **asked)
@@ -211,6 +219,8 @@ def resolve(cfg: RunConfig, known: Setup | None = None) -> Setup:
         notes,
     )
     setup.tags, setup.tag_names = tagging.tag_map(roots, DATA_SUFFIXES), tag_names
+    setup.split, setup.auto_preset = split, config is None and not asked
+    setup.found_files = found_files
     return setup
 
 
@@ -323,14 +333,18 @@ def record_grid(train_ds, tok, path, write: bool) -> None:
         tok.save(path)
 
 
-def model_config(setup: Setup, tok):
-    """A new run's ModelConfig, or the checkpoint's (its shape and context never change; dropout may)."""
+def model_config(setup: Setup, tok, train_tokens: int):
+    """A new run's ModelConfig (its preset chosen from ``train_tokens`` and the device when no shape option was
+    given), or the checkpoint's (its shape and context never change; dropout may)."""
     cfg = setup.cfg
     if setup.ckpt_config is None:
         dropout = DEFAULT_DROPOUT if cfg.dropout is None else cfg.dropout
-        return ModelConfig.from_dict(
-            dict(setup.shape, vocab_size=len(tok), max_seq_len=setup.context, dropout=dropout)
-        )
+        shape = setup.shape
+        if setup.auto_preset:
+            name, why = sizing.choose_preset(train_tokens, setup.device)
+            shape = dict(PRESETS[name])
+            dist.print0(f"preset {name} chosen: {why} (--preset overrides)")
+        return ModelConfig.from_dict(dict(shape, vocab_size=len(tok), max_seq_len=setup.context, dropout=dropout))
     d = dict(setup.ckpt_config["model"])
     if cfg.dropout is not None:
         d["dropout"] = cfg.dropout
@@ -427,6 +441,7 @@ def writer_lock(ckpt_dir: Path, info: dist.DistInfo):
         try:
             lock.acquire()
             ckpt_io.recover(ckpt_dir)  # only the lock holder may finish or discard an interrupted save
+            ckpt_io.recover(ckpt_dir / ckpt_io.BEST_DIR)
         except UsageError as e:
             problem = str(e)
     failed = dist.all_reduce_sum(torch.tensor([float(problem is not None)], device=_collective_device(info)))
