@@ -72,7 +72,9 @@ def test_groups_never_straddle_the_split_and_the_seed_decides(folder):
             assert sides.setdefault(g, v) == v  # every group wholly on one side
             assert _family(f) == _family(split.files[split.groups.index(g)])
         assert 1 <= sum(split.val) <= 5  # floor(0.5 * 10): never more than the share
-        seen_family_in_val |= any(v and _family(f) in ("p0", "p1") for f, v in zip(split.files, split.val))
+        seen_family_in_val |= any(
+            v and _family(f) in ("p0", "p1") for f, v in zip(split.files, split.val, strict=True)
+        )
         again = sp.make_split(files, 0.5, seed, jobs=1)
         assert again.val == split.val and again.groups == split.groups  # seeded: the same every time
     assert seen_family_in_val  # the groups of three do go to validation for some seeds

@@ -75,7 +75,7 @@ class RunConfig:
         metavar="SHARE",
         help="without -v: hold out up to this share of the -t files for validation, in groups that never"
         " straddle the split (copies, transpositions, pieces sharing a long run of notes), seeded by --seed,"
-        " recorded in CKPT_PATH/split.json and reused on resume; 0: no validation (default: %(default)s)",
+        " recorded in CKPT/split.json and reused on resume; 0: no validation (default: %(default)s)",
     )
     min_sequence_length: int = opt(
         8,
@@ -249,7 +249,7 @@ class RunConfig:
         type=int,
         group="run",
         metavar="N",
-        help="stop after N epochs without a lower validation bits per note than CKPT_PATH/best holds"
+        help="stop after N epochs without a lower validation bits per note than CKPT/best holds"
         " (default: off)",
     )
     max_steps: int | None = opt(
