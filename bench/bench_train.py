@@ -9,6 +9,11 @@ B = budget // T_max**2 random samples per batch (T_max = the window), the usual 
 the longest sample. Same tiny model, same optimizer step (midiforge.train.trainer.Trainer), a fixed number of steps.
 Reported: real (non-padding) tokens per second, padding fraction (over the whole epoch plan), and the share of
 the step time spent waiting for the next batch (goal < 5%).
+
+--mode models [--presets small base] [--compile-rows] [--rows ...] [--profile]: ours against a Hugging Face
+LlamaForCausalLM of the same shape on the same batches, eager and compiled (ours by region: one block compiled
+for every layer; HF whole), bf16 autocast on CUDA. "first step s" includes compilation; MFU is against the
+card's dense bf16 peak (benchlib.peak_flops). --profile prints one eager step's busiest kernels.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchlib import flops_per_token
+from benchlib import FLOP_FORMULA, HFLogits, flops_per_token, hf_llama, machine, peak_memory, rate, reset_peak
 
 from midiforge.data.dataset import MidiDataset
 from midiforge.data.sampler import IGNORE_INDEX, MidiDatasetSampler, collate, padding_fraction
@@ -83,10 +88,12 @@ def run(name, dataset, batches, tok, args, window) -> dict:
     }
 
 
-def model_rows(dataset, batches, tok, args, window) -> list[dict]:
-    """Ours eager, ours compiled, HF LlamaForCausalLM eager: same shape, same batches, same Trainer step."""
-    from benchlib import FLOP_FORMULA, HFLogits, hf_llama, machine, peak_memory, rate, reset_peak
+ROWS = ("ours-eager", "ours-compiled", "hf-eager", "hf-compiled")
 
+
+def model_rows(dataset, batches, tok, args, window) -> list[dict]:
+    """Ours and HF LlamaForCausalLM, eager and compiled (ours: one block compiled for every layer; HF: the
+    whole model): same shape, same batches, same Trainer step, rows in the order of --rows."""
     device = torch.device(args.device)
     amp = "bf16" if device.type == "cuda" else "off"
     data = [collate([dataset[i] for i in b], tok.pad_id) for b in batches[: args.steps + 1]]
@@ -94,47 +101,73 @@ def model_rows(dataset, batches, tok, args, window) -> list[dict]:
     rows = []
     for preset in args.presets:
         cfg = ModelConfig(vocab_size=len(tok), max_seq_len=window, dropout=0.0, **PRESETS[preset])
-        kinds = [("ours eager", False), ("ours compiled", True), ("HF Llama eager", False)]
-        for name, compiled in kinds:
-            if compiled and not args.compile_rows:
+        for kind in args.rows:
+            if kind.endswith("compiled") and not args.compile_rows:
                 continue
             torch.manual_seed(0)
-            model = Transformer(cfg) if name.startswith("ours") else hf_llama(cfg, device)
+            model = Transformer(cfg) if kind.startswith("ours") else hf_llama(cfg, device)
             if model is None:
-                print(f"{name}: transformers not installed (pip install -e '.[bench]')")
+                print(f"{kind}: transformers not installed (pip install -e '.[bench]')")
                 continue
-            model = model if name.startswith("ours") else HFLogits(model)
+            model = model if kind.startswith("ours") else HFLogits(model)
             trainer = Trainer(model, device, dist.DistInfo(), learning_rate=1e-3, weight_decay=0.01, amp=amp,
-                              compile=compiled)  # fmt: skip
-            trainer.set_schedule(0, args.steps + 1)
-            reset_peak(device)
-            t = time.perf_counter()
-            x, y = data[0]  # first step: compilation (when on) and first-call overheads
-            trainer.train_step(x.to(device), y.to(device), float((y != IGNORE_INDEX).sum()))
-            first = time.perf_counter() - t
-            tokens = flops = 0.0
-            t0 = time.perf_counter()
-            for x, y in data[1:]:
-                n = float((y != IGNORE_INDEX).sum())
-                trainer.train_step_async(x.to(device, non_blocking=True), y.to(device, non_blocking=True), n)
-                tokens += n
-                flops += n * flops_per_token(cfg, x.size(1), training=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            total = time.perf_counter() - t0
+                              compile=kind.endswith("compiled"))  # fmt: skip
+            trainer.set_schedule(0, args.steps + 2)
             rows.append(
-                {
-                    "preset": preset,
-                    "model": name,
-                    "tok/s": f"{tokens / total:,.0f}",
-                    "FLOP rate": rate(flops, total, device),
-                    "peak memory": peak_memory(device),
-                    "first step s (compile)": f"{first:.1f}",
-                    "steady s/step": f"{total / max(1, len(data) - 1):.3f}",
-                }
+                timed_row(trainer, data, cfg, device, f"{preset}", kind, rate, peak_memory, reset_peak)
             )
             print(rows[-1], flush=True)
+            if args.profile and kind.endswith("eager"):
+                profile_step(trainer, data[-1], device, f"{preset} {kind}")
     return rows
+
+
+def timed_row(trainer, data, cfg, device, preset: str, kind: str) -> dict:
+    """The first step (compilation, first-call costs) timed alone, then the rest without host syncs."""
+    reset_peak(device)
+    t = time.perf_counter()
+    x, y = data[0]  # first step: compilation (when on) and first-call overheads
+    trainer.train_step(x.to(device), y.to(device), float((y != IGNORE_INDEX).sum()))
+    first = time.perf_counter() - t
+    tokens = flops = 0.0
+    t0 = time.perf_counter()
+    for x, y in data[1:]:
+        n = float((y != IGNORE_INDEX).sum())
+        trainer.train_step_async(x.to(device, non_blocking=True), y.to(device, non_blocking=True), n)
+        tokens += n
+        flops += n * flops_per_token(cfg, x.size(1), training=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    total = time.perf_counter() - t0
+    return {
+        "preset": preset,
+        "model": kind.replace("-", " ").replace("hf", "HF Llama"),
+        "tok/s": f"{tokens / total:,.0f}",
+        "FLOP rate": rate(flops, total, device),
+        "peak memory": peak_memory(device),
+        "first step s (compile)": f"{first:.1f}",
+        "steady s/step": f"{total / max(1, len(data) - 1):.3f}",
+    }
+
+
+def profile_step(trainer, batch, device, label: str) -> None:
+    """One more step under torch.profiler: kernel count and the ops that took the most device (CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    x, y = batch
+    n = float((y != IGNORE_INDEX).sum())
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        trainer.train_step(x.to(device), y.to(device), n)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    wall = time.perf_counter() - t
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"\nprofile of one step, {label}: {kernels} device kernels, {wall:.3f} s wall (profiled)")
+    print(events.table(sort_by=key, row_limit=12, max_name_column_width=60))
 
 
 def main() -> int:
@@ -157,10 +190,12 @@ def main() -> int:
         "--mode",
         choices=("batcher", "models"),
         default="batcher",
-        help="batcher: our sampler vs naive batches; models: ours eager/compiled vs HF Llama, per preset",
+        help="batcher: our sampler vs naive batches; models: ours vs HF Llama, eager/compiled, per preset",
     )
     p.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(PRESETS))
-    p.add_argument("--compile-rows", action="store_true", help="models mode: also ours + torch.compile")
+    p.add_argument("--compile-rows", action="store_true", help="models mode: also the compiled rows")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="models mode: rows, in order")
+    p.add_argument("--profile", action="store_true", help="models mode: profile one step of each eager row")
     args = p.parse_args()
     if not args.corpus.is_dir():
         print(f"corpus not found: {args.corpus}", file=sys.stderr)

@@ -59,6 +59,21 @@ def make_score(
     return score
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_cuda(request, monkeypatch):
+    """Every test but those marked ``cuda`` runs as on a machine without a GPU, also on one with a GPU.
+
+    The tests state CPU behaviour (exact losses, the reference loop's tokens); on a GPU machine the commands'
+    default device would be the GPU (bf16, compiled), which they do not describe. Subprocesses inherit the
+    hidden device through CUDA_VISIBLE_DEVICES. Tests marked ``cuda`` (tests/test_cuda.py) check the GPU paths.
+    """
+    if request.node.get_closest_marker("cuda") is None:
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models are dominated by per-op overhead: extra threads only contend with other test processes."""

@@ -2,16 +2,20 @@
 on the device (tokens), the one-token static step (logits), the fused no-sync training step (losses, skipped
 steps), deferred read-back of step results (metrics bit for bit) and compilation (loss, checkpoint keys)."""
 
+import copy
+import functools
+
 import numpy as np
 import pytest
 import torch
 from reference_loop import reference_loop
 
+import midiforge.generate.decode as decode_mod
 from midiforge.data.sampler import IGNORE_INDEX
 from midiforge.generate.core import prompt_ids
 from midiforge.generate.decode import decode
 from midiforge.generate.steer import Steering
-from midiforge.model import ModelConfig, Transformer
+from midiforge.model import ModelConfig, Transformer, run_block
 from midiforge.tokens.onsetgrid import OnsetGrid
 from midiforge.tokens.tokenizer import MidiTokenizer
 from midiforge.train import accel
@@ -39,11 +43,11 @@ def eos_prone_model(tok, max_seq_len=64) -> Transformer:
 
 def both_loops(
     model, tok, *, prompt=None, B=3, n=120, max_seconds=None, kv=True, ignore_eos=False, steer=None,
-    controls=None, **s,
+    controls=None, fast=decode, **s,
 ):  # fmt: skip
     banned = [tok.pad_id, tok.bos_id] + ([tok.eos_id] if ignore_eos else [])
     out = []
-    for loop in (reference_loop, decode):
+    for loop in (reference_loop, fast):
         g = torch.Generator().manual_seed(7)
         st = None if steer is None else Steering.build(tok, controls, steer, None)
         head = prompt_ids(tok, prompt) if st is None else st.head(prompt_ids(tok, prompt))
@@ -63,8 +67,13 @@ def both_loops(
         dict(ignore_eos=True, B=2, n=150),  # past the 64-token window: the context slides
         dict(prompt=[10, 20, 30, 40], steer=15, n=90),  # steer: no EOS before 15 new tokens
         # Requests and the onset grid: state masks on the device, and the control prefix kept when it slides.
-        dict(steer=0, n=150, B=2, ignore_eos=True,
-             controls={"instruments": "piano,violin", "tempo": 90, "key": "D minor", "time_sig": "3/4"}),
+        dict(
+            steer=0,
+            n=150,
+            B=2,
+            ignore_eos=True,
+            controls={"instruments": "piano,violin", "tempo": 90, "key": "D minor", "time_sig": "3/4"},
+        ),
     ],
 )
 def test_decode_gives_the_reference_tokens(tok, kw):
@@ -79,6 +88,67 @@ def test_decode_gives_the_reference_tokens(tok, kw):
     assert torch.equal(fast[:, : ref.size(1)], ref)
     # The fast loop looks at EOS only every SYNC_EVERY tokens: what it ran past the end is PAD.
     assert (fast[:, ref.size(1) :] == tok.pad_id).all()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(top_k=20, temperature=0.9),
+        dict(top_p=0.9, max_seconds=3.0, n=200),
+        dict(ignore_eos=True, B=2, n=150),  # the window slides: the kept tokens are prefilled again
+        dict(prompt=[10, 20, 30, 40], steer=15, n=90),
+        # the control prefix is prefilled again in front of a slid context
+        dict(
+            steer=0, n=150, B=2, ignore_eos=True, controls={"tempo": 90, "key": "D minor", "time_sig": "3/4"}
+        ),
+    ],
+)
+def test_the_captured_token_step_gives_the_reference_tokens(tok, kw):
+    """The step that CUDA captures as one graph (fixed-shape forward, mask, sample, PAD, buffer write, done
+    flags; positions and counters as device data), run uncaptured here: the reference loop's tokens."""
+    fast = functools.partial(decode, static=True)
+    (ref, ref_stop), (got, got_stop) = both_loops(eos_prone_model(tok), tok, fast=fast, **kw)
+    assert got_stop == ref_stop
+    assert torch.equal(got[:, : ref.size(1)], ref)
+    assert (got[:, ref.size(1) :] == tok.pad_id).all()
+
+
+@pytest.mark.slow
+def test_the_compiled_token_step_gives_the_reference_tokens(tok, monkeypatch):
+    """The same step through torch.compile (one block traced for every layer, and the sampling tail)."""
+    monkeypatch.setattr(decode_mod, "COMPILE_BACKEND", "aot_eager")  # inductor would take minutes here
+    torch._dynamo.reset()
+    fast = functools.partial(decode, static=True, compile=True)
+    (ref, _), (got, _) = both_loops(
+        eos_prone_model(tok), tok, fast=fast, ignore_eos=True, B=2, n=80, top_k=20
+    )
+    assert torch.equal(got, ref)
+
+
+def test_bf16_weights_give_the_fp32_tokens_where_the_margin_exceeds_rounding(tok):
+    """Greedy decoding with bf16 weights follows fp32 at every step where fp32's lead of the best token over
+    the second exceeds twice bf16's largest logit error (there rounding cannot change the choice)."""
+    model = eos_prone_model(tok)
+    half = copy.deepcopy(model).cast(torch.bfloat16)
+    assert half.rope_cos.dtype == torch.float32 and half.new_kv_cache(1, 8).k.dtype == torch.bfloat16
+    banned = [tok.pad_id, tok.bos_id, tok.eos_id]
+    ids = []
+    for m in (model, half):
+        with torch.inference_mode():
+            got, _ = decode(
+                m, tok, [tok.bos_id], 2, 48, None, True, banned, dict(top_k=1), "cpu", static=True
+            )
+        ids.append(got)
+    with torch.no_grad():
+        full, low = model(ids[0])[:, :-1].float(), half(ids[0])[:, :-1].float()  # (B, T, V) along fp32's path
+    full[..., banned], low[..., banned] = float("-inf"), float("-inf")
+    assert (low - full).nan_to_num(posinf=0, neginf=0).norm() / full.nan_to_num(neginf=0).norm() < 2e-2
+    err = (low - full).nan_to_num(posinf=0, neginf=0).abs().amax(-1)  # (B, T)
+    top2 = full.topk(2, dim=-1).values
+    safe = (top2[..., 0] - top2[..., 1] > 2 * err).all(0)  # (T,): steps whose choice bf16 cannot flip
+    first_unsafe = int(safe.logical_not().nonzero()[0]) if not safe.all() else safe.numel()
+    assert first_unsafe >= 8  # the comparison below says something
+    assert torch.equal(ids[1][:, : first_unsafe + 1], ids[0][:, : first_unsafe + 1])
 
 
 def test_eos_prone_model_stops_rows_at_different_steps(tok):
@@ -233,8 +303,8 @@ def test_compiled_loss_matches_eager_and_checkpoints_cross_load(monkeypatch):
         (la, _), (lb, _) = eager.train_step(x, y, n), comp.train_step(x, y, n)
         torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
     sd = comp.state_dict()
-    assert not any(k.startswith("_orig_mod.") for k in sd["model"])
-    assert any(k.startswith("_orig_mod.") for k in comp.model.state_dict())  # the wrapper would have
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in sd["model"])
+    assert all(k.startswith("module.") for k in comp.model.state_dict())  # the wrapper would have
     # A compiled run's checkpoint goes on uncompiled, and the other way round, with the same next loss.
     fresh_eager, fresh_comp = tiny_trainer(False), tiny_trainer(False, compile=True)
     fresh_eager.load_state_dict(sd)
@@ -246,6 +316,29 @@ def test_compiled_loss_matches_eager_and_checkpoints_cross_load(monkeypatch):
     lc, _ = comp.train_step(x, y, n)
     torch.testing.assert_close(la, lc, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(lb, la, rtol=1e-3, atol=1e-3)
+
+
+def test_regional_compilation_traces_one_block_for_every_layer():
+    """One graph for all four layers and for a second batch shape: compile time does not grow with depth."""
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, n_layer=4, n_head=2, d_model=32, d_ff=64, max_seq_len=64)
+    model = Transformer(cfg)
+    wrapped = accel.RegionalCompiled(model)
+    wrapped.block_fn = torch.compile(run_block, dynamic=True, backend=counting)
+    for shape in ((2, 16), (3, 24)):
+        x = torch.randint(0, 64, shape)
+        got, want = wrapped(x), model(x)
+        torch.testing.assert_close(got, want)
+        got.sum().backward()
+    assert len(graphs) == 1
+    assert all(p.grad is not None for p in model.parameters())
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -438,9 +438,10 @@ def check_tokenizer(ckpt_dir: str | os.PathLike, tok, config: dict, state: dict 
         )
 
 
-def load_inference(ckpt_dir: str | os.PathLike, device="cpu"):
-    """(Transformer in eval mode on ``device``, MidiTokenizer) from a checkpoint directory. Read-only: works
-    on a directory a training run is saving into, and sees one consistent save.
+def load_inference(ckpt_dir: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None):
+    """(Transformer in eval mode on ``device``, MidiTokenizer) from a checkpoint directory, its weights cast to
+    ``dtype`` when given (see Transformer.cast). Read-only: works on a directory a training run is saving into,
+    and sees one consistent save.
 
     Raises UsageError when the directory is missing, incomplete, or its files do not fit together.
     """
@@ -477,4 +478,5 @@ def load_inference(ckpt_dir: str | os.PathLike, device="cpu"):
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise UsageError(f"{ckpt_dir / MODEL_FILE}: does not fit config.json ({first})") from e
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    return (model.cast(dtype) if dtype is not None else model), tokenizer

@@ -102,21 +102,25 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
 
-    def write_at(
-        self, layer: int, where: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nh, 1, hd) at position ``where`` (a (1,) long tensor: data, not a Python int, so every
-        shape and address is the same at every position); return the whole cache of ``layer`` (B, nh, M, hd)."""
-        self.k[layer].index_copy_(2, where, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, where, v.to(self.v.dtype))
-        return self.k[layer], self.v[layer]
-
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nh, T, hd) at [pos, pos+T) of ``layer``; return all keys/values (B, nh, pos+T, hd)."""
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos : end] = k
         self.v[layer, :, :, self.pos : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# The fixed-shape one-token step's view of one layer: (where (1,) long: the position written, visible (1, M) bool:
+# the positions attended, k and v (B, nh, M, hd): that layer's preallocated cache). Tensors only, no layer index:
+# a compiled block is then one graph for every layer (see run_block).
+StaticSlot = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def run_block(block: nn.Module, x: torch.Tensor, cos, sin, kv_cache=None, static=None) -> torch.Tensor:
+    """``block(x, cos, sin, kv_cache, static)``: the unit of regional compilation. ``torch.compile`` of this
+    function traces one block and reuses the compiled code for every layer (the parameters are inputs of the
+    graph, not constants), so compile time does not grow with depth. Pass it as ``block_fn``."""
+    return block(x, cos, sin, kv_cache, static)
 
 
 class RMSNorm(nn.Module):
@@ -162,10 +166,11 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCache | None,
-        static: tuple[torch.Tensor, torch.Tensor] | None = None,
+        static: StaticSlot | None = None,
     ) -> torch.Tensor:
-        """``static`` = (where (1,), visible (1, M)): one token written at ``where`` of a preallocated cache and
-        attending to the visible positions through a mask: the fixed-shape step that a CUDA graph captures."""
+        """``static``: one token written at ``where`` of this layer's preallocated keys and values, attending to
+        the visible positions through a mask (see :class:`StaticSlot`): the fixed-shape step a CUDA graph
+        captures. ``kv_cache`` is not read then."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
         q, k, v = (
@@ -174,9 +179,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         start = 0
         if static is not None:
-            where, visible = static
-            k, v = kv_cache.write_at(self.layer_idx, where, k, v)  # (B, nh, M, hd)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)  # (B, nh, 1, hd)
+            where, visible, k_all, v_all = static
+            k_all.index_copy_(2, where, k.to(k_all.dtype))  # (B, nh, M, hd): this position written
+            v_all.index_copy_(2, where, v.to(v_all.dtype))
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=visible)  # (B, nh, 1, hd)
             return self.dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
         if kv_cache is not None:
             start = kv_cache.pos
@@ -229,7 +235,7 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCache | None,
-        static: tuple[torch.Tensor, torch.Tensor] | None = None,
+        static: StaticSlot | None = None,
     ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos, sin, kv_cache, static)
         return x + self.mlp(self.norm2(x))
@@ -276,13 +282,26 @@ class Transformer(nn.Module):
         p = self.tok_emb.weight
         return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
 
+    def cast(self, dtype: torch.dtype) -> Transformer:
+        """Weights (and so new KV caches) in ``dtype`` for inference; the rotary tables stay float32 (a bf16
+        angle table would be off by ~1e-2 at long positions). Returns self."""
+        self.to(dtype=dtype)
+        self.rope_cos, self.rope_sin = self.rope_cos.float(), self.rope_sin.float()
+        return self
+
     def forward(
-        self, idx: torch.Tensor, kv_cache: KVCache | None = None, *, last_only: bool = False
+        self,
+        idx: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        *,
+        last_only: bool = False,
+        block_fn=run_block,
     ) -> torch.Tensor:
         """Logits (B, T, V) for token ids idx (B, T); (B, 1, V) for the last position only with ``last_only``.
 
         With ``kv_cache`` the T tokens continue the ``kv_cache.pos`` positions already cached, and the cache
-        advances by T.
+        advances by T. ``block_fn``: how each block is called (a compiled :func:`run_block` for regional
+        compilation).
         """
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
@@ -293,20 +312,22 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]  # (T, hd/2)
         x = self.tok_emb(idx)  # (B, T, C)
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache)
+            x = block_fn(block, x, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.pos = end
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C): generation needs only the next-token distribution
         return self.head(self.norm(x))  # (B, T, V)
 
-    def static_step(self, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def static_step(
+        self, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, block_fn=run_block
+    ) -> torch.Tensor:
         """One token (B, 1) at position ``pos`` (0-dim long tensor on the device) through the model, writing its
         keys/values into ``cache`` at ``pos`` and attending over the whole preallocated cache with a mask.
 
         Unlike ``self(tok, cache)`` every shape and address here is the same at every position (the position is
         data, not a Python int), which is what a CUDA graph needs. Returns logits (B, V), float32. The cache's
-        ``pos`` is the caller's to advance.
+        ``pos`` is the caller's to advance. ``block_fn`` as in :meth:`forward`.
         """
         where = pos.view(1)  # (1,)
         cos, sin = self.rope_cos.index_select(0, where), self.rope_sin.index_select(0, where)  # (1, hd/2)
@@ -314,6 +335,6 @@ class Transformer(nn.Module):
             None, :
         ]  # (1, M): filled, this one too
         x = self.tok_emb(tok)  # (B, 1, C)
-        for block in self.blocks:
-            x = block(x, cos, sin, cache, (where, visible))
+        for i, block in enumerate(self.blocks):
+            x = block_fn(block, x, cos, sin, None, (where, visible, cache.k[i], cache.v[i]))
         return self.head(self.norm(x))[:, -1, :].float()  # (B, V)

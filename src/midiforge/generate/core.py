@@ -140,6 +140,7 @@ def generate(
     min_new_tokens: int | None = None,
     min_seconds: float | None = None,
     grid: str = "pairs",
+    compile: bool | None = None,
 ) -> list[Generation]:
     """Generate ``num_samples`` pieces together (one batch), each continuing ``prompt`` (see :func:`prompt_ids`).
 
@@ -150,6 +151,7 @@ def generate(
     fills the model's window (``model.config.max_seq_len``) the oldest tokens are dropped and the cache refilled.
     ``controls``: a Controls or a dict of the CLI spellings (``{"instruments": "piano,bass", "key": "D minor",
     "tempo": 90, "time_sig": "3/4", "density": "low", "polyphony": "high", "tag": "jazz"}``); see steer.py.
+    ``compile`` (CUDA): compile the captured token step first (default: yes on CUDA; see decode.py).
     EOS is not drawn before ``min_new_tokens`` / ``min_seconds`` (with a prompt: steer.DEFAULT_PROMPT_MIN_TOKENS).
     Raises UsageError (a ValueError) for an out-of-range setting or a bad control, MidiReadError (a ValueError)
     for an unreadable prompt.
@@ -191,6 +193,7 @@ def generate(
             sampling,
             device,
             steer,
+            compile=compile,
         )
     finally:
         model.train(was_training)

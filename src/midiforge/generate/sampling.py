@@ -22,12 +22,14 @@ def sample(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    u: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Token ids (B,) drawn from logits (B, V) with temperature, then top-k, then nucleus (top-p) filtering.
 
     Draws exactly one uniform number per row from ``generator`` (a torch.Generator, or a streams.RowStreams with
     one stream per row) by inverse-CDF sampling, so the random stream
-    advances the same way whatever the logits are.
+    advances the same way whatever the logits are; or takes those numbers as ``u`` (B, 1) in [0, 1), drawn
+    ahead (decode.py draws a block of steps at once, so that a captured step draws nothing).
     """
     logits = logits.float() / temperature  # (B, V)
     V = logits.size(-1)
@@ -41,15 +43,22 @@ def sample(
         drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     cdf = probs.cumsum(-1)  # (B, V), unnormalised after filtering
-    if hasattr(generator, "uniform"):  # streams.RowStreams: row k's own stream (seed, k)
-        u = generator.uniform(probs.size(0), probs.device) * cdf[:, -1:]  # (B, 1)
-    else:
-        u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device) * cdf[:, -1:]  # (B, 1)
+    if u is None:
+        u = uniforms(generator, 1, probs.size(0), probs.device)[0]
+    u = u * cdf[:, -1:]  # (B, 1)
     # First index whose cdf exceeds u: always a token of positive probability...
     idx = torch.searchsorted(cdf, u, right=True).squeeze(-1)  # (B,)
     # ...unless rounding put u at the total: then the last token of positive probability.
     last = V - 1 - torch.argmax((probs.flip(-1) > 0).int(), dim=-1)
     return torch.minimum(idx, last)
+
+
+def uniforms(generator, steps: int, rows: int, device) -> torch.Tensor:
+    """(steps, rows, 1) uniforms in [0, 1): the next ``steps`` steps' draws, the same numbers as ``steps``
+    draws of one step each (a torch.Generator on the CPU, or a streams.RowStreams, which is counter-based)."""
+    if hasattr(generator, "uniform"):  # streams.RowStreams: row k's own stream (seed, k)
+        return torch.stack([generator.uniform(rows, device) for _ in range(steps)])
+    return torch.rand(steps, rows, 1, generator=generator, device=device)
 
 
 @torch.inference_mode()

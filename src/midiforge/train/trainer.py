@@ -135,8 +135,8 @@ class Trainer:
     ):
         self.device, self.info = device, info
         # fused AdamW + device-side step outcome (accel.finish_step); default on CUDA only, so that the CPU
-        # keeps its exact results. ``compile`` wraps the forward in torch.compile; ``raw`` stays the plain
-        # module, so state_dict() never carries the wrapper's ``_orig_mod.`` prefix.
+        # keeps its exact results. ``compile`` wraps the forward (accel.compile_module); ``raw`` stays the plain
+        # module, so state_dict() never carries a wrapper's prefix.
         self.fused = device.type == "cuda" if fused is None else fused
         self.learning_rate, self.weight_decay = learning_rate, weight_decay
         self.warmup_steps = WARMUP_STEPS
@@ -149,7 +149,7 @@ class Trainer:
                 self.raw, device_ids=[device] if device.type == "cuda" else None
             )
         if compile:
-            self.model = accel.compile_module(self.model)  # DDP inside: compiled per bucket (DDPOptimizer)
+            self.model = accel.compile_module(self.model)  # one compiled block for every layer; DDP outside it
         # Weight decay only on matrices of the blocks: not norms, biases or the (tied) embedding.
         decay, no_decay = [], []
         for name, p in self.raw.named_parameters():
