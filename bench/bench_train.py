@@ -113,9 +113,7 @@ def model_rows(dataset, batches, tok, args, window) -> list[dict]:
             trainer = Trainer(model, device, dist.DistInfo(), learning_rate=1e-3, weight_decay=0.01, amp=amp,
                               compile=kind.endswith("compiled"))  # fmt: skip
             trainer.set_schedule(0, args.steps + 2)
-            rows.append(
-                timed_row(trainer, data, cfg, device, f"{preset}", kind, rate, peak_memory, reset_peak)
-            )
+            rows.append(timed_row(trainer, data, cfg, device, preset, kind))
             print(rows[-1], flush=True)
             if args.profile and kind.endswith("eager"):
                 profile_step(trainer, data[-1], device, f"{preset} {kind}")
