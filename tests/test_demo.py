@@ -50,8 +50,11 @@ def test_demo_data_limit_converts_splits_and_reuses(tmp_path, capsys, monkeypatc
     files = sorted(out.glob("*/*.mid"))
     expected = [n for n, _ in list_chorales()[:4]]
     assert sorted(f.stem for f in files) == sorted(expected)
+    # The split by tune is recorded; 20% of 4 chorales is not one chorale, so all four are training pieces.
+    record = json.loads((out / "split.json").read_text())
+    assert {Path(r["path"]).name: r["split"] for r in record["files"]} == {f.name: f.parent.name for f in files}
+    assert [f.parent.name for f in files] == ["train"] * 4
     for f in files:
-        assert f.parent.name == split_of(f.stem)
         notes = read_notes(f)
         assert len(notes) > 50 and len(set(notes.program.tolist())) >= 1
     assert (out / "errors.jsonl").read_text() == ""
@@ -73,6 +76,10 @@ def test_demo_data_limit_converts_splits_and_reuses(tmp_path, capsys, monkeypatc
     assert (s.num_converted, s.num_reused, len(s.train) + len(s.val)) == (0, 4, 4)
     assert sorted(s.train + s.val) == files
     assert {f: f.stat().st_mtime_ns for f in files} == mtimes
+    # A file on the wrong side (an older split) is moved where its group goes, not converted again.
+    os.replace(files[1], out / "val" / files[1].name)
+    s = build_demo_corpus(out, limit=4, progress=False)
+    assert dispatched == [] and files[1].is_file() and not (out / "val" / files[1].name).exists()
 
     # The recorder does see work when there is some: delete one file and it alone is converted again.
     files[0].unlink()

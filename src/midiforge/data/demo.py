@@ -2,8 +2,10 @@
 
 The chorales are music21's Bach corpus files (MusicXML, a few Humdrum ``.krn``); where a chorale exists in two
 formats the MusicXML one is used. Each becomes ``OUT/{train,val}/<name>.mid`` (a tempo, one track per part,
-as music21 writes them). The split is a stable hash of the chorale name (~80/20), so it never depends on
-which chorales were converted, in what order, or with ``--limit``. Files already there are reused.
+as music21 writes them). The split is by tune, as `train` splits a folder without -v (:mod:`midiforge.data.split`):
+chorales sharing a run of notes (harmonisations of one hymn tune, copies) form a group, and a group is never
+split; 20% of the chorales at most go to validation, seeded, recorded in ``OUT/split.json``. It depends on the
+chorales converted (``--limit`` changes it). Files already there are reused, moved when the split moved them.
 
 ``--styles`` builds a multi-style, tagged corpus from the rest of music21's corpus instead (the second half of this module).
 
@@ -172,11 +174,11 @@ def build_demo_corpus(
     names: list[str] = []
     sources = dict(chorales)
     for name, src in chorales:
-        target = out / split_of(name) / f"{name}.mid"
-        if target.is_file():
-            done.append((name, target))
-        else:
-            todo.append((str(src), str(target)))
+        there = [out / split / f"{name}.mid" for split in SPLITS if (out / split / f"{name}.mid").is_file()]
+        if there:
+            done.append((name, there[0]))
+        else:  # placed in train/ for now: split_by_tune puts it where its group goes
+            todo.append((str(src), str(out / "train" / f"{name}.mid")))
             names.append(name)
     summary.num_reused = len(done)
 
@@ -193,12 +195,32 @@ def build_demo_corpus(
         bar.update()
     bar.close()
 
-    for _name, path in sorted(done, key=lambda kv: _natural_key(kv[0])):
+    for path in split_by_tune(out, [p for _n, p in sorted(done, key=lambda kv: _natural_key(kv[0]))], jobs):
         (summary.val if path.parent.name == "val" else summary.train).append(path)
     failed = sorted(summary.failed.items(), key=lambda kv: _natural_key(kv[0]))
     write_reasons(out, [(sources[n], r) for n, r in failed])
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def split_by_tune(out: Path, paths: list[Path], jobs: int | None = None) -> list[Path]:
+    """Group the chorales by shared runs of notes and split them (seed 0, at most VAL_PERCENT %); move each file
+    into its side's folder (a copy left on the other side is removed) and record ``out/split.json``."""
+    from midiforge.data.split import SPLIT_FILE, make_split, write_split
+
+    split = make_split(paths, VAL_PERCENT / 100, seed=0, jobs=jobs)
+    placed = []
+    for path, val in zip(paths, split.val, strict=True):
+        want = out / ("val" if val else "train") / path.name
+        other = out / ("train" if val else "val") / path.name
+        if not want.is_file():
+            os.replace(other, want)
+        elif other.is_file():
+            other.unlink()
+        placed.append(want)
+    split.files = [str(p) for p in placed]
+    write_split(out / SPLIT_FILE, split)
+    return placed
 
 
 # ------------------------------------------------------------------------------------------------ --styles
