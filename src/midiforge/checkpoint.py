@@ -438,13 +438,9 @@ def check_tokenizer(ckpt_dir: str | os.PathLike, tok, config: dict, state: dict 
         )
 
 
-def load_inference(ckpt_dir: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None):
-    """(Transformer in eval mode on ``device``, MidiTokenizer) from a checkpoint directory, its weights cast to
-    ``dtype`` when given (see Transformer.cast). Read-only: works on a directory a training run is saving into,
-    and sees one consistent save.
-
-    Raises UsageError when the directory is missing, incomplete, or its files do not fit together.
-    """
+def read_weights(ckpt_dir: str | os.PathLike) -> tuple[dict, dict, str, dict]:
+    """(state_dict, config.json, fingerprint: 16 hex of model.pth's SHA-256, state.pth or {}) of the committed
+    save, or of a folder without training state (``midiforge merge``). Read-only."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise UsageError(f"{ckpt_dir}: no such checkpoint directory")
@@ -459,23 +455,44 @@ def load_inference(ckpt_dir: str | os.PathLike, device="cpu", dtype: torch.dtype
     for name in (MODEL_FILE, CONFIG_FILE):
         if name not in blobs:
             raise UsageError(f"{ckpt_dir}: not a trained checkpoint (no {name})")
+    cfg = _config(ckpt_dir, blobs[CONFIG_FILE])
+    if not isinstance(parsed[MODEL_FILE], dict):
+        raise UsageError(f"{ckpt_dir / MODEL_FILE}: not a state_dict")
+    state = parsed.get(STATE_FILE) if isinstance(parsed.get(STATE_FILE), dict) else {}
+    return strip_prefixes(parsed[MODEL_FILE]), cfg, bytes_sha256(blobs[MODEL_FILE])[:16], state
+
+
+def provenance(ckpt_dir: str | os.PathLike) -> dict:
+    """Where weights come from, as config.json records it: path, fingerprint, step."""
+    _, cfg, fingerprint, state = read_weights(ckpt_dir)
+    step = (state.get("train_state") or state.get("counters") or {}).get("step", cfg.get("step"))
+    return {"path": str(Path(ckpt_dir).resolve()), "fingerprint": fingerprint, "step": step}
+
+
+def load_inference(ckpt_dir: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None, *, merged=True):
+    """(Transformer in eval mode on ``device``, MidiTokenizer) from a checkpoint directory, its weights cast to
+    ``dtype`` when given (see Transformer.cast). Read-only: sees one consistent save of a run in progress.
+    A LoRA checkpoint goes onto its base (where it was, same fingerprint), adapters folded in unless not
+    ``merged``. Raises UsageError when the directory is missing, incomplete, or its files do not fit together."""
+    ckpt_dir = Path(ckpt_dir)
+    weights, cfg, _, state = read_weights(ckpt_dir)
     if not (ckpt_dir / TOKENIZER_FILE).is_file():
         raise UsageError(f"{ckpt_dir}: not a trained checkpoint (no {TOKENIZER_FILE})")
-    cfg = _config(ckpt_dir, blobs[CONFIG_FILE])
-    state = parsed.get(STATE_FILE)
     try:
         config = ModelConfig.from_dict(cfg["model"])
     except (TypeError, ValueError, KeyError) as e:
         raise UsageError(f"{ckpt_dir / CONFIG_FILE}: bad model config ({e})") from e
     tokenizer = load_tokenizer(ckpt_dir)
-    check_tokenizer(ckpt_dir, tokenizer, cfg, state if isinstance(state, dict) else None)
+    check_tokenizer(ckpt_dir, tokenizer, cfg, state)
     model = Transformer(config)
-    state_dict = parsed[MODEL_FILE]
-    if not isinstance(state_dict, dict):
-        raise UsageError(f"{ckpt_dir / MODEL_FILE}: not a state_dict")
     try:
-        model.load_state_dict(strip_prefixes(state_dict))
-    except RuntimeError as e:
+        if "lora" in cfg:  # adapters only: onto the base's weights, found and checked by read_weights
+            from midiforge import lora
+
+            lora.assemble(model, cfg["lora"], tokenizer, weights, merged, read_weights, ckpt_dir)
+        else:
+            model.load_state_dict(weights)
+    except (RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0]
         raise UsageError(f"{ckpt_dir / MODEL_FILE}: does not fit config.json ({first})") from e
     model = model.to(device).eval()

@@ -21,6 +21,8 @@ COMMANDS = {
     "evaluate": ("midiforge.evaluate", "measure a model: bits per note, sample statistics, copies"),
     "demo-data": ("midiforge.data.demo", "build a corpus to try midiforge on: Bach chorales, or several styles"),
     "studio": ("midiforge.studio.server", "a local web page to generate, look at and listen to music"),
+    "merge": ("midiforge.merge", "fold a LoRA checkpoint's adapters into a plain model directory"),
+    "export": ("midiforge.export", "write a checkpoint as a Hugging Face LlamaForCausalLM folder"),
 }
 DESCRIPTION = __doc__.splitlines()[0].removeprefix("midiforge: ")
 EPILOG = """\

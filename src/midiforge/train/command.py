@@ -31,7 +31,7 @@ from midiforge.data.tagging import signature as controls_signature  # noqa: E402
 from midiforge.errors import UsageError, report  # noqa: E402
 from midiforge.measure.scoring import count_notes  # noqa: E402
 from midiforge.model import Transformer  # noqa: E402
-from midiforge.train import accel, sizing  # noqa: E402
+from midiforge.train import accel, finetune, sizing  # noqa: E402
 from midiforge.train import distributed as dist  # noqa: E402
 from midiforge.train.config import RunConfig, add_arguments, parse_args  # noqa: E402
 from midiforge.train.loop import BestKeeper, Loop, SavePolicy, fit  # noqa: E402
@@ -139,7 +139,7 @@ def _fit(setup, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
     """Build the model and Trainer, restore the checkpoint when resuming, then run :func:`fit`."""
     cfg, device = setup.cfg, setup.device
     model_cfg = model_config(setup, tok, int(train_ds.lengths.sum()))
-    trainer, compiled = _build_trainer(setup, model_cfg, info)
+    trainer, compiled = _build_trainer(setup, model_cfg, tok, info)
     sampler = MidiDatasetSampler(
         train_ds, cfg.batch_budget, shuffle=True, seed=cfg.seed, rank=info.rank, world_size=info.world_size
     )
@@ -163,6 +163,7 @@ def _fit(setup, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
         "run": {"window": setup.window, "amp": setup.amp, "world_size": info.world_size, "device": str(device),
                 "compile": compiled},
         "tokenizer": ckpt_io.tokenizer_record(tok),
+        **finetune.records(setup),  # where the weights came from (--init-from, --lora)
     }  # fmt: skip
 
     def save() -> None:
@@ -231,17 +232,21 @@ def _best_keeper(setup, trainer, config: dict, info: dist.DistInfo) -> BestKeepe
     return BestKeeper(save_best, ckpt_io.read_best(setup.ckpt_dir), setup.cfg.patience)
 
 
-def _build_trainer(setup, model_cfg, info: dist.DistInfo):
+def _build_trainer(setup, model_cfg, tok, info: dist.DistInfo):
     """(the Trainer of a freshly initialised model, whether it is compiled); every rank starts the same."""
     cfg, device = setup.cfg, setup.device
     seed_everything(cfg.seed)
     model = Transformer(model_cfg)
+    started = finetune.prepare(model, setup, tok)  # the base's weights, adapters, frozen blocks (finetune.py)
+    if started:
+        dist.print0(started)
     if info.enabled:
         # The same init everywhere (drawn above), different dropout masks from here on.
         torch.manual_seed(cfg.seed + 1_000_003 * info.rank)
     compiled = accel.compile_enabled(cfg.compile, device)
     trainer = Trainer(model, device, info, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                      amp=setup.amp, compile=compiled)  # fmt: skip
+                      amp=setup.amp, compile=compiled,
+                      adapters_only="lora" in finetune.records(setup))  # fmt: skip
     return trainer, compiled
 
 

@@ -300,6 +300,48 @@ class RunConfig:
         " the -t/-v data); applied after -t NAME=DIR",
     )
 
+    init_from: Path | None = opt(
+        None,
+        "--init-from",
+        type=Path,
+        group="finetune",
+        metavar="CKPT",
+        help="start a new run from CKPT's weights and tokenizer (fresh optimizer, schedule and state); new style"
+        " tags take free slots with fresh embedding rows. The shape options must be omitted or match CKPT's",
+    )
+    lora: int | None = opt(
+        None,
+        "--lora",
+        type=int,
+        group="finetune",
+        metavar="RANK",
+        help="with --init-from: train low-rank adapters of this rank only (peft); the checkpoint holds the"
+        " adapters and refers to CKPT, which must stay where it is (midiforge merge folds them in)",
+    )
+    lora_alpha: float | None = opt(
+        None,
+        "--lora-alpha",
+        type=float,
+        group="finetune",
+        metavar="A",
+        help="LoRA scaling numerator: updates are scaled by A/RANK (default: 2*RANK)",
+    )
+    lora_targets: list[str] | None = opt(
+        None,
+        "--lora-targets",
+        group="finetune",
+        metavar="NAME",
+        help="projections that get adapters: qkv, proj (attention), gate, up, down (MLP) (default: all)",
+    )
+    freeze: int | None = opt(
+        None,
+        "--freeze",
+        type=int,
+        group="finetune",
+        metavar="N",
+        help="keep the embedding (and the tied output head) and the first N blocks fixed: for small collections",
+    )
+
     # -- serialisation ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -333,6 +375,7 @@ GROUP_TITLES = {
     "model": "model shape (a new run; a checkpoint keeps its own shape)",
     "run": "run",
     "controls": "controls and style tags (what generate can be steered by)",
+    "finetune": "starting from another run (--init-from, --lora, --freeze)",
 }
 
 

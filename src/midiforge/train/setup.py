@@ -9,6 +9,7 @@ UsageError. It only reads. Then :func:`build_tokenizer`, :func:`build_datasets`,
 from __future__ import annotations
 
 import collections
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,7 +32,7 @@ from midiforge.notes.shards import expand_pieces
 from midiforge.tokens.bpe_sample import SampleStats
 from midiforge.tokens.tokenizer import MidiTokenizer
 from midiforge.train import distributed as dist
-from midiforge.train import sizing
+from midiforge.train import finetune, sizing
 from midiforge.train.config import (
     DEFAULT_DROPOUT,
     DEFAULT_PRESET,
@@ -67,6 +68,7 @@ class Setup:
     split: str = sizing.SPLIT_NONE  # where the validation set comes from (sizing.plan_split)
     found_files: list[Path] = field(default_factory=list)  # every -t file, before any split
     auto_preset: bool = False  # a new run with no shape option: the preset is chosen from the training tokens
+    base: object = None  # finetune.Base: the run this one starts from (--init-from; a LoRA run's base)
 
 
 def _dataset_files(paths, what: str, errors: list[str]) -> list[Path]:
@@ -159,6 +161,9 @@ def resolve(cfg: RunConfig, known: Setup | None = None) -> Setup:
     device, amp = _device(cfg, errors)
     ckpt_dir = Path(cfg.ckpt_path)
     config, state, tok = _read_checkpoint(ckpt_dir, errors)
+    base = finetune.resolve_base(cfg, config, tok, errors, notes)
+    if base is not None and config is None:
+        tok = copy.deepcopy(base.tokenizer)  # the base's language; this run may add tags to its copy
     controls, control_dropout = tagging.resolve_controls(cfg, config, tok, tag_names, errors, notes)
     found_files = train_files
     split, train_files, val_files = sizing.plan_split(
@@ -185,6 +190,8 @@ def resolve(cfg: RunConfig, known: Setup | None = None) -> Setup:
         context = int(have.get("max_seq_len") or window)
         if cfg.vocab_size is not None:
             notes.append("--vocab-size ignored: the checkpoint already has its tokenizer")
+    elif base is not None:
+        context = int(base.config["model"]["max_seq_len"])
     else:
         context = cfg.context_length or window
         if not any("must be positive" in e for e in errors):
@@ -201,6 +208,8 @@ def resolve(cfg: RunConfig, known: Setup | None = None) -> Setup:
     if num_workers is None:
         local = max(1, dist.from_env().local_world_size)
         num_workers = 0 if device.type == "cpu" else min(4, max(0, default_jobs() // local - 1))
+    if cfg.freeze is None and config is not None:
+        cfg = replace(cfg, freeze=config.get("train", {}).get("freeze"))  # a resumed run stays frozen
     cfg = replace(cfg, controls=controls, control_dropout=control_dropout)  # config.json records them
     setup = Setup(
         cfg,
@@ -221,6 +230,7 @@ def resolve(cfg: RunConfig, known: Setup | None = None) -> Setup:
     setup.tags, setup.tag_names = tagging.tag_map(roots, DATA_SUFFIXES), tag_names
     setup.split, setup.auto_preset = split, config is None and not asked
     setup.found_files = found_files
+    setup.base = base
     return setup
 
 
@@ -229,7 +239,12 @@ def build_tokenizer(setup: Setup, info: dist.DistInfo):
     """The checkpoint's tokenizer; a new run without one trains BPE on the training set (rank 0) first."""
     tok, ckpt_dir = setup.tokenizer, setup.ckpt_dir
     if tok is not None:
-        if setup.resume_state is None:  # e.g. left by a first run interrupted before its first checkpoint
+        if setup.base is not None and setup.resume_state is None:
+            if info.is_main:  # a copy of the base's tokenizer.json; this run's new tags are added below
+                ckpt_dir.mkdir(parents=True, exist_ok=True)
+                tok.save(ckpt_dir / ckpt_io.TOKENIZER_FILE)
+            dist.print0(f"tokenizer: {len(tok)} tokens, from {setup.base.path}")
+        elif setup.resume_state is None:  # e.g. left by a first run interrupted before its first checkpoint
             path = ckpt_dir / ckpt_io.TOKENIZER_FILE
             dist.note0(f"reusing {path} ({len(tok)} tokens); delete {ckpt_dir} to start afresh")
             asked = setup.cfg.vocab_size
@@ -335,9 +350,9 @@ def record_grid(train_ds, tok, path, write: bool) -> None:
 
 def model_config(setup: Setup, tok, train_tokens: int):
     """A new run's ModelConfig (its preset chosen from ``train_tokens`` and the device when no shape option was
-    given), or the checkpoint's (its shape and context never change; dropout may)."""
+    given), or the checkpoint's or the base's (their shape and context never change; dropout may)."""
     cfg = setup.cfg
-    if setup.ckpt_config is None:
+    if setup.ckpt_config is None and setup.base is None:
         dropout = DEFAULT_DROPOUT if cfg.dropout is None else cfg.dropout
         shape = setup.shape
         if setup.auto_preset:
@@ -345,7 +360,7 @@ def model_config(setup: Setup, tok, train_tokens: int):
             shape = dict(PRESETS[name])
             dist.print0(f"preset {name} chosen: {why} (--preset overrides)")
         return ModelConfig.from_dict(dict(shape, vocab_size=len(tok), max_seq_len=setup.context, dropout=dropout))
-    d = dict(setup.ckpt_config["model"])
+    d = dict((setup.ckpt_config or setup.base.config)["model"])  # a resumed run's, or the --init-from base's
     if cfg.dropout is not None:
         d["dropout"] = cfg.dropout
     try:

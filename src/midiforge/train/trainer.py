@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from midiforge import lora
 from midiforge.data.sampler import IGNORE_INDEX
 from midiforge.errors import RunFailed
 from midiforge.train import accel
@@ -132,6 +133,7 @@ class Trainer:
         amp: str = "off",
         compile: bool = False,
         fused: bool | None = None,
+        adapters_only: bool = False,
     ):
         self.device, self.info = device, info
         # fused AdamW + device-side step outcome (accel.finish_step); default on CUDA only, so that the CPU
@@ -150,9 +152,14 @@ class Trainer:
             )
         if compile:
             self.model = accel.compile_module(self.model)  # one compiled block for every layer; DDP outside it
-        # Weight decay only on matrices of the blocks: not norms, biases or the (tied) embedding.
+        # ``adapters_only``: a LoRA run, whose checkpoints hold the adapter tensors only (midiforge.lora).
+        self.adapters_only = adapters_only
+        # Weight decay only on matrices of the blocks: not norms, biases or the (tied) embedding. Frozen
+        # parameters (--freeze, LoRA's base weights) get no optimizer state at all.
         decay, no_decay = [], []
         for name, p in self.raw.named_parameters():
+            if not p.requires_grad:
+                continue
             (no_decay if p.ndim < 2 or name.startswith("tok_emb") else decay).append(p)
         self.optimizer = accel.adamw(
             [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -167,7 +174,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {
-            "model": self.raw.state_dict(),
+            "model": lora.adapter_state(self.raw) if self.adapters_only else self.raw.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
@@ -175,7 +182,10 @@ class Trainer:
     def load_state_dict(self, d: dict) -> None:
         """Model and optimizer must fit (RuntimeError/ValueError/KeyError otherwise); the scaler's state is
         optional (absent when the run that saved it had no fp16)."""
-        self.raw.load_state_dict(d["model"])
+        if self.adapters_only:
+            lora.load_adapter(self.raw, d["model"])
+        else:
+            self.raw.load_state_dict(d["model"])
         self.optimizer.load_state_dict(d["optimizer"])
         if d.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(d["scaler"])
