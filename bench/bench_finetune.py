@@ -1,7 +1,7 @@
 """Fine-tuning against training from scratch, LoRA against full fine-tuning, and what the base forgets.
 
     nice -n 10 .venv/bin/python bench/bench_finetune.py [--work DIR] [--preset tiny] [--pretrain-epochs 3]
-                                                      [--epochs 4] [--folk-train 40]
+                                                      [--epochs 10] [--folk-train 40]
 
 1. Pre-train a model on POP909 songs (../shared/corpus) and music21's multi-style corpus (Bach chorales,
    Palestrina, Monteverdi, trecento pieces; built by `midiforge demo-data --styles`), each folder a style tag.
@@ -129,7 +129,7 @@ def main() -> None:
     p.add_argument("--folk-train", type=int, default=40)
     p.add_argument("--folk-heldout", type=int, default=20)
     p.add_argument("--pretrain-epochs", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs (every variant: the same steps)")
+    p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (every variant: the same steps)")
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning and scratch learning rate")
     p.add_argument("--lora-lr", type=float, default=3e-3)

@@ -19,7 +19,7 @@ from midiforge import cli
 from midiforge.tokens.tokenizer import MidiTokenizer
 from midiforge.train import command as tr
 
-TINY = ["--n-layer", "2", "--n-head", "2", "--d-model", "32", "--d-ff", "64", "-b", "65536", "-e", "256"]
+TINY = ["--n-layer", "2", "--n-head", "2", "--d-model", "32", "--d-ff", "64", "-b", "262144", "-e", "256"]
 
 
 def _transformers():
@@ -36,10 +36,10 @@ def _transformers():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny model trained for one epoch on 6 POP909 songs; 5 others are held out."""
+    """A tiny model trained for one epoch on 3 POP909 songs; 5 others are held out."""
     songs = sorted(corpus_dir("pop909").glob("*.mid"))
     root = tmp_path_factory.mktemp("export")
-    for folder, files in (("train", songs[:6]), ("heldout", songs[200:205])):
+    for folder, files in (("train", songs[:3]), ("heldout", songs[200:205])):
         (root / folder).mkdir()
         for f in files:
             (root / folder / f.name).symlink_to(f)
