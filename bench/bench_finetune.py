@@ -129,7 +129,9 @@ def main() -> None:
     p.add_argument("--folk-train", type=int, default=40)
     p.add_argument("--folk-heldout", type=int, default=20)
     p.add_argument("--pretrain-epochs", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (every variant: the same steps)")
+    p.add_argument(
+        "--epochs", type=int, default=10, help="fine-tuning epochs (every variant: the same steps)"
+    )
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning and scratch learning rate")
     p.add_argument("--lora-lr", type=float, default=3e-3)

@@ -161,7 +161,7 @@ def test_lora_trains_only_adapters_and_merges_to_the_same_logits(base, tmp_path,
     out = tmp_path / "g.mid"
     assert cli.main(["generate", str(ckpt), "-o", str(out), "--max-tokens", "30", "--seed", "1"]) == 0
     assert out.stat().st_size > 0
-    assert cli.main(["evaluate", str(ckpt), "-d", str(base / "val")]) == 0
+    assert cli.main(["evaluate", str(ckpt), "-v", str(base / "val")]) == 0
     # a checkpoint whose base is gone (or changed) is refused in one line
     moved = tmp_path / "lora_copy"
     shutil.copytree(ckpt, moved)

@@ -31,6 +31,7 @@ from pathlib import Path
 from midiforge import checkpoint as ckpt_io
 from midiforge.errors import UsageError
 from midiforge.fsio import atomic_write_bytes
+from midiforge.options import add_checkpoint
 
 FORMATS = ("hf",)
 MIDIFORGE_TOKENIZER = "midiforge_tokenizer.json"  # ours; "tokenizer.json" is the Hugging Face one
@@ -185,7 +186,7 @@ def export(ckpt: str | Path, out: str | Path, fmt: str = "hf") -> list[Path]:
 
 
 def configure_parser(p) -> None:
-    p.add_argument("checkpoint", type=Path, help="checkpoint directory (a LoRA checkpoint is merged first)")
+    add_checkpoint(p, "checkpoint folder (a LoRA checkpoint is merged first)")
     p.add_argument("-o", "--output", type=Path, required=True, help="folder to write (created when missing)")
     p.add_argument("--format", default="hf", choices=FORMATS, help="hf: LlamaForCausalLM (default)")
 

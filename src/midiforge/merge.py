@@ -13,6 +13,7 @@ from pathlib import Path
 from midiforge import checkpoint as ckpt_io
 from midiforge.errors import UsageError
 from midiforge.fsio import atomic_write_bytes
+from midiforge.options import add_checkpoint
 
 
 def merge(ckpt: str | Path, out: str | Path) -> dict:
@@ -44,7 +45,7 @@ def merge(ckpt: str | Path, out: str | Path) -> dict:
 
 
 def configure_parser(p) -> None:
-    p.add_argument("checkpoint", type=Path, help="a LoRA checkpoint (train --lora)")
+    add_checkpoint(p, "a LoRA checkpoint folder (train --lora)")
     p.add_argument("-o", "--output", type=Path, required=True, help="new directory for the merged model")
 
 
