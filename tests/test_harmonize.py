@@ -146,6 +146,31 @@ def test_harmonizing_is_reproducible_and_joint(tok):
     assert all(t.notes[0].time == first for t in runs[0].tracks[1:])  # every voice enters with the melody
 
 
+@pytest.fixture
+def ckpt(tok, tmp_path):
+    """An untrained checkpoint trained without infilling: harmonising does not need the sentinels."""
+    import json
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    model = tiny_model(tok)
+    (d / "config.json").write_text(
+        json.dumps({"model": model.config.to_dict(), "train": {"infill_rate": 0.0}})
+    )
+    torch.save(model.state_dict(), d / "model.pth")
+    tok.save(d / "tokenizer.json")
+    return d
+
+
+def test_cli_harmonizes_a_melody(ckpt, tmp_path, capsys):
+    prompt, out = tmp_path / "melody.mid", tmp_path / "out.mid"
+    melody(16).dump_midi(str(prompt))
+    argv = ["generate", str(ckpt), "-o", str(out), "--prompt", str(prompt), "--harmonize", "--seed", "0"]
+    assert main([*argv, "--voice-ranges", "G3-D5,C3-G4,E2-C4", "--max-tokens", "120"]) == 0
+    check_voices(symusic.Score(str(out)), symusic.Score(str(prompt)), ["Alto", "Tenor", "Bass"], SATB)
+    assert "--harmonize" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "extra, says",
     [
@@ -156,17 +181,7 @@ def test_harmonizing_is_reproducible_and_joint(tok):
         (["--infill", "2", "--voice-ranges", "G3-D5"], "go with --harmonize"),
     ],
 )
-def test_cli_bad_harmonize_requests_say_what_to_do(tok, tmp_path, extra, says, capsys):
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    model = tiny_model(tok)
-    import json
-
-    (ckpt / "config.json").write_text(
-        json.dumps({"model": model.config.to_dict(), "train": {"infill_rate": 0.5}})
-    )
-    torch.save(model.state_dict(), ckpt / "model.pth")
-    tok.save(ckpt / "tokenizer.json")
+def test_cli_bad_harmonize_requests_say_what_to_do(ckpt, tmp_path, extra, says, capsys):
     prompt = tmp_path / "melody.mid"
     melody(8).dump_midi(str(prompt))
     argv = ["generate", str(ckpt), "-o", str(tmp_path / "x.mid"), "--prompt", str(prompt), *extra]
