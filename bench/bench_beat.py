@@ -63,7 +63,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--top-p", type=float, default=None)
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)  # OMP_NUM_THREADS=1 on a shared machine
     model, tok = ck.load_inference(args.checkpoint)
     grid = tok.onset_grid
     used = grid.used() if grid is not None else np.ones(12, bool)

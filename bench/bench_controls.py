@@ -209,7 +209,7 @@ def main() -> int:
                          " tempos, which music21's files lack); every 5th file by name goes to validation")  # fmt: skip
     ap.add_argument("--extra-max", type=int, default=None, help="at most this many files of each --extra")
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)  # OMP_NUM_THREADS=1 on a shared machine
     if args.checkpoint is not None:
         return requests_table(args)
     t_all = time.perf_counter()
