@@ -157,14 +157,7 @@ def _fit(setup, tok, train_ds, val_ds, info: dist.DistInfo) -> int:
         f" {batches_per_epoch} batches/epoch/process"
     )
     val_loader, val_notes = _validation(setup, tok, val_ds, info)
-    config = {
-        "model": model_cfg.to_dict(),
-        "train": cfg.to_dict(),
-        "run": {"window": setup.window, "amp": setup.amp, "world_size": info.world_size, "device": str(device),
-                "compile": compiled},
-        "tokenizer": ckpt_io.tokenizer_record(tok),
-        **finetune.records(setup),  # where the weights came from (--init-from, --lora)
-    }  # fmt: skip
+    config = _run_config(setup, model_cfg, tok, info, compiled)
 
     def save() -> None:
         if info.is_main:
@@ -230,6 +223,19 @@ def _best_keeper(setup, trainer, config: dict, info: dist.DistInfo) -> BestKeepe
             ckpt_io.save_best(setup.ckpt_dir, model=model, config=config, tokenizer=tok_bytes, record=record)
 
     return BestKeeper(save_best, ckpt_io.read_best(setup.ckpt_dir), setup.cfg.patience)
+
+
+def _run_config(setup, model_cfg, tok, info: dist.DistInfo, compiled: bool) -> dict:
+    """What config.json records about this run: the model, the options, how it runs, the tokenizer."""
+    run = {"window": setup.window, "amp": setup.amp, "world_size": info.world_size, "device": str(setup.device),
+           "compile": compiled}  # fmt: skip
+    return {
+        "model": model_cfg.to_dict(),
+        "train": setup.cfg.to_dict(),
+        "run": run,
+        "tokenizer": ckpt_io.tokenizer_record(tok),
+        **finetune.records(setup),  # where the weights came from (--init-from, --lora)
+    }
 
 
 def _build_trainer(setup, model_cfg, tok, info: dist.DistInfo):

@@ -177,6 +177,29 @@ def resolve(cfg: RunConfig, known: Setup | None = None) -> Setup:
             f"-e lowered from {cfg.max_sequence_length} to isqrt(-b) = {window} tokens so that every"
             " window fits a batch"
         )
+    context = _context(cfg, config, base, shape, window, base_vocab, errors, notes)
+    if errors:
+        raise UsageError("; ".join(errors))
+    if context < window:
+        notes.append(f"training window lowered from {window} to the model's context of {context} tokens")
+        window = context
+    num_workers = cfg.num_workers if cfg.num_workers is not None else _default_workers(device)
+    if cfg.freeze is None and config is not None:
+        cfg = replace(cfg, freeze=config.get("train", {}).get("freeze"))  # a resumed run stays frozen
+    cfg = replace(cfg, controls=controls, control_dropout=control_dropout)  # config.json records them
+    setup = Setup(cfg, ckpt_dir, train_files, val_files, window, context, device, amp, num_workers, shape,
+                  config, state, tok, notes)  # fmt: skip
+    setup.tags, setup.tag_names = tagging.tag_map(roots, DATA_SUFFIXES), tag_names
+    setup.split, setup.auto_preset = split, config is None and not asked
+    setup.found_files = found_files
+    setup.base = base
+    return setup
+
+
+def _context(cfg, config, base, shape: dict, window: int, base_vocab: int, errors, notes) -> int:
+    """The model's context: the checkpoint's when resuming (whose shape the options must not contradict), the
+    base's when fine-tuning, else the option (default: the window), checked by building the ModelConfig."""
+    asked = cfg.shape()
     if config is not None:
         have = config["model"]
         diff = [f"{k}={have.get(k)} (asked {v})" for k, v in asked.items() if have.get(k) != v]
@@ -184,54 +207,27 @@ def resolve(cfg: RunConfig, known: Setup | None = None) -> Setup:
             diff.append(f"context_length={have.get('max_seq_len')} (asked {cfg.context_length})")
         if diff:
             errors.append(
-                f"{ckpt_dir} holds a model of another shape: {', '.join(diff)}; omit the shape options"
+                f"{Path(cfg.ckpt_path)} holds a model of another shape: {', '.join(diff)}; omit the shape options"
                 " to continue it, or use a new checkpoint directory"
             )
-        context = int(have.get("max_seq_len") or window)
         if cfg.vocab_size is not None:
             notes.append("--vocab-size ignored: the checkpoint already has its tokenizer")
-    elif base is not None:
-        context = int(base.config["model"]["max_seq_len"])
-    else:
-        context = cfg.context_length or window
-        if not any("must be positive" in e for e in errors):
-            try:
-                ModelConfig(vocab_size=base_vocab, max_seq_len=max(1, context), **shape)
-            except ValueError as e:
-                errors.append(str(e))
-    if errors:
-        raise UsageError("; ".join(errors))
-    if context < window:
-        notes.append(f"training window lowered from {window} to the model's context of {context} tokens")
-        window = context
-    num_workers = cfg.num_workers
-    if num_workers is None:
-        local = max(1, dist.from_env().local_world_size)
-        num_workers = 0 if device.type == "cpu" else min(4, max(0, default_jobs() // local - 1))
-    if cfg.freeze is None and config is not None:
-        cfg = replace(cfg, freeze=config.get("train", {}).get("freeze"))  # a resumed run stays frozen
-    cfg = replace(cfg, controls=controls, control_dropout=control_dropout)  # config.json records them
-    setup = Setup(
-        cfg,
-        ckpt_dir,
-        train_files,
-        val_files,
-        window,
-        context,
-        device,
-        amp,
-        num_workers,
-        shape,
-        config,
-        state,
-        tok,
-        notes,
-    )
-    setup.tags, setup.tag_names = tagging.tag_map(roots, DATA_SUFFIXES), tag_names
-    setup.split, setup.auto_preset = split, config is None and not asked
-    setup.found_files = found_files
-    setup.base = base
-    return setup
+        return int(have.get("max_seq_len") or window)
+    if base is not None:
+        return int(base.config["model"]["max_seq_len"])
+    context = cfg.context_length or window
+    if not any("must be positive" in e for e in errors):
+        try:
+            ModelConfig(vocab_size=base_vocab, max_seq_len=max(1, context), **shape)
+        except ValueError as e:
+            errors.append(str(e))
+    return context
+
+
+def _default_workers(device) -> int:
+    """Data-loader workers per process: none on the CPU (they would compete with the step), else up to 4."""
+    local = max(1, dist.from_env().local_world_size)
+    return 0 if device.type == "cpu" else min(4, max(0, default_jobs() // local - 1))
 
 
 # ------------------------------------------------------------------------------------------- building
