@@ -364,3 +364,24 @@ def test_output_paths():
     assert output_paths("out.mid", 1) == [Path("out.mid")]
     assert output_paths("d/out.mid", 2) == [Path("d/out_1.mid"), Path("d/out_2.mid")]
     assert output_paths("out", 1) == [Path("out.mid")]
+
+
+def test_a_generation_has_one_tempo_per_tick_and_lasts_as_its_file():
+    """A sampled stream may state TEMPO twice at one time (an untrained model does): the later one holds, so the
+    seconds reported equal those of the MIDI file written (two tempos at one tick leave the timing to the
+    order a writer and reader give them)."""
+    import symusic
+
+    from midiforge.generate.core import _one_meta_event_per_tick
+
+    score = symusic.Score(480)
+    track = symusic.Track("t", 0, False)
+    track.notes.append(symusic.Note(0, 480, 60, 80))
+    track.notes.append(symusic.Note(1920, 480, 62, 80))
+    score.tracks.append(track)
+    for time, qpm in ((0, 40.0), (0, 300.0), (960, 300.0), (960, 40.0)):
+        score.tempos.append(symusic.Tempo(time, qpm))
+    out = _one_meta_event_per_tick(score)
+    assert [(t.time, round(t.qpm)) for t in out.tempos] == [(0, 300), (960, 40)]
+    back = symusic.Score.from_midi(out.dumps_midi())
+    assert back.to("second").end() == pytest.approx(out.to("second").end(), abs=1e-3)

@@ -210,3 +210,4 @@ def test_prepared_sheet_gives_the_same_events_and_is_ignored_for_another_config(
     assert np.array_equal(other.events(loaded)[0], other.events(notes)[0])  # sheet ignored, recomputed
     tok.train_bpe([p], vocab_size=len(tok) + 20)
     assert tok.encode(path) == tok.encode(p)
+

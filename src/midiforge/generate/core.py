@@ -219,9 +219,22 @@ def _result(tokenizer, row: list[int], head_len: int, stop: str, max_seconds: fl
     elif tokenizer.pad_id in row[head_len:]:  # stopped early (max_seconds): PAD is never sampled
         row = row[: row.index(tokenizer.pad_id, head_len)]
     score, num_events, num_skipped = tokenizer.decode_with_stats(row)
+    score = _one_meta_event_per_tick(score)
     if steer is not None:
         score = steer.finish(score, head_tick)
     reason = stop or "max_tokens"
     if max_seconds is not None and score.note_num() and score.to("second").end() > max_seconds:
         score, reason = clip_seconds(score, max_seconds), "max_seconds"
     return Generation(score, row, head_len, num_events, num_skipped, reason)
+
+
+def _one_meta_event_per_tick(score: symusic.Score) -> symusic.Score:
+    """The score with one tempo (time signature, key) per tick: the last the model wrote there. A sampled
+    stream can state TEMPO twice at one time, and two tempos at one tick leave the piece's timing to how a MIDI
+    writer and reader order them, so the file written would not last as long as the piece reported."""
+    for events in (score.tempos, score.time_signatures, score.key_signatures):
+        times = [e.time for e in events]
+        drop = [i for i in range(len(times) - 1) if times[i] == times[i + 1]]
+        for i in reversed(drop):
+            events.pop(i)
+    return score
