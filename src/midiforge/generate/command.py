@@ -91,6 +91,22 @@ def write_extras(args, score: symusic.Score, path: Path) -> list[str]:
     return extras
 
 
+def read_prompt(path) -> symusic.Score:
+    """The --prompt file as a Score; an unreadable one is a UsageError naming it."""
+    try:
+        return load_score(path)
+    except MidiReadError as e:
+        raise UsageError(f"cannot read prompt {path}: {e}") from e
+
+
+def make_parent(path: Path) -> None:
+    """The folder the outputs go to (created before the model runs, so a bad place fails in one line)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create output directory {path.parent}: {e.strerror}") from e
+
+
 def run(args) -> int:
     if (request := edit_request(args)) is not None:  # an edit inside the prompt
         return run_edit(args, request)
@@ -110,17 +126,9 @@ def run(args) -> int:
         raise UsageError("; ".join(problems))
     device = resolve_device(args.device)
     copy_files = copycheck.cli_training_files(args)  # None without --check-copies
-    prompt = None
-    if args.prompt is not None:
-        try:
-            prompt = load_score(args.prompt)
-        except MidiReadError as e:
-            raise UsageError(f"cannot read prompt {args.prompt}: {e}") from e
+    prompt = read_prompt(args.prompt) if args.prompt is not None else None
     paths = output_paths(args.output, args.num_samples)
-    try:
-        paths[0].parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create output directory {paths[0].parent}: {e.strerror}") from e
+    make_parent(paths[0])
 
     model, tokenizer = load_inference(args.checkpoint, device, inference_dtype(args.dtype, device))
     seed = seed_of(args)
@@ -212,19 +220,13 @@ def run_edit(args, request: Request) -> int:
     if problems:
         raise UsageError("; ".join(problems))
     device = resolve_device(args.device)
-    try:
-        prompt = load_score(args.prompt)
-    except MidiReadError as e:
-        raise UsageError(f"cannot read prompt {args.prompt}: {e}") from e
+    prompt = read_prompt(args.prompt)
     paths = output_paths(args.output, args.num_samples)
     model, tok = load_inference(args.checkpoint, device, inference_dtype(args.dtype, device))
     if request.harmonize is None:  # harmonising writes the ordinary stream (joint.py): any checkpoint will do
         check_checkpoint(args.checkpoint, tok)
     request.plan(Piece.from_score(tok, prompt))  # every bad request fails before any output is written
-    try:
-        paths[0].parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create output directory {paths[0].parent}: {e.strerror}") from e
+    make_parent(paths[0])
     seed = seed_of(args)
     t0 = time.perf_counter()
     for k, path in enumerate(paths):

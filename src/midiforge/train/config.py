@@ -363,6 +363,14 @@ class RunConfig:
             return self.max_sequence_length
         return min(self.max_sequence_length, math.isqrt(self.batch_budget))
 
+    def shape_differences(self, have: dict) -> list[str]:
+        """The shape options (context included) that contradict an existing model's config, as "name=has
+        (asked value)"; resuming and --init-from both refuse them."""
+        diff = [f"{k}={have.get(k)} (asked {v})" for k, v in self.shape().items() if have.get(k) != v]
+        if self.context_length is not None and self.context_length != have.get("max_seq_len"):
+            diff.append(f"context_length={have.get('max_seq_len')} (asked {self.context_length})")
+        return diff
+
     def shape(self) -> dict:
         """The model-shape fields the user gave (preset expanded, then overrides)."""
         asked = dict(PRESETS[self.preset]) if self.preset else {}

@@ -72,11 +72,7 @@ def read_base(path: Path, errors: list[str]) -> Base | None:
 
 def base_problems(base: Base, cfg, own_tok, errors: list[str], notes: list[str]) -> None:
     """Options that contradict the base: another shape, another tokenizer, another context."""
-    have = base.config["model"]
-    asked = cfg.shape()
-    diff = [f"{k}={have.get(k)} (asked {v})" for k, v in asked.items() if have.get(k) != v]
-    if cfg.context_length is not None and cfg.context_length != have.get("max_seq_len"):
-        diff.append(f"context_length={have.get('max_seq_len')} (asked {cfg.context_length})")
+    diff = cfg.shape_differences(base.config["model"])
     if diff:
         errors.append(
             f"--init-from {base.path}: its model has another shape: {', '.join(diff)}; omit the shape options"

@@ -199,12 +199,9 @@ def resolve(cfg: RunConfig, known: Setup | None = None) -> Setup:
 def _context(cfg, config, base, shape: dict, window: int, base_vocab: int, errors, notes) -> int:
     """The model's context: the checkpoint's when resuming (whose shape the options must not contradict), the
     base's when fine-tuning, else the option (default: the window), checked by building the ModelConfig."""
-    asked = cfg.shape()
     if config is not None:
         have = config["model"]
-        diff = [f"{k}={have.get(k)} (asked {v})" for k, v in asked.items() if have.get(k) != v]
-        if cfg.context_length is not None and cfg.context_length != have.get("max_seq_len"):
-            diff.append(f"context_length={have.get('max_seq_len')} (asked {cfg.context_length})")
+        diff = cfg.shape_differences(have)
         if diff:
             errors.append(
                 f"{Path(cfg.ckpt_path)} holds a model of another shape: {', '.join(diff)}; omit the shape options"
