@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from midiforge.generate import stopping
 from midiforge.generate.constraints import combine
 from midiforge.generate.sampling import MAX_SECONDS_CHECK_EVERY, WINDOW_KEEP, sample, uniforms, window_cut
 from midiforge.model import run_block
@@ -214,6 +215,7 @@ def decode(
     fresh = True  # the static path must prefill the cache first
     for step in range(max_new_tokens):
         if step % SYNC_EVERY == 0:  # the next SYNC_EVERY steps' uniforms, one per row per step
+            stopping.check()  # a cancelled or overlong job (the studio) stops here, between chunks
             st.u.copy_(uniforms(generator, SYNC_EVERY, B, device))
             st.j.zero_()
         if n - start + (pin.size(1) if start else 0) > window:  # no room for the next position: slide

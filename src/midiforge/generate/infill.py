@@ -26,6 +26,7 @@ import torch
 from midiforge.checkpoint import read_config
 from midiforge.data import fim
 from midiforge.errors import UsageError
+from midiforge.generate import stopping
 from midiforge.generate.sampling import next_token
 from midiforge.notes.midi import DRUM_PROGRAM, MAX_TRACK_INDEX, NoteTable, load_score, score_to_notes
 from midiforge.tokens.controls import parse_instruments, program_name
@@ -139,6 +140,8 @@ class _Sampler:
                 return out, "full"
             if len(out) >= self.max_new_tokens:
                 return out, "max"
+            if len(out) % stopping.CHECK_EVERY == 0:
+                stopping.check()
             feed = torch.tensor(
                 [ids[fed:] if cache is not None else ids], dtype=torch.long, device=self.device
             )

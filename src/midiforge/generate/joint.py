@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from midiforge.data import fim
+from midiforge.generate import stopping
 from midiforge.generate.sampling import sample
 from midiforge.notes.midi import NoteTable
 
@@ -393,6 +394,8 @@ def write(model, tok, writer: Writer, *, generator, sampling: dict, max_new_toke
     start = cached = 0
     chosen = 0
     while chosen < max_new_tokens:
+        if len(ids) % stopping.CHECK_EVERY == 0:
+            stopping.check()
         if len(ids) - start >= L:  # slide: keep the newest three quarters, cut at an onset
             cut = len(ids) - int(L * 0.75)
             ws = np.flatnonzero(tok.word_starts(np.asarray(ids[cut:], np.int64)))

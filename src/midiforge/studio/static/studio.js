@@ -17,8 +17,21 @@ function el(tag, attrs = {}, ...children) {
   return e;
 }
 
+// This tab's owner token: the server lists and cancels only the jobs this token submitted. Session storage
+// keeps it across a reload of this tab, and a new tab starts with a fresh one (and no jobs).
+function ownerToken() {
+  let token = sessionStorage.getItem("midiforge-owner");
+  if (!token) {
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    token = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+    sessionStorage.setItem("midiforge-owner", token);
+  }
+  return token;
+}
+
 async function api(path, options = {}) {
-  const res = await fetch(path, options);
+  const headers = { ...(options.headers || {}), "X-Studio-Owner": ownerToken() };
+  const res = await fetch(path, { ...options, headers });
   let body = null;
   try { body = await res.json(); } catch (e) { body = { error: `${res.status} ${res.statusText}` }; }
   if (!res.ok) throw new Error(body && body.error ? body.error : `${res.status} ${res.statusText}`);
