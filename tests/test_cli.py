@@ -32,7 +32,8 @@ def test_the_checkpoint_is_ckpt_and_the_shared_options_are_declared_once():
         assert t.option_strings == ["-t", "--train-dataset"] and t.metavar == "TRAIN", command
     for command in ("train", "evaluate"):
         assert actions(command)["val_dataset"].option_strings == ["-v", "--val-dataset"], command
-    assert actions("train")["train_dataset"].required and actions("evaluate")["val_dataset"].required
+    # evaluate's -v defaults to the checkpoint's own held-out pieces (test_split covers it).
+    assert actions("train")["train_dataset"].required and not actions("evaluate")["val_dataset"].required
     # The device: auto everywhere.
     for command in ("train", "generate", "evaluate", "studio"):
         assert actions(command)["device"].default == "auto", command
@@ -53,7 +54,7 @@ def test_the_checkpoint_is_ckpt_and_the_shared_options_are_declared_once():
         (["prepare", "src", "-o", "out", "--format", "xml"], "invalid choice: 'xml'"),
         (["demo-data"], "OUT"),
         (["train", "1", "ckpt"], "-t/--train-dataset"),
-        (["evaluate", "ckpt"], "-v/--val-dataset"),
+        (["evaluate", "ckpt", "--stride", "many"], "--stride"),
         (["generate", "ckpt"], "-o/--output"),
         (["generate", "ckpt", "-o", "x.mid", "--top-k", "many"], "--top-k"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),

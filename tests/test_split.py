@@ -123,15 +123,35 @@ def test_without_v_the_split_is_recorded_validated_and_reused(folder, tmp_path, 
 
     files, origin = training_files(ck.read_config(ckpt / "best"), None, ckpt / "best")
     assert "split.json" in origin and not {str(f) for f in files} & set(val)
+    # evaluate without -v measures exactly the held-out side, from CKPT and from CKPT/best alike.
+    from midiforge import cli
+
+    for where in (ckpt, ckpt / "best"):
+        report = tmp_path / f"report_{where.name}.json"
+        assert cli.main(["evaluate", str(where), "-o", str(report), "--device", "cpu"]) == 0
+        got = json.loads(report.read_text())
+        assert "validation side of" in got["data"] and "split.json" in got["data"]
+        assert sorted(r["name"] for r in got["likelihood"]["pieces"]) == sorted(val)
+    explicit = tmp_path / "report_v.json"
+    assert cli.main(["evaluate", str(ckpt), "-v", *val, "-o", str(explicit), "--device", "cpu"]) == 0
+    want = json.loads(explicit.read_text())["likelihood"]["total"]["bits_per_note"]
+    assert json.loads((tmp_path / "report_ckpt.json").read_text())["likelihood"]["total"]["bits_per_note"] == want
 
 
-def test_val_share_0_trains_without_validation(folder, tmp_path):
+def test_val_share_0_trains_without_validation(folder, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     assert _train(1, ckpt, folder, "--val-share", "0") == 0
     (row,) = json.loads((ckpt / "metrics.json").read_text())["epochs"]
     assert row["val_loss"] is None and row["val_bits_per_note"] is None
     assert not (ckpt / "split.json").exists() and not (ckpt / "best").exists()
     assert len(ck.load(ckpt).state["data"]["files"]) == 10
+    # Nothing held out: evaluate without -v says so in one line.
+    from midiforge import cli
+
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(ckpt), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "records no validation set (give -v)" in err
 
 
 def _scripted_validation(monkeypatch, losses):

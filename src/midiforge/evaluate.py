@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from midiforge import checkpoint as ck
-from midiforge.data.dataset import DATA_SUFFIXES
 from midiforge.device import resolve_device
 from midiforge.errors import UsageError
 from midiforge.fsio import atomic_write_bytes
@@ -34,7 +33,7 @@ from midiforge.measure.copycheck import DEFAULT_THRESHOLD
 from midiforge.measure.scoring import Piece
 from midiforge.measure.stats import compare_sets, figure_png, piece_seconds, piece_stats
 from midiforge.model import Transformer
-from midiforge.notes.midi import MidiReadError, find_files, score_to_notes
+from midiforge.notes.midi import MidiReadError, score_to_notes
 from midiforge.notes.read import read_notes
 from midiforge.options import (
     DATA_HELP,
@@ -49,7 +48,8 @@ from midiforge.options import (
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     add_checkpoint(p)
-    add_val_data(p, f"held-out pieces to measure the model on: {DATA_HELP}", required=True)
+    add_val_data(p, f"held-out pieces to measure the model on: {DATA_HELP} (default: the checkpoint's own:"
+                 " the validation side of its split.json, or the -v it was trained with)")  # fmt: skip
     p.add_argument("-o", "--output", metavar="REPORT.json", help="write the report here (and REPORT.png)")
     p.add_argument(
         "--stride", type=int, metavar="N",
@@ -78,14 +78,17 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     add_device(p)
 
 
-def _data_files(paths: list[Path]) -> list[Path]:
-    missing = [str(p) for p in paths if not Path(p).exists()]
-    if missing:
-        raise UsageError(f"-v: no such file or directory: {', '.join(missing)}")
-    files = find_files(paths, suffixes=DATA_SUFFIXES)
-    if not files:
+def _data_files(paths: list[Path] | None, ckpt: Path) -> tuple[list[Path], str]:
+    """(the held-out files, where they came from): ``-v``, or what the checkpoint recorded."""
+    files, origin = copycheck.validation_files(ck.read_config(ckpt), paths, ckpt)
+    if not files and paths:
+        missing = [str(p) for p in paths if not Path(p).exists()]
+        if missing:
+            raise UsageError(f"-v: no such file or directory: {', '.join(missing)}")
         raise UsageError(f"-v: no .mid/.midi/.json/.mfshard file in {', '.join(map(str, paths))}")
-    return files
+    if not files:
+        raise UsageError(f"{ckpt}: {origin}")
+    return files, origin
 
 
 def read_pieces(files: list[Path], tokenizer) -> tuple[list, list, dict[str, str]]:
@@ -138,10 +141,12 @@ def sample_statistics(gens, tables, floor_gens, used=None) -> dict:
 def run(args: argparse.Namespace) -> int:
     _check_arguments(args)
     device = resolve_device(args.device)
-    files = _data_files(args.val_dataset)
-
     ckpt = Path(args.checkpoint)
+    if args.val_dataset:  # a bad -v is said before the model loads
+        files, data_origin = _data_files(args.val_dataset, ckpt)
     model, tok = ck.load_inference(ckpt, device)
+    if not args.val_dataset:  # the checkpoint's own held-out pieces, once it is known to be one
+        files, data_origin = _data_files(None, ckpt)
     context = model.config.max_seq_len
     stride = min(args.stride or max(1, context // 2), context)
     pieces, tables, skipped = read_pieces(files, tok)
@@ -152,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     index, index_note = _training_index(args, ckpt, tok)
     report: dict = {
         "checkpoint": str(ckpt),
-        "data": [str(p) for p in args.val_dataset],
+        "data": [str(p) for p in args.val_dataset] if args.val_dataset else data_origin,
         "skipped": skipped,
         "likelihood": scoring.score(
             model, tok, pieces, stride=stride, device=device, unigram=_unigram(index, tok)

@@ -202,6 +202,34 @@ def training_files(
     return (paths if split is not None else find_files(paths, suffixes=DATA_SUFFIXES)), origin
 
 
+def validation_files(
+    ckpt_config: dict | None, val: list | None, ckpt_dir: str | os.PathLike | None = None
+) -> tuple[list[Path], str]:
+    """The held-out files (``-v``, the validation side of the checkpoint's ``split.json``, or the ``-v`` it was
+    trained with) and where they came from; an empty list and the reason when there are none. The twin of
+    :func:`training_files`: a run trained without ``-v`` is evaluated on exactly the pieces it held out."""
+    from midiforge.data.split import recorded_split
+
+    split = None if val or ckpt_dir is None else recorded_split(ckpt_dir, ckpt_config)
+    if val:
+        specs, origin = [str(p) for p in val], "-v"
+    elif split is not None:
+        specs, origin = [str(p) for p in split[1].val_files], f"the validation side of {split[0]}"
+        if not specs:
+            return [], f"{split[0]} holds no validation pieces (give -v)"
+    else:
+        specs = ((ckpt_config or {}).get("train") or {}).get("val_dataset") or []
+        origin = "the checkpoint's validation set"
+        if not specs:
+            return [], "the checkpoint records no validation set (give -v)"
+    missing = [s for s in specs if not Path(s).exists()]
+    if missing:
+        hint = "" if val else " (give -v)"
+        return [], f"{origin}: no such file or directory: {', '.join(missing[:3])}{hint}"
+    paths = [Path(s) for s in specs]
+    return (paths if split is not None else find_files(paths, suffixes=DATA_SUFFIXES)), origin
+
+
 def _cache_key(tokenizer, files: list[Path]) -> str:
     h = hashlib.sha256(f"{tokenizer.fingerprint}|{NGRAM}|{_FORMAT}".encode())
     for f in files:
