@@ -130,3 +130,11 @@ def tiny_model(tok, max_seq_len: int, seed: int = 0, n_layer: int = 1):
         vocab_size=len(tok), n_layer=n_layer, n_head=2, d_model=32, d_ff=64, max_seq_len=max_seq_len
     )
     return Transformer(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def studio_ckpt(tmp_path_factory) -> Path:
+    """The studio tests' tiny checkpoint (test_studio.train_tiny), trained once for all three studio files."""
+    from test_studio import train_tiny
+
+    return train_tiny(tmp_path_factory.mktemp("studio_ckpt"))

@@ -198,7 +198,7 @@ class JobQueue:
             if not path.is_file():
                 continue
             sample = {"index": i, "files": {}, "report": ""}
-            for kind, suffix in (("midi", ".mid"), ("audio", ".wav"), ("pianoroll", ".png")):
+            for kind, suffix in (("midi", ".mid"), ("audio", ".wav")):
                 p = path.with_suffix(suffix)
                 if p.is_file():
                     job.files[p.name] = p

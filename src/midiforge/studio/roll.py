@@ -9,12 +9,14 @@ index among the tracks of that program), in that order, as the editing code numb
 from __future__ import annotations
 
 import bisect
+import re
 
 import symusic
 
 from midiforge.notes.midi import DRUM_PROGRAM, MAX_TRACK_INDEX
 from midiforge.tokens.controls import program_name
 
+GENERIC_NAME = re.compile(r"(Program \d+|Drums)( #\d+)?", re.IGNORECASE)  # names the decoder makes up
 MAX_NOTES = 20_000  # notes sent to the page at most (a piano roll of more is a blur anyway)
 
 
@@ -77,7 +79,9 @@ def roll(score: symusic.Score) -> dict:
                  for n in list(t.notes)[:budget]]  # fmt: skip
         budget -= len(notes)
         label = program_name(key[0]) + (f" #{key[1] + 1}" if key[1] else "")
-        tracks.append({"number": number[key], "name": t.name.strip() or label, "program": key[0],
+        name = t.name.strip()
+        name = label if not name or GENERIC_NAME.fullmatch(name) else name  # "Program 0 #2" says nothing
+        tracks.append({"number": number[key], "name": name, "program": key[0],
                        "drum": bool(t.is_drum), "notes": notes})  # fmt: skip
     bars = bar_ticks(score, end)
     return {"seconds": round(at(end), 3), "bars": [round(at(b), 3) for b in bars], "tracks": tracks}

@@ -38,7 +38,8 @@ from midiforge.studio.fields import generate_parser, option_fields, request_argv
 from midiforge.studio.jobs import ACTIVE, ID, Job, JobQueue, edit_label, prune
 from midiforge.studio.roll import roll
 
-STATIC = {"studio.js": "text/javascript", "studio.css": "text/css", "index.html": "text/html"}
+STATIC = {"index.html": "text/html", "studio.css": "text/css", "studio.js": "text/javascript",
+          "form.js": "text/javascript", "roll.js": "text/javascript", "dom.js": "text/javascript"}  # fmt: skip
 FILE_TYPES = {".mid": "audio/midi", ".wav": "audio/wav", ".png": "image/png"}
 MAX_JSON_BYTES = 64 * 1024
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
@@ -168,7 +169,7 @@ class Studio:
         prompt, label = self._prompt(request.get("prompt"), owner)
         job_id = JobQueue.new_id()
         folder = self.out / "jobs" / job_id
-        server = [str(self.checkpoints[index]), "-o", str(folder / "sample.mid"), "--wav", "--pianoroll"]
+        server = [str(self.checkpoints[index]), "-o", str(folder / "sample.mid"), "--wav"]
         server += ["--device", self.device] + (["--prompt", str(prompt)] if prompt else [])
         args = generate_parser().parse_args(server + user)  # argparse's checks now, run()'s in the worker
         self._check_limits(args, self.infos[index])

@@ -1,24 +1,19 @@
 // midiforge studio: the page. Every option field comes from /api/config (generate's own parser), every check
-// happens on the server (the same code as `midiforge generate`); this file only builds the form, sends it and
-// shows what comes back. No library, nothing from another host.
+// happens on the server (the same code as `midiforge generate`); these modules build the form, send it, and
+// show what comes back. No library, nothing from another host.
+//
+// Each tab follows only its own jobs: it keeps an owner token in session storage (a reload keeps it, a new tab
+// gets a new one) and sends it with every request. An error shows beside the results and in the status line
+// until the next action. When the studio stops answering, the page says so, retries, and keeps the form usable.
 "use strict";
 
-const $ = (sel) => document.querySelector(sel);
-const state = { config: null, prompt: null, promptLabel: null, current: null, polling: null, jobs: [] };
+import { $, el } from "./dom.js";
+import { buildForm, fillCheckpoint, readOptions, restoreForm, setField } from "./form.js";
+import { pianoRoll } from "./roll.js";
 
-function el(tag, attrs = {}, ...children) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "text") e.textContent = v;
-    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
-    else e.setAttribute(k, v);
-  }
-  for (const c of children) if (c != null) e.append(c);
-  return e;
-}
+const RETRY_MS = 2000;
+const state = { config: null, prompt: null, following: null, polling: null, lost: false, jobs: [], busy: false };
 
-// This tab's owner token: the server lists and cancels only the jobs this token submitted. Session storage
-// keeps it across a reload of this tab, and a new tab starts with a fresh one (and no jobs).
 function ownerToken() {
   let token = sessionStorage.getItem("midiforge-owner");
   if (!token) {
@@ -31,91 +26,92 @@ function ownerToken() {
 
 async function api(path, options = {}) {
   const headers = { ...(options.headers || {}), "X-Studio-Owner": ownerToken() };
-  const res = await fetch(path, { ...options, headers });
+  let res;
+  try {
+    res = await fetch(path, { ...options, headers });
+  } catch (e) {
+    const lost = new Error("the studio stopped");
+    lost.lost = true;  // no answer at all: the server is gone (or restarting)
+    throw lost;
+  }
   let body = null;
   try { body = await res.json(); } catch (e) { body = { error: `${res.status} ${res.statusText}` }; }
-  if (!res.ok) throw new Error(body && body.error ? body.error : `${res.status} ${res.statusText}`);
+  if (!res.ok) {
+    const err = new Error(body && body.error ? body.error : `${res.status} ${res.statusText}`);
+    err.status = res.status;
+    throw err;
+  }
   return body;
+}
+
+// --- what the page says: status line, error box, busy and lost states ---------------------------------------
+
+function status(text, kind = "") {
+  const s = $("#status");
+  s.textContent = text;
+  s.className = kind;
 }
 
 function showError(message) {
   const box = $("#error");
   box.textContent = message || "";
   box.hidden = !message;
+  if (message) status(`error: ${message}`, "bad");
 }
 
-function setPrompt(prompt, label) {
+function setBusy(busy) {
+  state.busy = busy;
+  $("#generate").disabled = busy;
+  $("#cancel").hidden = !busy;
+  $("#progress").hidden = !busy;
+}
+
+function setLost(lost, retry) {
+  state.lost = lost;
+  $("#reconnect").hidden = !lost;
+  if (lost) {
+    setBusy(false);  // never stuck: the form stays usable while the studio is away
+    $("#progress").hidden = true;
+    status("the studio stopped (reconnect?)", "bad");
+    clearTimeout(state.polling);
+    state.retry = retry;
+    state.polling = setTimeout(retry, RETRY_MS);
+  }
+}
+
+async function reconnect() {
+  clearTimeout(state.polling);
+  if (state.retry) state.retry();
+}
+
+// --- the prompt ------------------------------------------------------------------------------------------------
+
+function editHandlers(makePrompt) {
+  return {
+    onBars: (a, b) => {
+      if (makePrompt) makePrompt();
+      setField("replace_track", "");
+      setField("infill", a === b ? String(a) : `${a}-${b}`);
+      status(`bars ${a === b ? a : `${a}-${b}`} selected: Generate rewrites them and keeps the rest`);
+    },
+    onTrack: (n) => {
+      if (makePrompt) makePrompt();
+      setField("infill", "");
+      setField("replace_track", String(n));
+      status(`track ${n} selected: Generate rewrites it from the others`);
+    },
+  };
+}
+
+function setPrompt(prompt, label, roll) {
   state.prompt = prompt;
-  state.promptLabel = label;
   $("#prompt-now").textContent = prompt ? `prompt: ${label}` : "starting from nothing";
   if (!prompt) $("#upload").value = "";
+  const view = $("#prompt-view");
+  view.hidden = !roll;
+  if (roll) $("#prompt-roll").replaceChildren(pianoRoll(roll, { ...editHandlers(null), label: `piano roll of ${label}` }));
+  else $("#prompt-roll").replaceChildren();
 }
-
-// --- the form, from generate's options ---------------------------------------------------------------------
-
-function fieldInput(f) {
-  const id = `opt-${f.dest}`;
-  const help = el("div", { class: "help", text: f.help });
-  if (f.kind === "flag") {
-    const box = el("input", { type: "checkbox", id, "data-dest": f.dest });
-    if (f.default === true && f.flag.startsWith("--no-")) box.checked = false;
-    return el("label", { class: "flag", title: f.help }, box, el("span", { class: "name", text: f.flag }));
-  }
-  let input;
-  if (f.kind === "choice") {
-    input = el("select", { id, "data-dest": f.dest }, el("option", { value: "", text: "(default)" }));
-    for (const c of f.choices) input.append(el("option", { value: c, text: c }));
-  } else {
-    // Text, not number inputs: the server's parser is the one judge of a value (and says why in one line).
-    const placeholder = f.default != null && f.default !== false ? `default ${f.default}` : f.metavar;
-    input = el("input", { type: "text", id, "data-dest": f.dest, placeholder: placeholder || "" });
-    if (f.kind === "multi") input.setAttribute("placeholder", "values separated by ;");
-  }
-  // An option that may stand alone (nargs "?", e.g. --harmonize [VOICES]): a box to give it without a value.
-  const alone = f.alone ? el("input", { type: "checkbox", "data-alone": f.dest, title: `give ${f.flag} alone` }) : null;
-  return el("label", { for: id, title: f.help },
-    el("span", { class: "name", text: f.flag }, alone ? " " : null, alone), input, help);
-}
-
-function buildForm(config) {
-  const select = $("#checkpoint");
-  for (const c of config.checkpoints) select.append(el("option", { value: c.index, text: c.name }));
-  const groups = new Map();
-  for (const f of config.fields) {
-    if (!groups.has(f.group)) groups.set(f.group, el("fieldset", {}, el("legend", { text: f.group })));
-    groups.get(f.group).append(fieldInput(f));
-  }
-  for (const g of groups.values()) $("#fields").append(g);
-}
-
-function readOptions() {
-  const options = {};
-  for (const f of state.config.fields) {
-    const input = document.querySelector(`[data-dest="${f.dest}"]`);
-    if (f.kind === "flag") { if (input.checked) options[f.dest] = true; continue; }
-    const v = input.value.trim();
-    const alone = document.querySelector(`[data-alone="${f.dest}"]`);
-    if (!v && alone && alone.checked) { options[f.dest] = true; continue; }
-    if (!v) continue;
-    options[f.dest] = f.kind === "multi" ? v.split(";").map((s) => s.trim()).filter(Boolean) : v;
-  }
-  return options;
-}
-
-function restoreForm(request) {
-  $("#checkpoint").value = request.checkpoint ?? 0;
-  const options = request.options || {};
-  for (const f of state.config.fields) {
-    const input = document.querySelector(`[data-dest="${f.dest}"]`);
-    const v = options[f.dest];
-    const alone = document.querySelector(`[data-alone="${f.dest}"]`);
-    if (alone) alone.checked = v === true;
-    if (f.kind === "flag") input.checked = v === true;
-    else input.value = v == null || v === true ? "" : Array.isArray(v) ? v.join("; ") : String(v);
-  }
-}
-
-// --- upload, generate, poll ----------------------------------------------------------------------------------
 
 async function upload(file) {
   showError("");
@@ -124,132 +120,178 @@ async function upload(file) {
     $("#upload").value = "";
     return;
   }
+  status(`reading ${file.name}…`);
   try {
     const info = await api("/api/upload", {
       method: "POST",
       headers: { "Content-Type": "application/octet-stream", "X-Filename": encodeURIComponent(file.name) },
       body: await file.arrayBuffer(),
     });
-    setPrompt({ upload: info.id }, `${info.name} (${info.notes} notes, ${info.seconds} s)`);
+    setPrompt({ upload: info.id }, `${info.name} (${info.notes} notes, ${info.seconds} s)`, info.roll);
+    status(`prompt: ${info.name}, ${info.roll.bars.length - 1} bars; drag across bars to rewrite them`);
   } catch (e) {
-    showError(e.message);
+    if (e.lost) { setLost(true, () => upload(file)); return; }
     setPrompt(null);
+    showError(e.message);
   }
 }
 
+async function sampleAsPrompt(job, s) {
+  let roll = null;
+  try { roll = s.roll ? await api(s.roll) : null; } catch (e) { roll = null; }
+  setPrompt({ sample: [job.id, s.index] }, `sample ${s.index} (seed ${job.seed})`, roll);
+}
+
+// --- generate, follow, cancel ---------------------------------------------------------------------------------
+
 async function generate(event) {
-  event.preventDefault();
+  if (event) event.preventDefault();
   showError("");
-  const request = { checkpoint: Number($("#checkpoint").value), prompt: state.prompt, options: readOptions() };
-  $("#generate").disabled = true;
-  // The new request takes the results area (earlier ones stay in the history).
-  $("#results").replaceChildren();
-  $("#job-head").replaceChildren();
+  const request = { checkpoint: Number($("#checkpoint").value), prompt: state.prompt, options: readOptions(state.config) };
+  setBusy(true);
+  status("sending…");
   try {
     const job = await api("/api/generate", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(request),
     });
+    $("#results").replaceChildren();  // the new request takes the results area; earlier ones stay in the history
+    $("#job-head").replaceChildren();
     follow(job.id);
   } catch (e) {
-    showError(e.message);
-    $("#generate").disabled = false;
+    setBusy(false);
+    if (e.lost) setLost(true, () => main());
+    else showError(e.message);
+  }
+}
+
+async function cancel() {
+  if (!state.following) return;
+  try {
+    await api(`/api/jobs/${state.following}/cancel`, { method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" });
+    status("cancelling…");
+  } catch (e) {
+    if (e.lost) setLost(true, () => follow(state.following));
+    else showError(e.message);
   }
 }
 
 function follow(id) {
   clearTimeout(state.polling);
+  state.following = id;
   const tick = async () => {
     let job;
-    try { job = await api(`/api/jobs/${id}`); } catch (e) { showError(e.message); return; }
+    try {
+      job = await api(`/api/jobs/${id}`);
+    } catch (e) {
+      if (e.lost) { setLost(true, tick); return; }
+      setLost(false);
+      setBusy(false);
+      state.following = null;
+      showError(e.status === 404 ? "that job is gone (the studio restarted); press Generate again" : e.message);
+      refreshHistory();
+      return;
+    }
+    setLost(false);
+    if (state.following !== id) return;
     if (job.state === "queued" || job.state === "running") {
-      $("#progress").hidden = false;
-      $("#progress-text").textContent = job.state === "queued"
-        ? `queued, position ${job.queue_position}` : `generating… ${job.elapsed.toFixed(1)} s`;
-      $("#status").textContent = "working";
+      setBusy(true);
+      const text = job.state === "queued" ? `queued, position ${job.queue_position}` : `generating… ${job.elapsed.toFixed(1)} s`;
+      $("#progress-text").textContent = text;
+      status(text);
       state.polling = setTimeout(tick, 300);
       return;
     }
-    $("#progress").hidden = true;
-    $("#generate").disabled = false;
-    $("#status").textContent = job.state === "done" ? `done in ${job.elapsed.toFixed(1)} s` : "failed";
-    if (job.state === "failed") showError(job.error);
+    state.following = null;
+    setBusy(false);
     show(job);
+    if (job.state === "done") status(`done in ${job.elapsed.toFixed(1)} s`, "good");
+    else if (job.state === "cancelled") status("cancelled");
+    else showError(job.error);
     refreshHistory();
   };
   tick();
 }
 
-// --- results and history ---------------------------------------------------------------------------------
+// --- results and history --------------------------------------------------------------------------------------
+
+function sampleCard(job, s) {
+  const card = el("article", { class: "sample", "data-index": s.index });
+  card.append(el("h3", { text: `sample ${s.index}` }));
+  const audio = s.files.audio ? el("audio", { controls: "", preload: "metadata", src: s.files.audio }) : null;
+  const rollBox = el("div", { class: "roll-slot" });
+  card.append(rollBox);
+  if (s.roll) {
+    api(s.roll).then((data) => {
+      const edits = editHandlers(() => sampleAsPrompt(job, s));
+      rollBox.replaceChildren(pianoRoll(data, { ...edits, audio, label: `piano roll of sample ${s.index}` }));
+    }).catch((e) => rollBox.replaceChildren(el("div", { class: "help", text: `no piano roll: ${e.message}` })));
+  }
+  if (audio) card.append(audio);
+  card.append(el("div", { class: "report", text: s.report }));
+  const actions = el("div", { class: "actions" });
+  if (s.files.midi) actions.append(el("a", { class: "download", href: s.files.midi, download: `${job.id}_sample_${s.index}.mid`, text: "download MIDI" }));
+  actions.append(el("button", { type: "button", class: "continue", text: "Continue from this", onclick: () => sampleAsPrompt(job, s) }));
+  card.append(actions);
+  return card;
+}
 
 function show(job) {
   state.current = job.id;
-  const head = $("#job-head");
-  head.replaceChildren(...[
-    el("div", {}, el("strong", { text: `seed ${job.seed}` }), ` · ${job.checkpoint} · `,
-      job.prompt ? `prompt: ${job.prompt}` : "from nothing",
-      job.state === "failed" ? el("span", { class: "failed", text: ` · failed: ${job.error}` }) : null),
-    el("code", { text: job.command, title: "the same generation on the command line" }),
+  $("#job-head").replaceChildren(...[
+    el("div", {}, el("strong", { text: job.label || "generation" }), ` · seed ${job.seed} · ${job.checkpoint}`,
+      job.state === "failed" || job.state === "cancelled" ? el("span", { class: "failed", text: ` · ${job.state}: ${job.error}` }) : null),
+    el("code", { text: job.command, title: "the same generation on the command line (shell-quoted)" }),
     job.report.length ? el("pre", { class: "job-report", text: job.report.join("\n") }) : null,
   ].filter(Boolean));
-  const results = $("#results");
-  results.replaceChildren();
-  for (const s of job.samples) {
-    const card = el("article", { class: "sample", "data-index": s.index });
-    card.append(el("h3", { text: `sample ${s.index}` }));
-    if (s.files.pianoroll) card.append(el("img", { class: "pianoroll", src: s.files.pianoroll, alt: `piano roll of sample ${s.index}` }));
-    if (s.files.audio) card.append(el("audio", { controls: "", preload: "metadata", src: s.files.audio }));
-    card.append(el("div", { class: "report", text: s.report }));
-    const actions = el("div", { class: "actions" });
-    if (s.files.midi) actions.append(el("a", { class: "download", href: s.files.midi, download: `${job.id}_sample_${s.index}.mid`, text: "download MIDI" }));
-    actions.append(el("button", {
-      type: "button", class: "continue", text: "Continue from this",
-      onclick: () => setPrompt({ sample: [job.id, s.index] }, `sample ${s.index} (seed ${job.seed})`),
-    }));
-    card.append(actions);
-    results.append(card);
-  }
-  for (const li of document.querySelectorAll("#history li")) li.classList.toggle("current", li.dataset.id === job.id);
+  $("#results").replaceChildren(...job.samples.map((s) => sampleCard(job, s)));
+  for (const b of document.querySelectorAll("#history button")) b.classList.toggle("current", b.dataset.id === job.id);
 }
 
 async function refreshHistory() {
-  const jobs = await api("/api/jobs");
+  let jobs;
+  try { jobs = await api("/api/jobs"); } catch (e) { return; }
   state.jobs = jobs;
-  const list = $("#history");
-  list.replaceChildren();
-  jobs.forEach((job, i) => {
+  $("#history").replaceChildren(...jobs.map((job) => {
     const n = job.samples.length;
-    const text = `${job.checkpoint}, seed ${job.seed}, ${job.prompt || "from nothing"}: ` +
-      (job.state === "done" ? `${n} sample${n === 1 ? "" : "s"}` : job.state);
-    const li = el("li", { "data-id": job.id, class: `state-${job.state}`, text, title: job.command });
-    li.addEventListener("click", () => {
-      restoreForm(job.request);
-      setPrompt(job.request.prompt || null, job.prompt);
+    const what = job.state === "done" ? `${n} sample${n === 1 ? "" : "s"}` : job.state;
+    const b = el("button", { type: "button", "data-id": job.id, class: `hist state-${job.state}`, title: job.command,
+      text: `${job.label} · seed ${job.seed} · ${what}` });
+    b.addEventListener("click", () => {
+      restoreForm(state.config, job.request);
       if (job.state === "queued" || job.state === "running") follow(job.id); else show(job);
     });
-    if (job.id === state.current) li.classList.add("current");
-    list.append(li);
-  });
+    if (job.id === state.current) b.classList.add("current");
+    return el("li", {}, b);
+  }));
 }
 
 async function main() {
   try {
     state.config = await api("/api/config");
   } catch (e) {
-    showError(`cannot reach the studio: ${e.message}`);
+    if (e.lost) { setLost(true, main); return; }
+    showError(`cannot read the studio's settings: ${e.message}`);
     return;
   }
-  buildForm(state.config);
-  $("#form").addEventListener("submit", generate);
-  $("#upload").addEventListener("change", (e) => { if (e.target.files[0]) upload(e.target.files[0]); });
-  $("#clear-prompt").addEventListener("click", () => setPrompt(null));
-  $("#status").textContent = "ready";
+  setLost(false);
+  if (!$("#fields").childElementCount) {
+    const select = $("#checkpoint");
+    for (const c of state.config.checkpoints) select.append(el("option", { value: c.index, text: c.name }));
+    buildForm(state.config, $("#fields"));
+    select.addEventListener("change", () => fillCheckpoint(state.config.checkpoints[Number(select.value)]));
+    $("#form").addEventListener("submit", generate);
+    $("#upload").addEventListener("change", (e) => { if (e.target.files[0]) upload(e.target.files[0]); });
+    $("#clear-prompt").addEventListener("click", () => setPrompt(null));
+    $("#cancel").addEventListener("click", cancel);
+    $("#reconnect").addEventListener("click", reconnect);
+  }
+  fillCheckpoint(state.config.checkpoints[Number($("#checkpoint").value) || 0]);
+  status("ready");
   await refreshHistory();
-  // After a reload: keep following a request still in the queue, else show the latest results.
+  // After a reload: this tab's own latest job, followed while it runs; a new tab has none and starts idle.
   const latest = state.jobs[0];
-  if (latest && (latest.state === "queued" || latest.state === "running")) {
-    $("#generate").disabled = true;
-    follow(latest.id);
-  } else if (latest) show(latest);
+  if (latest && (latest.state === "queued" || latest.state === "running")) follow(latest.id);
+  else if (latest && !state.busy) show(latest);
   document.body.dataset.ready = "1";
 }
 
