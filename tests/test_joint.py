@@ -7,8 +7,8 @@ import pytest
 import symusic
 from conftest import corpus_dir
 
-from midiforge.generate.joint import VoiceRules, Writer, forced_rows, melody_line
 from midiforge.generate.infill import Piece
+from midiforge.generate.joint import VoiceRules, Writer, forced_rows, melody_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -71,11 +71,17 @@ class State:
 
     def copy(self, **kw) -> State:
         s = State.__new__(State)
-        d = s.__dict__
-        d.update(self.__dict__)
-        d.pop("_settled", None), d.pop("_complete", None)
+        d = self.__dict__.copy()
+        if len(d) > _FIELDS:  # memos of this state (_settled, _complete, _attack) are not the copy's
+            for m in _MEMOS:
+                d.pop(m, None)
         d.update(kw)
+        s.__dict__ = d
         return s
+
+
+_FIELDS = len(State.__dataclass_fields__)
+_MEMOS = ("_settled", "_complete", "_attack")
 
 
 def forced_rows(tok, given: NoteTable) -> list[tuple]:
@@ -110,14 +116,24 @@ def forced_rows(tok, given: NoteTable) -> list[tuple]:
 
 
 def token_trie(tok) -> dict:
-    """Trie of the vocabulary's base-event spellings: node = {"ids": [...], event: child node, ...}."""
+    """Trie of the vocabulary's base-event spellings: node = {"ids": [...], event: child node, ..., None: [(event,
+    child node), ...]}."""
     root: dict = {"ids": []}
     for tid in range(3, len(tok)):  # PAD, BOS, EOS spell nothing
         node = root
         for e in tok._flat[tok._offs[tid] : tok._offs[tid + 1]].tolist():
             node = node.setdefault(e, {"ids": []})
         node["ids"].append(tid)
+    _index(root)
     return root
+
+
+def _index(node: dict) -> None:
+    """Adds ``node[None]``: its (event, child) pairs, listed once (the walk visits small nodes whole)."""
+    pairs = [(e, c) for e, c in node.items() if e != "ids"]
+    for _, c in pairs:
+        _index(c)
+    node[None] = pairs
 
 
 @dataclass
@@ -137,6 +153,8 @@ class Writer:
         v = self.tok.vocab
         self.K = {n: v.k(n) for n in v.kinds}
         self.kind, self.val = v.kind, v.value
+        self._kl, self._vl = v.kind.tolist(), v.value.tolist()  # plain lists: a step reads them ~100x a token
+        self._dur, self._pitch, self._shift = self.K["duration"], self.K["pitch"], self.K["shift"]
         self.durations = v.durations
         self.voice = {t: k for k, t in enumerate(self.targets)}
         self.programs = {p for p, _ in self.targets}
@@ -192,12 +210,28 @@ class Writer:
 
     def pitches(self, s: State, k: int) -> frozenset:
         """The pitches voice k may attack at s.t."""
-        over = tuple((self._above(s, u), self._above_before(s, u)) for u in range(k + 1))  # melody, voices
         chord = self.rules.chords and s.t in self.onsets
-        key = (k, over, s.before[k], chord)
+        mel = self.melody
+        if mel is not None:  # the melody now and one step before, as _above/_above_before read it
+            m = (int(mel[min(s.t, len(mel) - 1)]), int(mel[min(s.t, len(mel)) - 1]) if s.t else -1)
+        else:
+            m = (-1, -1)
+        key = (k, m, s.pitch[:k], s.before[: k + 1], chord)
         got = self._pitch_memo.get(key)
         if got is None:
+            over = tuple(
+                (self._above(s, u), self._above_before(s, u)) for u in range(k + 1)
+            )  # melody, voices
             got = self._pitch_memo[key] = self._pitches(k, over, s.before[k], chord)
+        return got
+
+    def _attackable(self, s: State, k: int) -> frozenset:
+        """The pitches voice k may attack next at s (none when it has attacked at s.t or a voice between the
+        last one that did and k owes a note); memoised per state: every PITCH child of a trie node asks."""
+        memo = s.__dict__.setdefault("_attack", {})
+        got = memo.get(k)
+        if got is None:
+            got = memo[k] = frozenset() if s.hit[k] or not self._skippable(s, k) else self.pitches(s, k)
         return got
 
     def _pitches(self, k: int, over: tuple, own0: int, chord: bool) -> frozenset:
@@ -226,18 +260,18 @@ class Writer:
         """The state after base event ``e``, or None when ``e`` may not come here."""
         if s.done:
             return s
-        K, kind, x = self.K, int(self.kind[e]), int(self.val[e])
+        K, kind, x = self.K, self._kl[e], self._vl[e]
         if s.pend:
             s = self._resolve(s, kind, x)
-            if s is None or kind == K["duration"]:
+            if s is None or kind == self._dur:
                 return s
-        elif kind == K["duration"]:
+        elif kind == self._dur:
             return None  # a DURATION belongs right after its PITCH
         rows = self.rows
         if s.fi < len(rows) and rows[s.fi][0] == s.t:  # a given row is due here: spell it
             return self._forced(s, kind, x, e, rows[s.fi])
-        if kind == K["shift"]:
-            return self._shift(s, x)
+        if kind == self._shift:
+            return self._shift_to(s, x)
         if kind == K["program"]:
             return s.copy(prog=x) if x in self.programs and x != s.prog else None
         if kind == K["track"]:
@@ -249,13 +283,13 @@ class Writer:
             return s.copy(track=x)
         if kind == K["velocity"]:
             return s.copy(vel=x) if x != s.vel else None
-        if kind == K["pitch"]:
+        if kind == self._pitch:
             k = self.voice.get((s.prog, s.track))
             if k is None:
                 return None
             if self.rules is None:
                 return s.copy(pend=("v", k))
-            if s.hit[k] or not self._skippable(s, k) or x not in self.pitches(s, k):
+            if x not in self._attackable(s, k):
                 return None
             i = (slice(0, k), slice(k + 1, None))
             return s.copy(pend=("v", k), pitch=s.pitch[i[0]] + (x,) + s.pitch[i[1]],
@@ -267,10 +301,10 @@ class Writer:
         """The event after a PITCH: its DURATION, or (when the sticky one fits) anything else."""
         if s.pend[0] == "f":
             need = s.pend[1]
-            if kind == self.K["duration"]:
+            if kind == self._dur:
                 return s.copy(pend=(), dur=x) if x == need else None
             return self._settled(s) if s.dur == need else None
-        if kind == self.K["duration"]:
+        if kind == self._dur:
             if self.durations[x] <= 0:
                 return None
             k = s.pend[1]
@@ -312,7 +346,7 @@ class Writer:
             return s.copy(fi=s.fi + 1)
         return s.copy(fi=s.fi + 1, pend=("f", dur))
 
-    def _shift(self, s: State, k: int) -> State | None:
+    def _shift_to(self, s: State, k: int) -> State | None:
         if not self._complete(s):
             return None
         t = s.t + k
@@ -359,12 +393,11 @@ class Writer:
             node, st = stack.pop()
             for tid in node["ids"]:
                 out[tid] = st
-            if len(node) == 1 or st.done:
+            pairs = node[None]
+            if not pairs or st.done:
                 continue
-            if len(node) > 32:  # the root and a few wide nodes: visit only the events that may come next
+            if len(pairs) > 32:  # the root and a few wide nodes: visit only the events that may come next
                 pairs = [(e, node.get(e)) for e in self.candidates(st)]
-            else:
-                pairs = [(e, c) for e, c in node.items() if e != "ids"]
             for e, child in pairs:
                 if child is not None:
                     ns = self.step(st, e)
