@@ -25,11 +25,14 @@ def reference_loop(
     cached = 0  # ids[:, start:cached] are in the cache
     rules = steer.constraints(head, B, "cpu") if steer is not None else []
     pin = torch.tensor(steer.pinned if steer is not None else [], dtype=torch.long).repeat(B, 1)  # (B, P)
+    bias = steer.logit_bias("cpu") if steer is not None else None  # (V,) or None
     banned_mask = torch.zeros(len(tokenizer), dtype=torch.bool)
     banned_mask[list(banned)] = True
     for step in range(max_new_tokens):
         active = torch.tensor([not s for s in stop])
-        if ids.size(1) - start + (pin.size(1) if start else 0) > window:  # no room for the next position: slide
+        if (
+            ids.size(1) - start + (pin.size(1) if start else 0) > window
+        ):  # no room for the next position: slide
             keep = max(1, int(window * WINDOW_KEEP) - pin.size(1))
             cut = ids.size(1) - keep
             start = window_cut(tokenizer, ids, cut, min(cut + window // 8, ids.size(1) - 1), active)
@@ -38,11 +41,15 @@ def reference_loop(
                 cache.reset()
                 cached = start
         feed = ids[:, cached if cache is not None else start :]
-        if start and (cache is None or cached == start):  # a slid context starts with the control prefix again
+        if start and (
+            cache is None or cached == start
+        ):  # a slid context starts with the control prefix again
             feed = torch.cat([pin, feed], dim=1)
         allowed = steer.allowed(ids, len(head), step) if steer is not None else None  # (B, V) or None
         allowed = combine(allowed, rules, banned_mask)
-        tok = next_token(model, feed.to(device), cache, banned=banned, allowed=allowed, **sampling)  # (B,)
+        tok = next_token(
+            model, feed.to(device), cache, banned=banned, allowed=allowed, bias=bias, **sampling
+        )  # (B,)
         for rule in rules:
             rule.update(tok)
         cached = ids.size(1)

@@ -103,3 +103,63 @@ def test_training_labels_use_the_estimated_key(bpe_tok):
 
     assert measure(notes, use_key_signature=False).key == estimate_key(notes)
     assert np.isfinite(measure(notes).tempo)
+
+
+def head_events(tok, r, n=4) -> list[tuple[str, int]]:
+    """The first ``n`` base events after the control prefix: (kind, value)."""
+    v = tok.vocab
+    ev = [e for e in tok.base_events(r.ids[1:]).tolist() if not v.kinds[v.kind[e]].startswith("ctl_")]
+    return [(v.kinds[v.kind[e]], int(v.value[e])) for e in ev[:n]]
+
+
+@pytest.mark.parametrize(
+    "asked, kinds",
+    [
+        ({"key": "D minor"}, ["timesig", "keysig"]),  # the model's time signature first, as in every piece
+        ({"tempo": 90}, ["timesig", "keysig", "tempo"]),
+        ({"key": "D minor", "instruments": "piano,violin"}, ["timesig", "keysig", "program"]),
+        ({"time_sig": "3/4", "key": "D minor"}, ["timesig", "keysig"]),  # nothing skipped: the head as before
+    ],
+)
+def test_stated_events_keep_the_training_order(bpe_tok, asked, kinds):
+    model = tiny_model(bpe_tok, seed=5)
+    for r in generate(model, bpe_tok, max_new_tokens=40, num_samples=3, seed=0, controls=asked):
+        got = head_events(bpe_tok, r, len(kinds))
+        assert [k for k, _ in got] == kinds
+        s = r.score
+        if "key" in asked:
+            assert [(k.key, k.tonality) for k in s.key_signatures] == [(-1, 1)]  # stated once, never drawn
+        if "tempo" in asked:
+            assert [round(t.qpm, 3) for t in s.tempos] == [90.0]
+        if "instruments" in asked:
+            assert set(programs_of(s)) == {0, 40} and got[-1] == ("program", 0)
+
+
+def in_key_share(score, pcs) -> float:
+    p = np.array([n.pitch for t in score.tracks if not t.is_drum for n in t.notes])
+    return float(np.isin(p % 12, list(pcs)).mean())
+
+
+def test_key_steers_the_notes_and_strength_zero_does_not(bpe_tok):
+    from midiforge.tokens.controls import estimate_key, parse_key
+
+    model = tiny_model(bpe_tok, seed=6)  # untrained: its notes follow no key unless steered
+    d_minor = {2, 4, 5, 7, 9, 10, 0, 1}  # natural minor and the leading tone C#
+    kw = dict(max_new_tokens=120, num_samples=6, seed=0, ignore_eos=True)
+    runs = {
+        x: generate(model, bpe_tok, controls={"key": "D minor", "key_strength": x}, **kw) for x in (0, 1, 6)
+    }
+    share = {x: np.mean([in_key_share(r.score, d_minor) for r in rs]) for x, rs in runs.items()}
+    found = {x: sum(estimate_key(score_to_notes(r.score)) == parse_key("D minor") for r in rs)
+             for x, rs in runs.items()}  # fmt: skip
+    assert share[0] < share[1] < share[6] and share[6] >= 0.85, share
+    assert found[0] <= 1 and found[6] >= 4, found
+    assert [r.ids for r in runs[0]] != [r.ids for r in runs[1]]
+
+
+@pytest.mark.parametrize("asked", [{"key_strength": 1.0}, {"key": "D minor", "key_strength": -1}])
+def test_bad_key_strength_is_one_clear_error(bpe_tok, asked):
+    from midiforge.errors import UsageError
+
+    with pytest.raises(UsageError, match="--key-strength"):
+        generate(tiny_model(bpe_tok), bpe_tok, max_new_tokens=5, controls=asked)

@@ -170,6 +170,24 @@ class OpenInstruments:
         self.spent = torch.where(opened, torch.zeros_like(self.spent), self.spent + 1)
 
 
+class Later:
+    """``rule`` from the ``n``-th token on (a rule that starts after the head's script, steer.py)."""
+
+    def __init__(self, rule, n: int):
+        self.rule, self.wait = rule, n
+
+    def mask(self) -> torch.Tensor:
+        if self.wait > 0:
+            return torch.ones_like(self.rule.mask())
+        return self.rule.mask()
+
+    def update(self, tok: torch.Tensor) -> None:
+        if self.wait > 0:
+            self.wait -= 1
+        else:
+            self.rule.update(tok)
+
+
 def combine(allowed: torch.Tensor | None, rules: list, banned: torch.Tensor) -> torch.Tensor | None:
     """(B, V) bool: ``allowed`` (the host's mask, or None) and every rule's mask. A row the rules would leave
     with nothing outside ``banned`` (V,) (a prompt that ends somewhere no rule foresaw) keeps ``allowed`` alone."""

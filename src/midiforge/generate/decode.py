@@ -46,6 +46,7 @@ class TokenState:
         self.pos = torch.zeros((), **long)  # (): its position in the KV cache
         self.done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,): finished rows (EOS, max_seconds)
         self.allow = torch.ones(B, vocab, dtype=torch.bool, device=device)  # (B, V): False = never drawn
+        self.bias = torch.zeros(vocab, device=device)  # (V,): added to the logits (steer.logit_bias; 0 = none)
         self.u = torch.zeros(SYNC_EVERY, B, 1, device=device)  # (K, B, 1): uniforms of the next K steps
         self.j = torch.zeros(1, **long)  # (1,): the row of u of the next step
 
@@ -65,10 +66,10 @@ class TokenState:
 def finish_token(
     st: TokenState, logits: torch.Tensor, pad_id: int, eos_id: int, temperature, top_k, top_p, ok=None
 ) -> torch.Tensor:
-    """The step after the forward pass: logits (B, V) float32 → masked (``st.allow``, or ``ok`` (B, V) when
-    per-row rules apply), sampled with this step's uniforms, PAD for finished rows, written at column ``st.n``,
+    """The step after the forward pass: logits (B, V) float32 → + ``st.bias`` → masked (``st.allow``, or ``ok``
+    (B, V) when per-row rules apply), sampled with this step's uniforms, PAD for finished rows, written at column ``st.n``,
     EOS rows marked done; the counters advance. Returns the sampled tokens (B,) (before PAD)."""
-    logits = logits.masked_fill(~(st.allow if ok is None else ok), float("-inf"))  # (B, V)
+    logits = (logits + st.bias).masked_fill(~(st.allow if ok is None else ok), float("-inf"))  # (B, V)
     u = st.u.index_select(0, st.j).view(-1, 1)  # (B, 1)
     drawn = sample(logits, temperature, top_k, top_p, u=u)  # (B,)
     tok = torch.where(st.done, pad_id, drawn)  # finished rows: PAD, ignored
@@ -206,6 +207,9 @@ def decode(
         compile = graph if compile is None else compile
         step_fn = build_step(model, st, cache, tokenizer, params, device, graph, compile)
     st.start(head, tokenizer.pad_id)
+    bias = steer.logit_bias(device) if steer is not None else None
+    if bias is not None:
+        st.bias.copy_(bias)
     allow = AllowMask(st, banned, model.config.vocab_size)
     banned_mask = (~allow.base).to(device)  # (V,)
     n = len(head)  # tokens in st.buf (host int: no device read needed)

@@ -69,12 +69,16 @@ def next_token(
     *,
     banned: Sequence[int] = (),
     allowed: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     **sampling,
 ) -> torch.Tensor:
     """The next token (B,) after ``idx`` (B, T): the new tokens when ``kv_cache`` holds the ones before.
-    ``allowed``: (B, V) or (V,) bool, False = never drawn (steer.py: --instruments, EOS before the minimum)."""
+    ``allowed``: (B, V) or (V,) bool, False = never drawn (steer.py: --instruments, EOS before the minimum);
+    ``bias``: (V,) float added to the logits first (steer.py: the requested key's pull)."""
     logits = model(idx, kv_cache, last_only=True)[:, -1, :].float().cpu()  # (B, V), sampled on CPU
+    if bias is not None:
+        logits = logits + bias.cpu()
     if banned:
         logits[:, list(banned)] = float("-inf")
     if allowed is not None:

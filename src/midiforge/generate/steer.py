@@ -8,7 +8,11 @@ Requests are facts, not hints:
   track per instrument), and every listed instrument opens at the first onset (constraints.OpenInstruments);
 - ``--tempo``, ``--time-sig``, ``--key``: written into the head as TEMPO, TIMESIG and KEYSIG events (the model
   reads them, as it read them at the start of every training piece) and never drawn again; the tempo is then
-  set to exactly the number given (a TEMPO event holds one of 128 bins).
+  set to exactly the number given (a TEMPO event holds one of 128 bins). Pieces start TIMESIG, KEYSIG, TEMPO;
+  when a request skips one of them before one it states (a key without a time signature), the model draws the
+  skipped one first, so the head keeps the training order (:meth:`Steering.allowed` runs this short script).
+- ``--key`` also steers the notes: each note's probability is multiplied by its pitch class's weight in the
+  key's Krumhansl-Kessler profile (the one that labels keys in training), to the power ``key_strength``.
 The control prefix (CTL_* events, learned) goes after BOS as in training.
 """
 
@@ -21,6 +25,7 @@ import torch
 
 from midiforge.errors import UsageError
 from midiforge.tokens.controls import (
+    KK_PROFILES,
     TEMPO_EDGES,
     Controls,
     parse_instruments,
@@ -38,6 +43,9 @@ GRID_MODES = ("pairs", "positions", "off")
 DEFAULT_PROMPT_MIN_TOKENS = (
     128  # with a prompt and no --min-new-tokens/--min-seconds: ~60 notes of continuation
 )
+DEFAULT_KEY_STRENGTH = 1.0  # bench/bench_controls.py --key-strengths measures the alternatives
+HEAD_ORDER = ("time_sig", "key", "tempo")  # the meta events a training piece starts with, in its order
+HEAD_ORDER_KIND = {"time_sig": "timesig", "key": "keysig", "tempo": "tempo"}
 
 
 def token_kind_masks(tokenizer) -> dict[str, np.ndarray]:
@@ -63,6 +71,33 @@ def token_kind_masks(tokenizer) -> dict[str, np.ndarray]:
     control[owner[np.isin(kind, ctl_kinds)]] = True
     out["control"] = control
     return out
+
+
+def key_bias(tokenizer, key: int, strength: float) -> np.ndarray:
+    """(V,) float32: per token, ``strength`` x the sum over its PITCH events of log(w / mean w), w the
+    Krumhansl-Kessler weight of the pitch class in ``key`` (tonic * 2 + mode). So a note's probability is
+    multiplied by its key weight to the power ``strength``: the tonic and its triad up, notes outside down."""
+    tonic, mode = divmod(int(key), 2)
+    prof = np.roll(KK_PROFILES[mode], tonic)  # (12,) weight of each pitch class (C = 0) in this key
+    w = np.log(prof / prof.mean())
+    v = tokenizer.vocab
+    V = len(tokenizer)
+    owner = np.repeat(np.arange(V), tokenizer._lens)  # token id of every entry of the flat base-event table
+    flat = tokenizer._flat
+    hit = v.kind[flat] == v.k("pitch")
+    out = np.zeros(V, np.float64)
+    np.add.at(out, owner[hit], w[v.value[flat[hit]] % 12])
+    return (strength * out).astype(np.float32)
+
+
+def parse_strength(value) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = float("nan")
+    if not (x >= 0 and np.isfinite(x)):
+        raise UsageError(f"--key-strength must be a number >= 0 (got {value!r})")
+    return x
 
 
 def parse_controls(tokenizer, *, instruments=None, tempo=None, time_sig=None, key=None, density=None,
@@ -117,6 +152,8 @@ class Steering:
     qpm: float | None = None  # the tempo asked for, exactly (controls hold a bin)
     grid: str = "pairs"  # the onset grid mask: "pairs", "positions" or "off" (constraints.GridMask)
     pinned: list[int] = field(default_factory=list)  # the control prefix: kept in the context when it slides
+    key_strength: float = DEFAULT_KEY_STRENGTH  # the key's pull on the notes (key_bias); 0 = none
+    script: list[torch.Tensor] = field(default_factory=list)  # (V,) bool: the tokens allowed at new token i
     _reached: list[bool] = field(default_factory=list)
 
     @classmethod
@@ -124,13 +161,19 @@ class Steering:
               grid: str = "pairs"):  # fmt: skip
         if grid not in GRID_MODES:
             raise UsageError(f"grid mask must be one of {', '.join(GRID_MODES)} (got {grid!r})")
+        strength = DEFAULT_KEY_STRENGTH
+        if isinstance(controls, dict) and "key_strength" in controls:
+            controls = dict(controls)
+            strength = parse_strength(controls.pop("key_strength"))
+            if controls.get("key") is None:
+                raise UsageError("--key-strength goes with --key")
         c = as_controls(tokenizer, controls)
         if c is not None and c.any() and not tokenizer.has_controls:
             raise UsageError(
                 "this checkpoint was trained before controls existed: generate without --instruments, --tempo,"
                 " --time-sig, --key, --density, --polyphony and --tag (or train a new model)"
             )
-        s = cls(tokenizer, c, int(min_new_tokens or 0), min_seconds, grid=grid)
+        s = cls(tokenizer, c, int(min_new_tokens or 0), min_seconds, grid=grid, key_strength=strength)
         s.qpm = exact_qpm(controls, c)
         if tokenizer.has_controls:  # control events are the user's to give, never the model's to sample
             masks = token_kind_masks(tokenizer)
@@ -147,29 +190,69 @@ class Steering:
 
     def head(self, ids: list[int]) -> list[int]:
         """[BOS] + prefix + the prompt's tokens + the stated events (TIMESIG, KEYSIG, TEMPO, in the order pieces
-        start with; at the prompt's end) + (with --instruments) PROGRAM of the first instrument."""
+        start with; at the prompt's end) + (with --instruments) PROGRAM of the first instrument. Without a prompt,
+        when a stated event follows one not stated, the head ends after the prefix and the rest becomes the
+        script (:attr:`script`): the skipped events drawn by the model, the stated ones forced."""
         tok, c = self.tokenizer, self.controls
         if c is None or not c.any():
             return ids
         v = tok.vocab
         prefix = tok.base_token_ids(prefix_events(c, v, tok.tags)).tolist()
         self.pinned = prefix
-        stated = []
+        events = self.stated_events()
+        stated = [name for name in HEAD_ORDER if events.get(name) is not None]
+        gap = stated and HEAD_ORDER.index(stated[-1]) >= len(stated)  # one skipped before one stated
+        order = [events[n] for n in HEAD_ORDER if n in events] + (
+            [events["program"]] if "program" in events else []
+        )
+        if len(ids) > 1 or not gap:
+            return [ids[0], *prefix, *ids[1:], *tok.base_token_ids(order).tolist()]
+        V = len(tok)
+        last = HEAD_ORDER.index(stated[-1])
+        for name in (*HEAD_ORDER[: last + 1], "program"):
+            m = torch.zeros(V, dtype=torch.bool)
+            if events.get(name) is not None:
+                m[int(tok.base_token_ids([events[name]])[0])] = True
+            elif name != "program":  # the model's own, a token of that one event alone
+                m[torch.from_numpy(self._single(HEAD_ORDER_KIND[name]))] = True
+            else:
+                continue
+            self.script.append(m)
+        return [ids[0], *prefix]
+
+    def stated_events(self) -> dict[str, int]:
+        """The base events the requests state: time_sig/key/tempo (HEAD_ORDER names) and the first program."""
+        tok, c = self.tokenizer, self.controls
+        v, out = tok.vocab, {}
         if c.time_sig is not None:
-            stated.append(v.start["timesig"] + v.time_sig_index[tuple(c.time_sig)])
+            out["time_sig"] = v.start["timesig"] + v.time_sig_index[tuple(c.time_sig)]
         if c.key is not None:
             sharps, tonality = signature_of_key(c.key)
-            stated.append(v.start["keysig"] + (sharps + 7) * 2 + tonality)
+            out["key"] = v.start["keysig"] + (sharps + 7) * 2 + tonality
         if c.tempo is not None:
             qpm = self.qpm if self.qpm is not None else bin_middle(c.tempo)
-            stated.append(v.start["tempo"] + int(np.abs(np.log(v.tempos) - np.log(qpm)).argmin()))
+            out["tempo"] = v.start["tempo"] + int(np.abs(np.log(v.tempos) - np.log(qpm)).argmin())
         if c.instruments is not None:
-            stated.append(v.start["program"] + c.instruments[0])
-        return [ids[0], *prefix, *ids[1:], *tok.base_token_ids(stated).tolist()]
+            out["program"] = v.start["program"] + c.instruments[0]
+        return out
+
+    def _single(self, kind: str) -> np.ndarray:
+        """Token ids spelling exactly one base event, of ``kind``."""
+        tok = self.tokenizer
+        one = np.flatnonzero(tok._lens == 1)
+        first = tok._flat[tok._offs[one]]
+        return one[tok.vocab.kind[first] == tok.vocab.k(kind)]
+
+    def logit_bias(self, device) -> torch.Tensor | None:
+        """(V,) float32 added to every step's logits (the requested key's pull, key_bias), or None."""
+        c = self.controls
+        if c is None or c.key is None or not self.key_strength:
+            return None
+        return torch.from_numpy(key_bias(self.tokenizer, c.key, self.key_strength)).to(device)
 
     def constraints(self, head: list[int], batch: int, device) -> list:
         """The masks that follow each row's state (constraints.py): the onset grid, the instruments' opening."""
-        from midiforge.generate.constraints import GridMask, OpenInstruments, TokenTable
+        from midiforge.generate.constraints import GridMask, Later, OpenInstruments, TokenTable
 
         grid = getattr(self.tokenizer, "onset_grid", None)
         c = self.controls
@@ -181,7 +264,12 @@ class Steering:
         if grid is not None and self.grid != "off":
             out.append(GridMask(table, grid.allowed(self.grid), grid.timesig_allowed(), head, batch, device))
         if opening:
-            out.append(OpenInstruments(table, c.instruments, c.instruments[0], batch, self.tokenizer.eos_id, device))
+            opener = OpenInstruments(
+                table, c.instruments, c.instruments[0], batch, self.tokenizer.eos_id, device
+            )
+            out.append(
+                Later(opener, len(self.script)) if self.script else opener
+            )  # after the script's PROGRAM
         return out
 
     def finish(self, score, head_tick: int):
@@ -203,6 +291,8 @@ class Steering:
         """(B, V) bool mask for the next token, or None when nothing is masked. EOS stays masked for a row
         until it has min_new_tokens new tokens and (checked every CHECK_SECONDS_EVERY tokens) min_seconds."""
         B = ids.size(0)
+        if step < len(self.script):  # the head's script: one token of it at a time, nothing else
+            return self.script[step].repeat(B, 1)  # (B, V)
         if not self._reached:
             self._reached = [False] * B
         n_new = ids.size(1) - head_len
@@ -235,6 +325,9 @@ def add_arguments(p) -> None:
     g.add_argument("--tempo", metavar="BPM", help="initial tempo (learned, soft)")
     g.add_argument("--time-sig", metavar="N/D", help="time signature, e.g. 3/4 (learned, soft)")
     g.add_argument("--key", metavar="KEY", help="key, e.g. 'D minor' (learned, soft)")
+    g.add_argument("--key-strength", type=float, metavar="X",
+                   help=f"--key: how strongly the notes lean to the key (0: only the key signature is written;"
+                        f" default {DEFAULT_KEY_STRENGTH})")  # fmt: skip
     g.add_argument("--density", metavar="LEVEL", help="notes per bar: low, medium or high (learned, soft)")
     g.add_argument("--polyphony", metavar="LEVEL", help="notes at once: low, medium or high (learned, soft)")
     g.add_argument("--tag", metavar="NAME", help="style tag the checkpoint was trained with (-t NAME=DIR)")
@@ -259,7 +352,7 @@ def add_arguments(p) -> None:
 
 def cli_controls(args) -> dict | None:
     """The controls given on the command line, as generate()'s ``controls`` dict (None when none)."""
-    names = ("instruments", "tempo", "time_sig", "key", "density", "polyphony", "tag")
+    names = ("instruments", "tempo", "time_sig", "key", "key_strength", "density", "polyphony", "tag")
     given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     return given or None
 
