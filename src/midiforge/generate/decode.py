@@ -46,7 +46,7 @@ class TokenState:
         self.pos = torch.zeros((), **long)  # (): its position in the KV cache
         self.done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,): finished rows (EOS, max_seconds)
         self.allow = torch.ones(B, vocab, dtype=torch.bool, device=device)  # (B, V): False = never drawn
-        self.bias = torch.zeros(vocab, device=device)  # (V,): added to the logits (steer.logit_bias; 0 = none)
+        self.bias = torch.zeros(vocab, device=device)  # (V,): added to the logits (steer.logit_bias)
         self.u = torch.zeros(SYNC_EVERY, B, 1, device=device)  # (K, B, 1): uniforms of the next K steps
         self.j = torch.zeros(1, **long)  # (1,): the row of u of the next step
 
