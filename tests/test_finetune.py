@@ -162,6 +162,13 @@ def test_lora_trains_only_adapters_and_merges_to_the_same_logits(base, tmp_path,
     assert cli.main(["generate", str(ckpt), "-o", str(out), "--max-tokens", "30", "--seed", "1"]) == 0
     assert out.stat().st_size > 0
     assert cli.main(["evaluate", str(ckpt), "-v", str(base / "val")]) == 0
+    # and so is its CKPT/best, which holds adapters only too (config.json names the same base)
+    best = ckpt / ck.BEST_DIR
+    assert ck.read_best(ckpt) and "lora" in ck.read_config(best)
+    assert all(".lora_" in k for k in ck.read_weights(best)[0])
+    assert cli.main(["generate", str(best), "-o", str(tmp_path / "b.mid"), "--max-tokens", "30"]) == 0
+    assert (tmp_path / "b.mid").stat().st_size > 0
+    assert cli.main(["evaluate", str(best), "-v", str(base / "val")]) == 0
     # a checkpoint whose base is gone (or changed) is refused in one line
     moved = tmp_path / "lora_copy"
     shutil.copytree(ckpt, moved)
