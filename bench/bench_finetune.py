@@ -1,20 +1,24 @@
 """Fine-tuning against training from scratch, LoRA against full fine-tuning, and what the base forgets.
 
-    nice -n 10 .venv/bin/python bench/bench_finetune.py [--work DIR] [--preset tiny] [--pretrain-epochs 3]
-                                                      [--epochs 10] [--folk-train 40]
+    flock /work/cpu.lock .venv/bin/python bench/bench_finetune.py [--work DIR] [--preset tiny]
+        [--pretrain-epochs 3] [--epochs 10] [--max-minutes 15]
 
 1. Pre-train a model on POP909 songs (../shared/corpus) and music21's multi-style corpus (Bach chorales,
    Palestrina, Monteverdi, trecento pieces; built by `midiforge demo-data --styles`), each folder a style tag.
 2. From it, on 40 folk tunes (music21's Ryan's Mammoth Collection, tag ``folk``): full fine-tuning
-   (``--init-from``), LoRA rank 8 on every projection and on attention only (``--lora 8``), ``--freeze 2``; and
-   the usual alternative, the same model trained from scratch on the same 40 tunes for the same steps (same
-   tokenizer, so that only the starting weights differ).
+   (``--init-from``) at two learning rates; LoRA rank 8 (``--lora 8``) on the default targets and on attention
+   only, at three learning rates (LoRA is usually run at about ten times the full fine-tune's); ``--freeze 2``;
+   and the usual alternative, the same model trained from scratch on the same 40 tunes for the same steps (same
+   tokenizer, so that only the starting weights differ). Of each group's learning rates, the one with the lowest
+   validation bits/note (its own split of the 40 tunes) stands for the group.
 3. Held-out bits per note (midiforge.measure.scoring, as `midiforge evaluate` reports it) on other folk tunes,
    in neither training set, and on the pre-training held-out set (forgetting); trainable parameters; peak
-   resident memory of each training process (``wait4``'s ru_maxrss).
+   resident memory of each `train` process (``wait4``'s ru_maxrss), and peak training memory of full
+   fine-tuning and LoRA at several presets (bench/finetune_memory.py); the adapters' share at every preset.
 
-Every run is a real `midiforge train` process; files are cached in --work between runs (delete it to start
-afresh). Prints one table (Markdown).
+Every run is a real `midiforge train` process. Checkpoints, scores and measurements are kept in --work
+(runs.json): the same command again reuses what is finished and resumes the rest, so the bench can run in
+pieces (--max-minutes, --pretrain-only). Delete --work to start afresh. Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "corpus" / "pop909"
 STYLES = ["bach", "palestrina", "monteverdi", "trecento"]
+PRESET_NAMES = ("tiny", "small", "base", "large")
 
 
 def _link_all(files, folder: Path) -> Path:
@@ -70,9 +75,16 @@ def build_data(work: Path, args) -> dict:
 
 
 def train(name: str, argv: list[str], work: Path) -> dict:
-    """Run `midiforge train` in a child process; its seconds and peak resident memory."""
+    """Run `midiforge train` in a child process; its seconds and peak resident memory (``wait4``'s ru_maxrss).
+
+    A finished run with the same arguments is not run again: its figures come from ``work/runs.json`` (a rerun
+    of a finished checkpoint would find nothing to do, and measure nothing). An unfinished one resumes."""
+    book = work / "runs.json"
+    done = json.loads(book.read_text()) if book.exists() else {}
+    if done.get(name, {}).get("argv") == argv:
+        return done[name]
     cmd = [sys.executable, "-m", "midiforge", "train", *argv]
-    log = open(work / f"{name}.log", "w")  # noqa: SIM115 -- closed below
+    log = open(work / f"{name}.log", "a")  # noqa: SIM115 -- closed below
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -80,7 +92,9 @@ def train(name: str, argv: list[str], work: Path) -> dict:
     log.close()
     if proc.returncode != 0:
         sys.exit(f"bench_finetune: {name} failed ({proc.returncode}); see {work / f'{name}.log'}")
-    return {"seconds": time.perf_counter() - t0, "peak_mb": usage.ru_maxrss / 1024}
+    done[name] = {"argv": argv, "seconds": time.perf_counter() - t0, "peak_mb": usage.ru_maxrss / 1024}
+    book.write_text(json.dumps(done, indent=1))
+    return done[name]
 
 
 def bits_per_note(ckpt: Path, folders) -> float:
@@ -116,6 +130,169 @@ def parameters(ckpt: Path) -> tuple[int, int]:
     return total, total
 
 
+def adapter_share(preset: str, vocab: int, rank: int, targets) -> float:
+    """Rank-``rank`` adapters on ``targets`` as a share of the model's parameters (counted, not trained)."""
+    import torch
+
+    from midiforge import lora
+    from midiforge.model import PRESETS, ModelConfig, Transformer
+
+    with torch.device("meta"):  # shapes only: no memory, no time
+        model = Transformer(ModelConfig(vocab_size=vocab, **PRESETS[preset]))
+        total = sum(p.numel() for p in model.parameters())
+        lora.attach(model, rank, 2.0 * rank, targets)
+        return lora.trainable_parameters(model) / total
+
+
+class Budget:
+    """Stop starting new work after ``minutes`` (a rerun of the same command continues where this one stopped)."""
+
+    def __init__(self, minutes: float):
+        self.end = time.monotonic() + 60 * minutes
+
+    def check(self, what: str) -> None:
+        if time.monotonic() > self.end:
+            print(
+                f"bench_finetune: time budget spent before {what}; rerun the same command to go on",
+                flush=True,
+            )
+            sys.exit(3)
+
+
+def _record(work: Path, name: str, key: str, compute):
+    """``compute()``, cached under runs.json[name][key] (a new training run of ``name`` drops it)."""
+    book = work / "runs.json"
+    done = json.loads(book.read_text()) if book.exists() else {}
+    if key not in done.setdefault(name, {}):
+        done[name][key] = compute()
+        book.write_text(json.dumps(done, indent=1))
+    return done[name][key]
+
+
+def variants(args, base: Path) -> dict[str, tuple[str, list[str]]]:
+    """Fine-tuning runs: directory name -> (group, options). Every group but scratch and freeze is tried at
+    each learning rate of its list, and the one with the lowest validation bits/note (the runs' own split of
+    the 40 tunes, never the held-out tunes) stands for the group."""
+    from midiforge import lora
+
+    out = {"scratch": ("scratch", ["--preset", args.preset, "-l", str(args.lr)])}
+    for lr in args.full_lrs:
+        out[f"full-{lr:g}"] = ("full fine-tune", ["--init-from", str(base), "-l", str(lr)])
+    groups = {
+        f"LoRA r{args.rank}, {'+'.join(lora.DEFAULT_TARGETS)} (default)": list(lora.DEFAULT_TARGETS),
+        f"LoRA r{args.rank}, {'+'.join(args.other_targets)}": list(args.other_targets),
+    }
+    for group, targets in groups.items():
+        for lr in args.lora_lrs:
+            opts = ["--init-from", str(base), "--lora", str(args.rank), "--lora-targets", *targets]
+            out[f"lora-{'-'.join(targets)}-{lr:g}"] = (group, [*opts, "-l", str(lr)])
+    out["freeze2"] = ("--freeze 2", ["--init-from", str(base), "--freeze", "2", "-l", str(args.full_lrs[0])])
+    return out
+
+
+def val_bits(ckpt: Path) -> float:
+    return json.loads((ckpt / "metrics.json").read_text())["epochs"][-1]["val_bits_per_note"]
+
+
+def memory(work: Path, args, budget: Budget) -> list[dict]:
+    """Peak training memory of full fine-tuning and LoRA at each preset of --memory-presets
+    (bench/finetune_memory.py, a fresh process each)."""
+    rows = []
+    for preset in args.memory_presets:
+        for variant in ("full", "lora"):
+
+            def probe(preset=preset, variant=variant):
+                budget.check(f"the memory probe {preset} {variant}")
+                cmd = [sys.executable, str(ROOT / "bench" / "finetune_memory.py"), "--preset", preset,
+                       "--variant", variant, "--rank", str(args.rank), "--window", str(args.window)]  # fmt: skip
+                out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+                return json.loads(out.stdout.strip().splitlines()[-1])
+
+            rows.append(_record(work, "memory", f"{preset}:{variant}", probe))
+    return rows
+
+
+def run_all(args, work: Path, data: dict, budget: Budget) -> dict[str, dict]:
+    """Pre-train the base, then every variant; name -> its train record plus group, ckpt and scores."""
+    common = ["-e", str(args.window), "-b", str(8 * args.window**2), "--num-workers", "0", "--seed", "0"]
+    base = work / "base"
+    pre = [x for t in data["pre_train"] for x in ("-t", t)] + [x for v in data["pre_val"] for x in ("-v", v)]
+    train("base", [str(args.pretrain_epochs), str(base), *pre, "--preset", args.preset,
+                   "--vocab-size", "1024", *common], work)  # fmt: skip
+    if args.pretrain_only:
+        sys.exit(0)
+    folk = ["-t", f"folk={data['folk_train']}", *common]
+    runs = {}
+    for name, (group, extra) in variants(args, base).items():
+        ckpt = work / name
+        if name == "scratch" and not (ckpt / "tokenizer.json").exists():
+            ckpt.mkdir(exist_ok=True)  # the base's tokenizer: only the starting weights differ
+            (ckpt / "tokenizer.json").write_bytes((base / "tokenizer.json").read_bytes())
+        budget.check(f"training {name}")
+        runs[name] = dict(
+            train(name, [str(args.epochs), str(ckpt), *folk, *extra], work), group=group, ckpt=ckpt
+        )
+    runs = {"base": {"ckpt": base, "group": "base"}, **runs}
+    for name, r in runs.items():
+        budget.check(f"scoring {name}")
+        r["folk"] = _record(work, name, "folk", lambda c=r["ckpt"]: bits_per_note(c, [data["folk_heldout"]]))
+        r["pre"] = _record(work, name, "pre", lambda c=r["ckpt"]: bits_per_note(c, data["pre_val"]))
+    return runs
+
+
+def chosen(runs: dict) -> dict[str, str]:
+    """Group -> the run that stands for it: the lowest validation bits/note among its learning rates."""
+    best: dict[str, str] = {}
+    for name, r in runs.items():
+        g = r["group"]
+        if g == "base" or g in best and val_bits(runs[best[g]]["ckpt"]) <= val_bits(r["ckpt"]):
+            continue
+        best[g] = name
+    return best
+
+
+def report(args, runs: dict, mem: list[dict]) -> None:
+    """The Markdown tables and the goals."""
+    from midiforge import lora
+
+    pick = chosen(runs)
+    scratch, full = runs["scratch"]["folk"], runs[pick["full fine-tune"]]["folk"]
+    base_pre = runs["base"]["pre"]
+    steps = json.loads((runs["scratch"]["ckpt"] / "metrics.json").read_text())["epochs"][-1]["step"]
+    print(f"\n{args.preset} model, {steps} fine-tuning steps each; bits per note (lower is better); 2-core CPU,"
+          " no GPU. Each group's row marked * is its learning rate with the lowest validation bits/note.\n")  # fmt: skip
+    print("| run | lr | folk held-out | vs scratch | vs full FT | pre-training held-out (forgetting) | trains |"
+          " peak RSS of `train` |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| base (pre-trained only) | | {runs['base']['folk']:.3f} | | | {base_pre:.3f} | | |")
+    for name, r in runs.items():
+        if name == "base":
+            continue
+        n, total = parameters(r["ckpt"])
+        lr = json.loads((r["ckpt"] / "config.json").read_text())["train"]["learning_rate"]
+        mark = " *" if pick.get(r["group"]) == name and r["group"] != "scratch" else ""
+        print(f"| {r['group']}{mark} | {lr:g} | {r['folk']:.3f} | {r['folk'] / scratch - 1:+.1%} |"
+              f" {r['folk'] / full - 1:+.1%} | {r['pre']:.3f} ({r['pre'] - base_pre:+.3f}) |"
+              f" {n:,} ({n / total:.2%}) | {r['peak_mb']:.0f} MB |")  # fmt: skip
+    print(f"\nPeak training memory (bench/finetune_memory.py: ru_maxrss during {3} AdamW steps on 8 x"
+          f" {args.window} tokens minus the resident size before them; rank {args.rank} on"
+          f" {'+'.join(lora.DEFAULT_TARGETS)}):\n")  # fmt: skip
+    print("| preset | parameters | full fine-tune | LoRA | LoRA trains |\n|---|---|---|---|---|")
+    by = {(m["preset"], m["variant"]): m for m in mem}
+    for preset in dict.fromkeys(m["preset"] for m in mem):
+        f, lo = by[preset, "full"], by[preset, "lora"]
+        print(f"| {preset} | {f['parameters']:,} | {f['training_peak_mb']:.0f} MB | {lo['training_peak_mb']:.0f} MB"
+              f" ({lo['training_peak_mb'] / f['training_peak_mb'] - 1:+.0%}) | {lo['trains'] / lo['parameters']:.2%} |")  # fmt: skip
+    print(f"\nRank-{args.rank} adapters as a share of the model's parameters (counted):\n")
+    print("| targets | " + " | ".join(PRESET_NAMES) + " |\n|---|" + "---|" * len(PRESET_NAMES))
+    for targets in (lora.TARGETS, args.other_targets):
+        shares = [f"{adapter_share(p, 1024, args.rank, targets):.2%}" for p in PRESET_NAMES]
+        print(f"| {'+'.join(targets)} | " + " | ".join(shares) + " |")
+    default = runs[pick[next(g for g in pick if g.endswith("(default)"))]]
+    print(f"\nGoals: fine-tune vs scratch {full / scratch - 1:+.1%} (goal <= -10%); LoRA (default targets)"
+          f" vs full fine-tune {default['folk'] / full - 1:+.1%} (goal within 3%)")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/midiforge-bench-finetune"))
@@ -129,76 +306,26 @@ def main() -> None:
     p.add_argument("--folk-train", type=int, default=40)
     p.add_argument("--folk-heldout", type=int, default=20)
     p.add_argument("--pretrain-epochs", type=int, default=3)
+    p.add_argument("--pretrain-only", action="store_true", help="stop after the base (a piece of the bench)")
     p.add_argument(
         "--epochs", type=int, default=10, help="fine-tuning epochs (every variant: the same steps)"
     )
     p.add_argument("--window", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning and scratch learning rate")
-    p.add_argument("--lora-lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="the scratch run's learning rate")
+    p.add_argument("--full-lrs", type=float, nargs="+", default=[1e-3, 3e-3])
+    p.add_argument("--lora-lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2])
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--other-targets", nargs="+", default=["qkv", "proj"], help="a second LoRA group")
+    p.add_argument("--memory-presets", nargs="+", default=["tiny", "small", "base"])
+    p.add_argument(
+        "--max-minutes", type=float, default=1e9, help="start no new work after this (rerun goes on)"
+    )
     args = p.parse_args()
-    work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    data = build_data(work, args)
-    common = ["-e", str(args.window), "-b", str(8 * args.window**2), "--num-workers", "0", "--seed", "0"]
-    base = work / "base"
-    runs: dict[str, dict] = {}
-    # Every run is the same command again when the bench is re-run: it resumes, or finds nothing to do.
-    pre = [x for t in data["pre_train"] for x in ("-t", t)] + [x for v in data["pre_val"] for x in ("-v", v)]
-    runs["base"] = train("base", [str(args.pretrain_epochs), str(base), *pre, "--preset", args.preset,
-                                   "--vocab-size", "1024", *common], work)  # fmt: skip
-    folk = ["-t", f"folk={data['folk_train']}", *common]
-    variants = {
-        "scratch": ["--preset", args.preset, "-l", str(args.lr)],
-        "full fine-tune": ["--init-from", str(base), "-l", str(args.lr)],
-        "LoRA r8, all projections": ["--init-from", str(base), "--lora", "8", "-l", str(args.lora_lr)],
-        "LoRA r8, attention": [
-            "--init-from",
-            str(base),
-            "--lora",
-            "8",
-            "--lora-targets",
-            "qkv",
-            "proj",
-            "-l",
-            str(args.lora_lr),
-        ],  # fmt: skip
-        "--freeze 2": ["--init-from", str(base), "--freeze", "2", "-l", str(args.lr)],
-    }
-    for i, (name, extra) in enumerate(variants.items()):
-        ckpt = work / f"run{i}"
-        if name == "scratch" and not (ckpt / "tokenizer.json").exists():
-            ckpt.mkdir(exist_ok=True)  # the base's tokenizer: only the starting weights differ
-            (ckpt / "tokenizer.json").write_bytes((base / "tokenizer.json").read_bytes())
-        runs[name] = train(f"run{i}", [str(args.epochs), str(ckpt), *folk, *extra], work)
-        runs[name]["ckpt"] = ckpt
-    rows = []
-    base_pre = bits_per_note(base, data["pre_val"])
-    rows.append(
-        ("base (pre-trained only)", bits_per_note(base, [data["folk_heldout"]]), base_pre, None, None)
-    )
-    for name, r in runs.items():
-        if name == "base":
-            continue
-        folk_bpn = bits_per_note(r["ckpt"], [data["folk_heldout"]])
-        pre_bpn = bits_per_note(r["ckpt"], data["pre_val"])
-        n, total = parameters(r["ckpt"])
-        rows.append((name, folk_bpn, pre_bpn, (n, total), r))
-    scratch = rows[1][1]
-    full = rows[2][1]
-    steps = json.loads((runs["scratch"]["ckpt"] / "metrics.json").read_text())["epochs"][-1]["step"]
-    print(f"\n{args.preset} model, {steps} fine-tuning steps each; held-out bits per note (lower is better);"
-          " 2-core CPU, no GPU\n")  # fmt: skip
-    print(
-        "| run | folk held-out | vs scratch | vs full FT | pre-training held-out (forgetting) | trains | peak RSS |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for name, folk_bpn, pre_bpn, params, r in rows:
-        vs_s = f"{folk_bpn / scratch - 1:+.1%}" if r else ""
-        vs_f = f"{folk_bpn / full - 1:+.1%}" if r else ""
-        forget = f"{pre_bpn:.3f} ({pre_bpn - base_pre:+.3f})" if r else f"{pre_bpn:.3f}"
-        trains = f"{params[0]:,} ({params[0] / params[1]:.2%})" if params else ""
-        peak = f"{r['peak_mb']:.0f} MB" if r else ""
-        print(f"| {name} | {folk_bpn:.3f} | {vs_s} | {vs_f} | {forget} | {trains} | {peak} |")
+    args.work.mkdir(parents=True, exist_ok=True)
+    budget = Budget(args.max_minutes)
+    data = build_data(args.work, args)
+    runs = run_all(args, args.work, data, budget)
+    report(args, runs, memory(args.work, args, budget))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 from midiforge.errors import UsageError
 
 TARGETS = ("qkv", "proj", "gate", "up", "down")  # attention in/out, SwiGLU gate/up/down projections
+DEFAULT_TARGETS = TARGETS
 DEFAULT_ALPHA_PER_RANK = 2.0  # alpha = 2 x rank when not given: the adapter's update is scaled by 2
 
 
