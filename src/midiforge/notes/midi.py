@@ -317,65 +317,85 @@ def load_score(src: str | os.PathLike | bytes | symusic.Score) -> symusic.Score:
 
 
 def score_to_notes(score: symusic.Score) -> NoteTable:
-    """Flatten a Score into a NoteTable (one loop over tracks; notes stay in numpy)."""
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("time", "duration", "pitch", "velocity", "program")}
-    cols["track"] = []
-    ped: dict[str, list[np.ndarray]] = {k: [] for k in ("time", "duration", "program", "track")}
+    """Flatten a Score into a NoteTable (one loop over tracks; notes stay in numpy).
+
+    Called once per file read, so it is kept to a fixed number of numpy calls per piece plus one
+    ``numpy()`` per track: the per-track program and index columns are one ``np.repeat`` each, the columns
+    are concatenated straight into their final dtypes, and clipping uses the ufuncs (np.clip and np.isin
+    cost more in call overhead than parsing a small file).
+    """
+    notes: list[dict[str, np.ndarray]] = []
+    pedals: list[dict[str, np.ndarray]] = []
+    owner = ([], [], [])  # per track with notes: (program, index, number of notes)
+    p_owner = ([], [], [])  # the same per track with pedals
     per_program: dict[int, int] = {}  # tracks seen so far of each program → the next track index
     names: dict[tuple[int, int], str] = {}
     for track in score.tracks:
-        if len(track.notes) == 0:
+        n = len(track.notes)
+        if n == 0:
             continue  # a track without notes (and its pedals) carries nothing we model
         prog = DRUM_PROGRAM if track.is_drum else int(track.program)
         index = min(per_program.get(prog, 0), MAX_TRACK_INDEX)
         per_program[prog] = index + 1
         if track.name and (prog, index) not in names:
             names[(prog, index)] = track.name
-        a = track.notes.numpy()
-        n = len(a["time"])
-        cols["track"].append(np.full(n, index, dtype=np.int16))
-        if len(track.pedals):
-            pa = track.pedals.numpy()
-            ped["time"].append(pa["time"])
-            ped["duration"].append(pa["duration"])
-            ped["program"].append(np.full(len(pa["time"]), prog, dtype=np.int16))
-            ped["track"].append(np.full(len(pa["time"]), index, dtype=np.int16))
-        cols["time"].append(a["time"])
-        cols["duration"].append(a["duration"])
-        cols["pitch"].append(a["pitch"])
-        cols["velocity"].append(a["velocity"])
-        cols["program"].append(np.full(n, DRUM_PROGRAM if track.is_drum else track.program, dtype=np.int16))
-    cat = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in cols.items()}  # one copy each
-    pcat = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in ped.items()}
+        notes.append(track.notes.numpy())
+        for col, value in zip(owner, (prog, index, n), strict=True):
+            col.append(value)
+        n_ped = len(track.pedals)
+        if n_ped:
+            pedals.append(track.pedals.numpy())
+            for col, value in zip(p_owner, (prog, index, n_ped), strict=True):
+                col.append(value)
+    program, track_index = _per_row(owner)
+    p_program, p_track = _per_row(p_owner)
+    pitch = _column(notes, "pitch", np.int16)
+    velocity = _column(notes, "velocity", np.int16)
     ks = score.key_signatures.numpy()
-    ks_ok = (ks["key"] >= -7) & (ks["key"] <= 7) & ((ks["tonality"] == 0) | (ks["tonality"] == 1))
+    ks_ok = (ks["key"] >= -7) & (ks["key"] <= 7) & (ks["tonality"] <= 1) & (ks["tonality"] >= 0)
     tempos = score.tempos.numpy()
     ts = score.time_signatures.numpy()
     # A broken file can state a numerator 0 or a denominator 2**8 (symusic: 0): the tokenizer skips such time
     # signatures anyway, and dropping them here keeps every table `prepare` writes valid for from_json_dict.
-    ok = (ts["numerator"] > 0) & np.isin(ts["denominator"], list(_POWERS_OF_TWO))
-    ts = {k: v[ok] for k, v in ts.items()}
+    den = ts["denominator"].astype(np.int64)
+    ok = (ts["numerator"] > 0) & (den >= 1) & (den <= 128) & ((den & (den - 1)) == 0)  # a power of two
     return NoteTable(
         tpq=int(score.ticks_per_quarter),
-        time=cat["time"].astype(np.int64),
-        duration=np.maximum(cat["duration"].astype(np.int64), 0),
-        pitch=np.clip(cat["pitch"].astype(np.int16), 0, 127),
-        velocity=np.clip(cat["velocity"].astype(np.int16), 1, 127),
-        program=cat["program"].astype(np.int16, copy=False),
+        time=_column(notes, "time", np.int64),
+        duration=np.maximum(_column(notes, "duration", np.int64), 0),
+        pitch=np.minimum(np.maximum(pitch, 0, out=pitch), 127, out=pitch),
+        velocity=np.minimum(np.maximum(velocity, 1, out=velocity), 127, out=velocity),
+        program=program,
         tempo_time=tempos["time"].astype(np.int64),
         tempo_qpm=6e7 / np.maximum(tempos["mspq"].astype(np.float64), 1.0),
-        ts_time=ts["time"].astype(np.int64),
-        ts_numerator=ts["numerator"].astype(np.int16),
-        ts_denominator=ts["denominator"].astype(np.int16),
-        track=cat["track"].astype(np.int16),
-        pedal_time=np.maximum(pcat["time"].astype(np.int64), 0),
-        pedal_duration=np.maximum(pcat["duration"].astype(np.int64), 0),
-        pedal_program=pcat["program"].astype(np.int16),
-        pedal_track=pcat["track"].astype(np.int16),
+        ts_time=ts["time"][ok].astype(np.int64),
+        ts_numerator=ts["numerator"][ok].astype(np.int16),
+        ts_denominator=den[ok].astype(np.int16),
+        track=track_index,
+        pedal_time=np.maximum(_column(pedals, "time", np.int64), 0),
+        pedal_duration=np.maximum(_column(pedals, "duration", np.int64), 0),
+        pedal_program=p_program,
+        pedal_track=p_track,
         ks_time=np.maximum(ks["time"][ks_ok].astype(np.int64), 0),
         ks_key=ks["key"][ks_ok].astype(np.int16),
         ks_tonality=ks["tonality"][ks_ok].astype(np.int16),
         track_names=names,
+    )
+
+
+def _column(arrays: list[dict[str, np.ndarray]], name: str, dtype) -> np.ndarray:
+    """One column of every track's arrays, concatenated into ``dtype`` (one copy)."""
+    if not arrays:
+        return np.zeros(0, dtype)
+    return np.concatenate([a[name] for a in arrays], dtype=dtype)
+
+
+def _per_row(owner: tuple[list, list, list]) -> tuple[np.ndarray, np.ndarray]:
+    """(program, track index) int16 columns, each track's values repeated over its rows."""
+    programs, indices, counts = owner
+    return (
+        np.repeat(np.array(programs, np.int16), counts),
+        np.repeat(np.array(indices, np.int16), counts),
     )
 
 

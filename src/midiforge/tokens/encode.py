@@ -99,7 +99,7 @@ def _meta(c: TokenizerConfig, v: Vocab, notes: NoteTable, transpose: int, keys: 
     scale = c.steps_per_quarter / notes.tpq
     hi = (1 << _TIME_BITS) - 1
     t_on = np.rint(notes.tempo_time * scale).astype(np.int64)
-    t_bin = np.abs(v.log_tempos[None, :] - np.log(np.clip(notes.tempo_qpm, 1e-3, None))[:, None]).argmin(1)
+    t_bin = np.abs(v.log_tempos[None, :] - np.log(np.maximum(notes.tempo_qpm, 1e-3))[:, None]).argmin(1)
     if len(t_bin):
         # The last tempo at each grid time wins; then drop repeats of the same bin.
         last = changes(t_on[::-1])[::-1]
@@ -128,7 +128,7 @@ def _meta(c: TokenizerConfig, v: Vocab, notes: NoteTable, transpose: int, keys: 
     times = np.concatenate([ts_on, ks_on, t_on])
     kinds = np.repeat(np.array([0, 1, 2], np.int64), [len(ts_on), len(ks_on), len(t_on)])
     toks = np.concatenate([v.start["timesig"] + ts_tok, v.start["keysig"] + ks_tok, v.start["tempo"] + t_bin])
-    return (np.clip(times, 0, hi) << 37) | (kinds << 35), toks.astype(np.int64)
+    return (np.minimum(np.maximum(times, 0), hi) << 37) | (kinds << 35), toks.astype(np.int64)
 
 
 def _layout(c: TokenizerConfig, v: Vocab, key: np.ndarray, meta_tok: np.ndarray, tracks: bool) -> np.ndarray:
@@ -140,21 +140,22 @@ def _layout(c: TokenizerConfig, v: Vocab, key: np.ndarray, meta_tok: np.ndarray,
     r_sub = (key >> 22) & 3
     r_vel = ((key >> 16) & 63) - 1
     low = key & 0xFFFF
-    meta_index = key & ((1 << 35) - 1)
     owned = r_kind == 3
     is_note = owned & (r_sub == 2)
     nrow = len(key)
     # The event of each row: PITCH, PEDAL(sub) or the meta event (its index among the metas in the low bits).
     r_a = np.where(is_note, v.start["pitch"] + (low & 255), v.start["pedal"] + r_sub)
-    if not owned.all():
-        r_a[~owned] = meta_tok[meta_index[~owned]]
+    all_owned = bool(owned.all())
+    if not all_owned:
+        meta_rows = np.flatnonzero(~owned)
+        r_a[meta_rows] = meta_tok[key[meta_rows] & ((1 << 35) - 1)]
     r_dur = v.start["duration"] + (low >> 8) - 1
 
-    # Time shifts: SHIFT(max) repeated for long rests, then the remainder.
+    # Time shifts: SHIFT(max) repeated for long rests, then the remainder (times only grow: delta >= 0).
     delta = np.empty_like(r_time)
     delta[0] = r_time[0]
     np.subtract(r_time[1:], r_time[:-1], out=delta[1:])
-    n_long = np.where(delta > 0, (delta - 1) // c.max_shift, 0)
+    n_long = np.maximum(delta - 1, 0) // c.max_shift
     rem = delta - n_long * c.max_shift
 
     # Sticky state: PROGRAM / TRACK where they change from the previous note or pedal, VELOCITY / DURATION
@@ -162,18 +163,20 @@ def _layout(c: TokenizerConfig, v: Vocab, key: np.ndarray, meta_tok: np.ndarray,
     # after a PITCH applies to that note and the following ones. This slot order, with the notes of an onset
     # sorted by velocity, then duration, gave the fewest BPE tokens per note of the orders tried
     # (docs/tokenizer-levers.md).
-    count = np.zeros((nrow, 7), np.int64)
-    count[:, 0] = n_long
-    count[:, 1] = rem > 0
-    count[:, 5] = 1
-    owned_rows = np.flatnonzero(owned) if not owned.all() else None
+    keep = np.zeros((nrow, 7), bool)  # which slots of each row are written
+    keep[:, 0] = n_long > 0
+    keep[:, 1] = rem > 0
+    keep[:, 5] = True
+    owned_rows = None if all_owned else np.flatnonzero(owned)
     note_rows = np.flatnonzero(is_note)
-    _mark(count[:, 2], r_prog, owned_rows)
+    _mark(keep[:, 2], r_prog, owned_rows)
     if tracks:
-        _mark(count[:, 3], r_track, owned_rows, first_default=0)
-    _mark(count[:, 4], r_vel, note_rows)
-    _mark(count[:, 6], r_dur, note_rows)
-    slots = np.empty((nrow, 7), np.int64)
+        _mark(keep[:, 3], r_track, owned_rows, first_default=0)
+    _mark(keep[:, 4], r_vel, note_rows)
+    _mark(keep[:, 6], r_dur, note_rows)
+    # Bool marks and int32 slots, not int64 counts and slots: (nrow, 7) arrays are the largest this function
+    # writes, and selecting with a mask is one pass where np.repeat first converts its counts.
+    slots = np.empty((nrow, 7), np.int32)
     slots[:, 0] = v.start["shift"] + c.max_shift - 1
     slots[:, 1] = v.start["shift"] + rem - 1
     slots[:, 2] = v.start["program"] + r_prog
@@ -181,7 +184,11 @@ def _layout(c: TokenizerConfig, v: Vocab, key: np.ndarray, meta_tok: np.ndarray,
     slots[:, 4] = v.start["velocity"] + r_vel
     slots[:, 5] = r_a
     slots[:, 6] = r_dur
-    return np.repeat(slots.ravel(), count.ravel())
+    if n_long.max() > 1:  # a rest of more than twice the longest SHIFT: SHIFT(max) repeated n_long times
+        count = keep.astype(np.intp)
+        count[:, 0] = n_long
+        return np.repeat(slots.ravel(), count.ravel()).astype(np.int64)
+    return slots[keep].astype(np.int64)  # row by row, slot by slot: the stream's order
 
 
 def _mark(
