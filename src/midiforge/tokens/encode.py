@@ -10,6 +10,8 @@ instead of gathered) to stay close to the cost of parsing the file.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from midiforge.notes.midi import DRUM_PROGRAM, NoteTable
@@ -23,11 +25,16 @@ def to_grid(ticks: np.ndarray, tpq: int, spq: int) -> np.ndarray:
     """Nearest grid step of each tick time. Times go through float32 quarters, as symusic's tick→quarter
     conversion does; a time exactly halfway between two steps goes to the step whose float32 quarter value
     is nearer, so the error stays within half a step when measured in float32 quarters too."""
-    q = (ticks.astype(np.float64) / tpq).astype(np.float32)
-    lo = np.floor(q.astype(np.float64) * spq)
-    err_lo = np.abs((lo / spq).astype(np.float32) - q)
-    err_hi = np.abs(((lo + 1) / spq).astype(np.float32) - q)
-    return (lo + (err_hi < err_lo)).astype(np.int64)
+    q = (ticks / tpq).astype(np.float32)
+    lo = np.floor(np.multiply(q, spq, dtype=np.float64))
+    err_lo = (lo / spq).astype(np.float32)
+    err_hi = ((lo + 1) / spq).astype(np.float32)
+    for err in (err_lo, err_hi):  # in place: this runs on every note's onset and duration
+        err -= q
+        np.abs(err, out=err)
+    out = lo.astype(np.int64)
+    out += err_hi < err_lo
+    return out
 
 
 def note_events(c: TokenizerConfig, v: Vocab, notes: NoteTable, transpose: int, extras: bool) -> np.ndarray:
@@ -71,13 +78,14 @@ def note_events(c: TokenizerConfig, v: Vocab, notes: NoteTable, transpose: int, 
     # 1 = key signature, 2 = tempo, 3 = pedal or note), time 37-62; a meta row holds its index among the metas
     # in bits 0-34 instead, which keeps them in their input order. Sorting the keys orders the rows by time, kind,
     # program, track, sub, velocity, duration, pitch; every column is then read back from the sorted key.
-    dur_idx = v.duration_index[np.minimum(dur_steps, len(v.duration_index) - 1)]
-    vel_bin = (velocity.astype(np.int64) - 1) * c.velocity_bins // 127  # velocities are 1..127
+    vel_bits, dur_bits = _key_tables(c, v)
     hi = (1 << _TIME_BITS) - 1
-    note_key = (
-        (np.minimum(onset, hi) << 37) | (3 << 35) | (program.astype(np.int64) << 27) | (2 << 22)
-        | ((vel_bin + 1) << 16) | ((dur_idx + 1) << 8) | pitch
-    )  # fmt: skip
+    note_key = np.minimum(onset, hi)
+    note_key <<= 37
+    note_key |= vel_bits[velocity]  # velocities are 1..127
+    note_key |= dur_bits[np.minimum(dur_steps, len(dur_bits) - 1)]
+    note_key |= program.astype(np.int64) << 27
+    note_key |= pitch
     if tracks:
         note_key |= track.astype(np.int64) << 24
     parts = [note_key]
@@ -91,6 +99,20 @@ def note_events(c: TokenizerConfig, v: Vocab, notes: NoteTable, transpose: int, 
     if len(key) == 0:
         return _EMPTY
     return _layout(c, v, key, meta_tok, tracks)
+
+
+def _key_tables(c: TokenizerConfig, v: Vocab) -> tuple[np.ndarray, np.ndarray]:
+    """(key bits of each velocity 0..127: kind 3, sub 2 and velocity bin + 1; key bits of each duration in
+    steps: duration index + 1), made once per vocabulary: two lookups per note instead of eight operations."""
+    tables = _TABLES.get(v)
+    if tables is None:
+        vel_bin = (np.arange(128, dtype=np.int64) - 1) * c.velocity_bins // 127
+        vel_bits = (3 << 35) | (2 << 22) | ((vel_bin + 1) << 16)
+        tables = _TABLES[v] = (vel_bits, (v.duration_index.astype(np.int64) + 1) << 8)
+    return tables
+
+
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _meta(c: TokenizerConfig, v: Vocab, notes: NoteTable, transpose: int, keys: bool):
@@ -125,10 +147,15 @@ def _meta(c: TokenizerConfig, v: Vocab, notes: NoteTable, transpose: int, keys: 
             sharps = (sharps + 7 * transpose) % 12  # tonic = 7 × sharps (mod 12), and 7 × 7 = 1 (mod 12)
             sharps = np.where(sharps > 6, sharps - 12, sharps)
         ks_tok = (sharps + 7) * 2 + notes.ks_tonality
-    times = np.concatenate([ts_on, ks_on, t_on])
-    kinds = np.repeat(np.array([0, 1, 2], np.int64), [len(ts_on), len(ks_on), len(t_on)])
+    key = np.concatenate([ts_on, ks_on, t_on])
+    np.maximum(key, 0, out=key)
+    np.minimum(key, hi, out=key)
+    key <<= 37
+    n_ts, n_ks = len(ts_on), len(ks_on)
+    key[n_ts : n_ts + n_ks] |= 1 << 35  # kind: 0 time signature, 1 key signature, 2 tempo
+    key[n_ts + n_ks :] |= 2 << 35
     toks = np.concatenate([v.start["timesig"] + ts_tok, v.start["keysig"] + ks_tok, v.start["tempo"] + t_bin])
-    return (np.minimum(np.maximum(times, 0), hi) << 37) | (kinds << 35), toks.astype(np.int64)
+    return key, toks.astype(np.int64, copy=False)
 
 
 def _layout(c: TokenizerConfig, v: Vocab, key: np.ndarray, meta_tok: np.ndarray, tracks: bool) -> np.ndarray:
@@ -175,7 +202,7 @@ def _layout(c: TokenizerConfig, v: Vocab, key: np.ndarray, meta_tok: np.ndarray,
     _mark(keep[:, 4], r_vel, note_rows)
     _mark(keep[:, 6], r_dur, note_rows)
     # Bool marks and int32 slots, not int64 counts and slots: (nrow, 7) arrays are the largest this function
-    # writes, and selecting with a mask is one pass where np.repeat first converts its counts.
+    # writes; np.compress with the marks is one pass (np.repeat first converts counts, slots[keep] is slower).
     slots = np.empty((nrow, 7), np.int32)
     slots[:, 0] = v.start["shift"] + c.max_shift - 1
     slots[:, 1] = v.start["shift"] + rem - 1
@@ -188,7 +215,7 @@ def _layout(c: TokenizerConfig, v: Vocab, key: np.ndarray, meta_tok: np.ndarray,
         count = keep.astype(np.intp)
         count[:, 0] = n_long
         return np.repeat(slots.ravel(), count.ravel()).astype(np.int64)
-    return slots[keep].astype(np.int64)  # row by row, slot by slot: the stream's order
+    return np.compress(keep.ravel(), slots.ravel()).astype(np.int64)  # row by row, slot by slot
 
 
 def _mark(
