@@ -44,10 +44,9 @@ def drag_bars(page, canvas, first: int, last: int) -> None:
     page.mouse.up()
 
 
-def shoot(
-    browser, url: str, prompt: Path, out: Path, *, bars=(5, 8), options=None, timeout_s=600.0
-) -> list[Path]:
-    """Drive the page (upload, select bars, generate) and screenshot it at both sizes; the two PNG paths."""
+def shoot(browser, url: str, prompt: Path, out: Path, *, bars=(5, 8), options=None, timeout_s=600.0):
+    """Drive the page (upload, select bars, generate) and screenshot it at both sizes: the two PNG paths, and
+    the widths in CSS px of the results column and of a sample's piano roll at phone size."""
     out.mkdir(parents=True, exist_ok=True)
     context = browser.new_context(viewport=WIDE)
     page = context.new_page()
@@ -67,12 +66,16 @@ def shoot(
     page.set_viewport_size(PHONE)
     page.reload()  # the same tab: it shows its own latest job again
     until(page, "() => document.querySelectorAll('#results .sample canvas').length > 0", timeout_s)
-    page.evaluate("() => document.querySelector('#prompt-now').scrollIntoView()")
+    page.evaluate("() => document.querySelector('#job-head').scrollIntoView()")  # the results, below the form
     time.sleep(0.3)
     phone = out / "studio-phone.png"
     page.screenshot(path=str(phone))
+    widths = page.evaluate(
+        """() => ({ work: document.querySelector('#work').getBoundingClientRect().width,
+                    roll: document.querySelector('#results .sample canvas').getBoundingClientRect().width })"""
+    )
     context.close()
-    return [wide, phone]
+    return [wide, phone], widths
 
 
 def main() -> int:
@@ -94,7 +97,8 @@ def main() -> int:
         try:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
-                for path in shoot(browser, url, Path(args.prompt), Path(args.out), bars=(first, last)):
+                paths, _ = shoot(browser, url, Path(args.prompt), Path(args.out), bars=(first, last))
+                for path in paths:
                     print(path)
                 browser.close()
         finally:

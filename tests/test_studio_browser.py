@@ -321,8 +321,11 @@ def test_screenshots_and_a_phone_width_layout(browser, ckpt, tmp_path):
     try:
         prompt = corpus_dir("edge", "partitura_tests", "bach_midi_score.mid")
         options = {"seed": "3", "max_tokens": "32"}
-        wide, phone = shoot(browser, served.url, prompt, tmp_path / "img", bars=(2, 3), options=options)
+        (wide, phone), widths = shoot(
+            browser, served.url, prompt, tmp_path / "img", bars=(2, 3), options=options
+        )
         assert wide.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and phone.stat().st_size > 10_000
+        assert widths["work"] >= 300 and widths["roll"] >= 300  # at 400 px, with results shown
         for width in (400, 360):
             page = open_page(browser, served.url, {"width": width, "height": 800})
             work = page.evaluate("document.querySelector('#work').getBoundingClientRect().width")
