@@ -171,6 +171,25 @@ def test_cli_harmonizes_a_melody(ckpt, tmp_path, capsys):
     assert "--harmonize" in capsys.readouterr().out
 
 
+def test_cli_track_edits_need_no_infilling_checkpoint(ckpt, tmp_path):
+    """--replace-track and --add-track write the ordinary stream (joint.py), like --harmonize: a checkpoint
+    trained without infilling will do."""
+    prompt, out = tmp_path / "two.mid", tmp_path / "out.mid"
+    given = melody(16)
+    bass = given.tracks[0].copy()
+    bass.name = "Bass"
+    for n in bass.notes:
+        n.pitch -= 24
+    given.tracks.append(bass)
+    given.dump_midi(str(prompt))
+    for edit in (["--replace-track", "Bass"], ["--add-track", "cello"]):
+        argv = ["generate", str(ckpt), "-o", str(out), "--prompt", str(prompt), *edit, "--seed", "0"]
+        assert main([*argv, "--max-tokens", "200"]) == 0
+        got = symusic.Score(str(out))
+        assert notes(got.tracks[0]) == notes(given.tracks[0])
+        assert len(got.tracks) == (2 if edit[0] == "--replace-track" else 3) and got.tracks[-1].notes
+
+
 @pytest.mark.parametrize(
     "extra, says",
     [

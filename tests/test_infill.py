@@ -249,11 +249,11 @@ def test_track_edits_keep_the_other_tracks(tok):
         return [(n.time, n.duration, n.pitch, n.velocity) for n in track.notes]
 
     for seed in range(2):
-        out = infill.edit(model, tok, score, infill.Request(replace_track="2"), seed=seed, max_new_tokens=16)
+        out = infill.edit(model, tok, score, infill.Request(replace_track="2"), seed=seed, max_new_tokens=200)
         assert len(out.tracks) == 2 and notes(out.tracks[0]) == notes(score.tracks[0])
         assert maps(out) == maps(score) and out.end() <= score.end()
         out = infill.edit(
-            model, tok, score, infill.Request(add_tracks=["cello"]), seed=seed, max_new_tokens=16
+            model, tok, score, infill.Request(add_tracks=["cello"]), seed=seed, max_new_tokens=200
         )
         assert [notes(t) for t in out.tracks[:2]] == [notes(t) for t in score.tracks]
         new = out.tracks[2:]

@@ -5,10 +5,12 @@ definition gives, token by token: a token is allowed when the automaton accepts 
 import numpy as np
 import pytest
 import symusic
-from conftest import corpus_dir
+import torch
+from conftest import corpus_dir, tiny_model
 
+from midiforge.generate.harmonize import melody_line
 from midiforge.generate.infill import Piece
-from midiforge.generate.joint import VoiceRules, Writer, forced_rows, melody_line
+from midiforge.generate.joint import VoiceRules, Writer, forced_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,3 +70,66 @@ def test_allowed_tokens_are_those_of_the_definition(tok, rules):
         s = got[keys[rng.integers(len(keys))]]
         seen += 1
     assert seen > 40
+
+
+class Favouring(torch.nn.Module):
+    """An untrained model whose logits favour tokens holding an event of one of ``kinds`` by +50."""
+
+    def __init__(self, tok, kinds):
+        super().__init__()
+        self.model = tiny_model(tok, max_seq_len=128)
+        self.config = self.model.config
+        v = tok.vocab
+        want = [v.k(k) for k in kinds]
+        self.ids = [
+            i
+            for i in range(len(tok))
+            if np.isin(v.kind[tok._flat[tok._offs[i] : tok._offs[i + 1]]], want).any()
+        ]
+
+    def new_kv_cache(self, *a, **k):
+        return self.model.new_kv_cache(*a, **k)
+
+    def forward(self, idx, kv_cache=None, last_only=False):
+        logits = self.model(idx, kv_cache, last_only=last_only).clone()
+        logits[..., self.ids] += 50.0
+        return logits
+
+
+def two_parts(n=32) -> symusic.Score:
+    """Soprano and bass of a real four-part score, at the corpus file's resolution."""
+    src = symusic.Score(str(corpus_dir("edge", "partitura_tests", "bach_midi_score.mid")))
+    out = src.copy()
+    out.tracks = [src.tracks[0].copy(), src.tracks[-1].copy()]
+    for t in out.tracks:
+        t.notes = t.notes[:n]
+    return out
+
+
+def notes_of(track):
+    return [(n.time, n.duration, n.pitch, n.velocity) for n in track.notes]
+
+
+@pytest.mark.parametrize("kinds", [None, ("velocity", "track", "program"), ("pitch",), ("shift",)])
+def test_added_tracks_are_written_jointly_and_heard(tok, kinds):
+    """--add-track (joint.py without voice rules): the given tracks come back exactly; every new track plays
+    from the first onset, within the piece, at most MAX_CHORD notes at an onset; whatever the weights."""
+    from midiforge.generate import infill
+    from midiforge.generate.joint import MAX_CHORD
+
+    given = two_parts()
+    model = tiny_model(tok, max_seq_len=128) if kinds is None else Favouring(tok, kinds)
+    first = min(n.time for t in given.tracks for n in t.notes)
+    step = given.ticks_per_quarter // tok.config.steps_per_quarter  # the piece ends on the grid
+    for seed in range(2):
+        out = infill.edit(model, tok, given, infill.Request(add_tracks=["cello", "flute"]), seed=seed,
+                          max_new_tokens=1000 if kinds is None else 300)  # fmt: skip
+        assert [notes_of(t) for t in out.tracks[:2]] == [notes_of(t) for t in given.tracks]
+        new = out.tracks[2:]
+        assert sorted(t.program for t in new) == [42, 73]
+        for t in new:
+            a = t.notes.numpy()
+            assert a["time"].min() == first and (a["time"] + a["duration"]).max() <= given.end() + step
+            assert np.bincount(a["time"] - first).max() <= MAX_CHORD
+            if kinds is None:  # written in time with the given tracks, on through the piece
+                assert a["time"].max() > given.end() // 2

@@ -31,7 +31,9 @@ def configure_parser(p) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT.mid",
                    help="the MIDI file to write (OUT_1.mid, OUT_2.mid ... with -n above 1)")  # fmt: skip
     p.add_argument("--prompt", metavar="IN.mid", help="a MIDI file to continue (default: start from nothing)")
-    p.add_argument("--prompt-bars", type=int, metavar="N", help="continue only the first N bars of the prompt")
+    p.add_argument(
+        "--prompt-bars", type=int, metavar="N", help="continue only the first N bars of the prompt"
+    )
     add_sampling(p)
     p.add_argument("--ignore-eos", action="store_true", help="never end a piece early (fill --max-tokens)")
     p.add_argument("-n", "--num-samples", type=int, default=1, metavar="N",
@@ -172,7 +174,9 @@ def run(args) -> int:
 
 
 def add_edit_arguments(p) -> None:
-    g = p.add_argument_group("editing inside the --prompt (checkpoints trained with infilling, the default)")
+    g = p.add_argument_group(
+        "editing inside the --prompt (--infill: checkpoints trained with infilling, the default)"
+    )
     g.add_argument(
         "--infill",
         action="append",
@@ -183,9 +187,11 @@ def add_edit_arguments(p) -> None:
         "--add-track",
         action="append",
         metavar="INSTRUMENT",
-        help="write a new track (a GM name or program number; may repeat) to go with the prompt",
+        help="write a new track (a GM name or program number; may repeat) to go with the prompt, in time with it"
+        " (any checkpoint)",
     )
-    g.add_argument("--replace-track", metavar="N|NAME", help="rewrite one track (its number from 1, or its name)")
+    g.add_argument("--replace-track", metavar="N|NAME",
+                   help="rewrite one track (its number from 1, or its name), in time with the others (any checkpoint)")  # fmt: skip
     g.add_argument("--harmonize", nargs="?", const="3", metavar="VOICES",
                    help="write VOICES (default 3: alto, tenor, bass) voices under the one-track melody given in"
                         " --prompt, jointly and in time with it (any checkpoint)")  # fmt: skip
@@ -223,7 +229,7 @@ def run_edit(args, request: Request) -> int:
     prompt = read_prompt(args.prompt)
     paths = output_paths(args.output, args.num_samples)
     model, tok = load_inference(args.checkpoint, device, inference_dtype(args.dtype, device))
-    if request.harmonize is None:  # harmonising writes the ordinary stream (joint.py): any checkpoint will do
+    if request.infill:  # track edits write the ordinary stream (joint.py): any checkpoint will do
         check_checkpoint(args.checkpoint, tok)
     request.plan(Piece.from_score(tok, prompt))  # every bad request fails before any output is written
     make_parent(paths[0])

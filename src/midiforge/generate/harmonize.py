@@ -10,7 +10,9 @@ import re
 import numpy as np
 import symusic
 
+from midiforge.data import fim
 from midiforge.errors import UsageError
+from midiforge.notes.midi import NoteTable
 
 SATB = {"Alto": (55, 74), "Tenor": (48, 67), "Bass": (40, 60)}  # G3-D5, C3-G4, E2-C4
 DEFAULT_VOICES = {1: ("Bass",), 2: ("Tenor", "Bass"), 3: ("Alto", "Tenor", "Bass")}
@@ -74,8 +76,7 @@ def voices_of(tok, model, piece, n: int, ranges, chords: bool, sampling: dict, g
               device, use_kv_cache: bool):  # fmt: skip
     """Written voices as a step-time table (targets: the melody's program, track indices after it) and their
     (program, track) keys and names, top down."""
-    from midiforge.data import fim
-    from midiforge.generate.joint import VoiceRules, Writer, forced_rows, legato, melody_line, write
+    from midiforge.generate.joint import VoiceRules, Writer, forced_rows, write
 
     ((program, index),) = piece.owners
     names, ranges = voice_plan(n, ranges)
@@ -105,3 +106,26 @@ def add_tracks(score: symusic.Score, rows, targets, names, spq: int) -> symusic.
                                               rows.pitch[m].astype(np.int8), rows.velocity[m].astype(np.int8))  # fmt: skip
         out.tracks.append(track)
     return out
+
+
+def melody_line(given: NoteTable, end: int) -> tuple[np.ndarray, set]:
+    """(highest given pitch sounding at each grid step through ``end``, -1 where none; the onset steps)."""
+    top = np.full(end + 1, -1, np.int64)
+    for t, d, p in zip(given.time.tolist(), given.duration.tolist(), given.pitch.tolist(), strict=True):
+        seg = top[t : max(t + d, t + 1)]
+        np.maximum(seg, p, out=seg)
+    return top, set(given.time.tolist())
+
+
+def legato(rows: NoteTable, stop: int) -> NoteTable:
+    """Each written note lasts until the next note of its track, the last one until ``stop``; notes at or
+    after ``stop`` (an onset left unfinished) are dropped."""
+    rows = fim.subset(rows, rows.time < stop)
+    order = np.lexsort((rows.time, rows.track, rows.program))
+    for name in ("time", "duration", "pitch", "velocity", "program", "track"):
+        setattr(rows, name, getattr(rows, name)[order])
+    key = rows.program.astype(np.int64) * 16 + rows.track
+    nxt = np.append(rows.time[1:], stop)
+    nxt[np.append(key[1:] != key[:-1], True)] = stop
+    rows.duration = np.maximum(nxt - rows.time, 1)
+    return rows

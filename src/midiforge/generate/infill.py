@@ -8,11 +8,11 @@ tempo, metre and key maps, are the prompt's own rows; the table is encoded by th
 decoded once. So everything outside the region comes back exactly as the tokenizer stores it, whatever the
 model does, and sentinels cannot reach the output (they make no rows).
 
-Model inputs (as in training, fim.py): a span is ``[BOS] prefix FIM_SUFFIX suffix' FIM_MIDDLE`` → middle up to
-FIM_END or the span's end; a track is ``FIM_TRACKS given FIM_MIDDLE PROGRAM TRACK`` → the track, chunk by chunk
-of whole bars whose given tracks fill at most half the context. When the context fills up during a span, the
-complete words written so far join the prefix and the input is laid out again (a sliding window that keeps the
-suffix in view), so pieces of any length work.
+Model inputs: a span is ``[BOS] prefix FIM_SUFFIX suffix' FIM_MIDDLE`` (as in training, fim.py) → middle up to
+FIM_END or the span's end. When the context fills up during a span, the complete words written so far join the
+prefix and the input is laid out again (a sliding window that keeps the suffix in view), so pieces of any length
+work. Tracks (--add-track, --replace-track, --harmonize) are written in the ordinary stream, jointly and in time
+with the given ones (joint.py), so they need no infilling sentinels.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from midiforge.generate.sampling import next_token
 from midiforge.notes.midi import DRUM_PROGRAM, MAX_TRACK_INDEX, NoteTable, load_score, score_to_notes
 from midiforge.tokens.controls import parse_instruments, program_name
 
-PREFIX_SHARE, SUFFIX_SHARE, GIVEN_SHARE = 0.4, 0.25, 0.5  # of the context, for prefix / suffix / given tracks
+PREFIX_SHARE, SUFFIX_SHARE = 0.4, 0.25  # of the context, for prefix / suffix
 
 
 # ------------------------------------------------------------------------------------------- the piece
@@ -229,53 +229,24 @@ def fill_span(s: _Sampler, piece: Piece, rs: int, re_: int) -> NoteTable:
     raise AssertionError("unreachable")
 
 
-def fill_track(s: _Sampler, piece: Piece, target: tuple[int, int], given: list[tuple[int, int]]) -> NoteTable:
-    """Write track ``target`` (program, index) over the whole piece, given the tracks ``given``; its rows."""
-    tok, t = s.tok, piece.table
-    owner = t.program.astype(np.int64) * 16 + t.track
-    p_owner = t.pedal_program.astype(np.int64) * 16 + t.pedal_track
-    keys = [p * 16 + i for p, i in given]
-    sent = fim.sentinel_ids(tok)
-    header = fim.header_ids(tok, *target)
-    bars, end = piece.bars, int(piece.bars[-1])
-    written = []
-    t0 = 0
-    while t0 < end:
-        # Whole bars whose given tracks fit the budget (at least one bar, or what is left of one).
-        k = int(np.searchsorted(bars, t0, side="right"))
-        t1 = int(bars[min(k, len(bars) - 1)])
-        while k + 1 < len(bars):
-            nxt = int(bars[k + 1])
-            c = fim.subset(t, np.isin(owner, keys) & _in(t.time, t0, nxt), None, _meta(t, t0, nxt), t0)
-            if len(fim.encode_table(tok, c)) > int(s.L * GIVEN_SHARE):
-                break
-            t1, k = nxt, k + 1
-        sel_n = np.isin(owner, keys) & _in(t.time, t0, t1)
-        sel_p = np.isin(p_owner, keys) & _in(t.pedal_time, t0, t1)
-        ctx = fim.subset(t, sel_n, sel_p, _meta(t, t0, t1), origin=t0)
-        ctx_ids = list(fim.encode_table(tok, ctx))[: int(s.L * 0.8)]
-        seq = [*([tok.bos_id] if t0 == 0 else []), int(sent[fim.FIM_TRACKS]), *ctx_ids]
-        seq += [int(sent[fim.FIM_MIDDLE]), *header]
-        out, why = s.run(seq, t1 - t0)
-        if why == "full":
-            out = _complete_words(tok, out)
-        rows = _rows_after(tok, tok.base_events(header), out)
-        rows = fim.subset(rows, _in(rows.time, 0, t1 - t0), _in(rows.pedal_time, 0, t1 - t0), origin=-t0)
-        rows.program[:] = target[0]  # the track written is the target, whatever PROGRAM/TRACK it wrote
-        rows.track[:] = target[1]
-        rows.pedal_program[:] = target[0]
-        rows.pedal_track[:] = target[1]
-        written.append(_clip(rows, piece.end))
-        if why == "full" and len(rows):
-            t0 = int(rows.time.max()) + 1  # go on from just after the last whole onset written
-        else:
-            t0 = t1
-    out = written[0]
-    for rows in written:
-        piece.table = fim.concat(piece.table, rows)
-    for rows in written[1:]:
-        out = fim.concat(out, rows)
-    return out
+def write_tracks(s: _Sampler, piece: Piece, targets: list[tuple[int, int]]) -> NoteTable:
+    """Write the ``targets`` tracks (program, index) jointly and in time with every track of ``piece.table``
+    (joint.py without voice rules: any pitches, chords): at each onset right after the given notes, and at
+    onsets of their own in between, so every written note sees all the music up to its own time. Their rows,
+    ending by the piece's end (an onset left unfinished when ``max_new_tokens`` ran out is dropped)."""
+    from midiforge.generate.joint import Writer, forced_rows, write
+
+    tok = s.tok
+    writer = Writer(tok, forced_rows(tok, piece.table), list(targets), piece.end)
+    plain = {k: v for k, v in s.sampling.items() if k != "generator"}
+    ids, stop = write(s.model, tok, writer, generator=s.generator, sampling=plain, max_new_tokens=s.max_new_tokens,
+                      device=s.device, use_kv_cache=s.kv)  # fmt: skip
+    table, _ = fim.events_to_table(tok, tok.base_events(ids))
+    key = table.program.astype(np.int64) * 16 + table.track
+    rows = fim.subset(table, np.isin(key, [p * 16 + i for p, i in targets]) & (table.time < stop))
+    rows = _clip(rows, piece.end)
+    piece.table = fim.concat(piece.table, rows)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------- requests
@@ -297,8 +268,8 @@ class Request:
         return [n for n, v in zip(names, vals, strict=True) if v is not None and v != []]
 
     def plan(self, piece: Piece) -> list[tuple]:
-        """[("span", rs, re) | ("track", target, given) | ("voices", n, ranges)] for this piece; UsageError for
-        what cannot work."""
+        """[("span", rs, re) | ("tracks", targets, given) | ("voices", n, ranges, chords)] for this piece;
+        UsageError for what cannot work."""
         from midiforge.generate.harmonize import parse_ranges, parse_voices, voice_plan
 
         kinds = self.kinds()
@@ -329,7 +300,7 @@ class Request:
             keep = (t.program != target[0]) | (t.track != target[1])
             keep_p = (t.pedal_program != target[0]) | (t.pedal_track != target[1])
             piece.table = fim.subset(t, keep, keep_p, _meta(t, -1, 1 << 62))
-            return [("track", target, rest)]
+            return [("tracks", [target], rest)]
         if self.harmonize is not None:
             if len(owners) != 1:
                 labels = ", ".join(piece.track_label(o) for o in owners)
@@ -355,8 +326,8 @@ class Request:
 
 
 def _adds(owners, targets) -> list[tuple]:
-    """Tracks written one after another, each given the prompt's tracks and the ones written before it."""
-    return [("track", t, list(owners) + targets[:k]) for k, t in enumerate(targets)]
+    """Every new track written together, given the prompt's tracks."""
+    return [("tracks", targets, list(owners))]
 
 
 def _find_track(piece: Piece, spec: str) -> tuple[int, int]:
@@ -396,7 +367,7 @@ def edit(model, tok, prompt, request: Request, *, seed: int | None = None, tempe
     score = prompt if hasattr(prompt, "tracks") else load_score(prompt)
     piece = Piece.from_score(tok, score)
     steps = request.plan(piece)
-    if steps[0][0] != "voices" and not fim.supports_infill(tok):  # harmonising needs no sentinels
+    if steps[0][0] == "span" and not fim.supports_infill(tok):  # track edits write the ordinary stream
         raise UsageError("this tokenizer has no infilling sentinels (trained without infilling)")
     generator = torch.Generator()
     if seed is None:
@@ -413,9 +384,9 @@ def edit(model, tok, prompt, request: Request, *, seed: int | None = None, tempe
             if step[0] == "span":
                 written.append(fill_span(s, piece, step[1], step[2]))
                 spans.append(step[1:])
-            elif step[0] == "track":
-                replaced = step[1] if request.replace_track is not None else None
-                written.append(fill_track(s, piece, step[1], step[2]))
+            elif step[0] == "tracks":
+                replaced = step[1][0] if request.replace_track is not None else None
+                written.append(write_tracks(s, piece, step[1]))
             else:
                 from midiforge.generate.harmonize import add_tracks, voices_of
 

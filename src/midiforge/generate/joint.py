@@ -13,7 +13,9 @@ the tokens that can follow are visited. For a harmonisation (:class:`VoiceRules`
 four-part writing: each voice one note at a time, inside its range, never above the voice over it; a voice
 whose note has ended attacks with the melody; no parallel fifths or octaves with a voice above. The output
 voices are legato: a note lasts until the next note of its voice (the melody's end for the last one).
-Without rules (``rules=None``) the targets are free tracks: any pitches, several at an onset.
+Without rules (``rules=None``) the targets are free tracks: any pitches, up to MAX_CHORD at an onset, state
+events in the encoder's order; each one attacks at the first onset of the given notes (every track asked for is
+heard).
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from midiforge.data import fim
 from midiforge.generate import stopping
 from midiforge.generate.sampling import sample
 from midiforge.notes.midi import NoteTable
 
+MAX_CHORD = 8  # free targets: notes of one track at one onset (an untrained model would write chords forever)
 # Pitch-class sets of every major and minor triad and dominant seventh: a sonority fits when it is a subset.
 CHORDS = [
     frozenset((r + i) % 12 for i in iv) for r in range(12) for iv in ((0, 4, 7), (0, 3, 7), (0, 4, 7, 10))
@@ -62,7 +64,8 @@ class State:
     track: int = 0
     vel: int = 0
     dur: int = 0
-    pend: tuple = ()  # ("f", dur index) after a forced PITCH; ("v", voice) after a free one
+    pend: tuple = ()  # ("f", dur index) after a forced PITCH; ("v", voice) after a free one; ("s", kind) after a
+    # free target's PROGRAM/TRACK/VELOCITY
     pitch: tuple = ()
     end: tuple = ()
     hit: tuple = ()
@@ -166,6 +169,9 @@ class Writer:
             st["velocity"] + b for b in range(v.sizes["velocity"])
         ]
         self._pitch_memo: dict = {}
+        self._state_order = {self.K[n]: i for i, n in enumerate(("program", "track", "velocity", "pitch"))}
+        notes = [r[0] for r in self.rows if r[4] is not None]
+        self.first_note = min(notes, default=0)  # free targets all attack at the given notes' first onset
 
     def initial(self) -> State:
         n = len(self.targets)
@@ -272,23 +278,33 @@ class Writer:
             return self._forced(s, kind, x, e, rows[s.fi])
         if kind == self._shift:
             return self._shift_to(s, x)
+        free = () if self.rules else ("s", kind)  # free targets: what may follow a state event, _resolve
         if kind == K["program"]:
-            return s.copy(prog=x) if x in self.programs and x != s.prog else None
+            if x not in self.programs or x == s.prog:
+                return None
+            if free and not any(self._open(s, k) for (p, _), k in self.voice.items() if p == x):
+                return None
+            return s.copy(prog=x, pend=free)
         if kind == K["track"]:
             k = self.voice.get((s.prog, x))
             if x == s.track:
                 return None
             if k is None or (self.rules and (s.hit[k] or not self._skippable(s, k))):
                 return None
-            return s.copy(track=x)
+            return s.copy(track=x, pend=free) if not free or self._open(s, k) else None
         if kind == K["velocity"]:
-            return s.copy(vel=x) if x != s.vel else None
+            if x == s.vel or (free and not self._open(s, self.voice.get((s.prog, s.track)))):
+                return None
+            return s.copy(vel=x, pend=free)
         if kind == self._pitch:
             k = self.voice.get((s.prog, s.track))
             if k is None:
                 return None
             if self.rules is None:
-                return s.copy(pend=("v", k))
+                if not self._open(s, k):
+                    return None
+                return s.copy(pend=("v", k), pitch=s.pitch[:k] + (x,) + s.pitch[k + 1 :],
+                              hit=s.hit[:k] + (s.hit[k] + 1,) + s.hit[k + 1 :])  # fmt: skip
             if x not in self._attackable(s, k):
                 return None
             i = (slice(0, k), slice(k + 1, None))
@@ -297,8 +313,17 @@ class Writer:
                           end=s.end[i[0]] + (s.t + int(self.durations[s.dur]),) + s.end[i[1]])  # fmt: skip
         return None  # meta events, pedals, controls, sentinels: never written by the model here
 
+    @staticmethod
+    def _open(s: State, k: int | None) -> bool:
+        """A free target ``k`` may take another note at s.t."""
+        return k is not None and s.hit[k] < MAX_CHORD
+
     def _resolve(self, s: State, kind: int, x: int) -> State | None:
-        """The event after a PITCH: its DURATION, or (when the sticky one fits) anything else."""
+        """The event after a PITCH: its DURATION, or (when the sticky one fits) anything else. After a free
+        target's state event, the encoder's order: PROGRAM, TRACK, VELOCITY, then a PITCH (nothing else)."""
+        if s.pend[0] == "s":
+            order = self._state_order
+            return self._settled(s) if order.get(kind, -1) > order[s.pend[1]] else None
         if s.pend[0] == "f":
             need = s.pend[1]
             if kind == self._dur:
@@ -323,10 +348,15 @@ class Writer:
         return got
 
     def _complete(self, s: State) -> bool:
-        """No voice owes a note at s.t (memoised per state: every SHIFT candidate asks)."""
+        """No voice owes a note at s.t (memoised per state: every SHIFT candidate asks). Free targets (no rules)
+        owe one note each, from the first onset of the given notes on: every track asked for is heard."""
         got = s.__dict__.get("_complete")
         if got is None:
-            got = s.__dict__["_complete"] = not self.rules or self._skippable(s, len(self.targets))
+            if self.rules is None:
+                got = s.t < self.first_note or min(s.pitch, default=0) >= 0
+            else:
+                got = self._skippable(s, len(self.targets))
+            s.__dict__["_complete"] = got
         return got
 
     def _forced(self, s: State, kind: int, x: int, e: int, row: tuple) -> State | None:
@@ -367,6 +397,8 @@ class Writer:
     def candidates(self, s: State) -> list[int]:
         """A superset of the base events :meth:`step` accepts next (so the trie walk visits few children)."""
         st = self.start
+        if s.pend and s.pend[0] == "s":
+            return self.candidates(s.copy(pend=()))
         if s.pend:
             tail = [st["duration"] + s.pend[1]] if s.pend[0] == "f" else self.all_durations
             if s.pend[0] == "f" and s.dur != s.pend[1]:
@@ -404,15 +436,6 @@ class Writer:
                     if ns is not None:
                         stack.append((child, ns))
         return out
-
-
-def melody_line(given: NoteTable, end: int) -> tuple[np.ndarray, set]:
-    """(highest given pitch sounding at each grid step through ``end``, -1 where none; the onset steps)."""
-    top = np.full(end + 1, -1, np.int64)
-    for t, d, p in zip(given.time.tolist(), given.duration.tolist(), given.pitch.tolist(), strict=True):
-        seg = top[t : max(t + d, t + 1)]
-        np.maximum(seg, p, out=seg)
-    return top, set(given.time.tolist())
 
 
 @torch.inference_mode()
@@ -457,17 +480,3 @@ def write(model, tok, writer: Writer, *, generator, sampling: dict, max_new_toke
         if s.done:
             return ids, writer.end
     return ids, s.t
-
-
-def legato(rows: NoteTable, stop: int) -> NoteTable:
-    """Each written note lasts until the next note of its track, the last one until ``stop``; notes at or
-    after ``stop`` (an onset left unfinished) are dropped."""
-    rows = fim.subset(rows, rows.time < stop)
-    order = np.lexsort((rows.time, rows.track, rows.program))
-    for name in ("time", "duration", "pitch", "velocity", "program", "track"):
-        setattr(rows, name, getattr(rows, name)[order])
-    key = rows.program.astype(np.int64) * 16 + rows.track
-    nxt = np.append(rows.time[1:], stop)
-    nxt[np.append(key[1:] != key[:-1], True)] = stop
-    rows.duration = np.maximum(nxt - rows.time, 1)
-    return rows
