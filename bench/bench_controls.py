@@ -23,7 +23,8 @@ Prints markdown: machine, settings, the table. Sampling: temperature 1, top-k --
 ``--samples`` pieces per request and the same number without it (the baseline), sampled as ``midiforge generate``
 does by default: ``--instruments piano,violin`` (both have notes, and no other instrument or second track),
 ``--tempo 90`` and ``--time-sig 3/4`` (every tempo / time signature event of the file is the one asked for) and
-``--key "D minor"`` (the Krumhansl-Kessler estimate of the notes, controls.estimate_key, says D minor)::
+``--key "D minor"`` (the Krumhansl-Kessler estimate of the notes, controls.estimate_key, says D minor; at the
+default ``--key-strength`` and at each of ``--key-strengths``, 0 being the key signature alone)::
 
     .venv/bin/python bench/bench_controls.py --checkpoint demo/ckpt --samples 20 --seed 1
 """
@@ -170,7 +171,9 @@ def requests_table(args) -> int:
     t0 = time.perf_counter()
     plain = [g.score for g in generate(model, tok, num_samples=args.samples, seed=args.seed)]
     rows = []
-    for label, controls, goal in REQUESTS:
+    keyed = [(f'--key "D minor" --key-strength {x:g}', {"key": "D minor", "key_strength": x}, ">= 70%")
+             for x in args.key_strengths]  # fmt: skip
+    for label, controls, goal in (*REQUESTS, *keyed):
         gens = generate(model, tok, num_samples=args.samples, seed=args.seed, controls=controls)
         hit = np.mean([obeyed(controls, g.score) for g in gens])
         base = np.mean([obeyed(controls, s) for s in plain])
@@ -189,6 +192,9 @@ def requests_table(args) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, help="measure issue 18's requests on this checkpoint instead")
+    ap.add_argument("--key-strengths", type=lambda t: [float(x) for x in t.split(",")], default=[0.0, 2.0, 4.0],
+                    help="--checkpoint: also the key request at these --key-strength values (the plain row: the"
+                         " default)")  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_controls"))
     ap.add_argument("--styles", default="bach,palestrina,monteverdi,trecento,folk")
     ap.add_argument("--per-style", type=int, default=40)
@@ -209,7 +215,9 @@ def main() -> int:
                          " tempos, which music21's files lack); every 5th file by name goes to validation")  # fmt: skip
     ap.add_argument("--extra-max", type=int, default=None, help="at most this many files of each --extra")
     args = ap.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)  # OMP_NUM_THREADS=1 on a shared machine
+    torch.set_num_threads(
+        int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1
+    )  # OMP_NUM_THREADS=1 on a shared machine
     if args.checkpoint is not None:
         return requests_table(args)
     t_all = time.perf_counter()

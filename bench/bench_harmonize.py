@@ -3,7 +3,8 @@
 For each piece of a folder whose only tracks with notes are Soprano, Alto, Tenor and Bass (sorted by name, the
 first --pieces, skipping --exclude: the demo's own piece), the soprano alone goes to `generate --harmonize` (the
 model writes three voices; --free-harmony adds a row without the chord rule);
-the same soprano under a random diatonic triad per soprano note, voiced in SATB ranges, is the floor. The three
+the same soprano under a random diatonic triad per soprano note, voiced in SATB ranges, is the floor;
+--replace-bass adds a row where Bach's soprano, alto and tenor are given and `--replace-track Bass` writes the bass. The three
 are measured by the project's judge, ../shared/tools/voice_leading.py (an 8th-note grid, voices ordered by mean
 pitch), and the counts are summed over the pieces before the shares are taken.
 
@@ -92,6 +93,14 @@ def harmonize(model, tok, melody, seed: int, top_p: float, max_tokens: int, free
     return infill.edit(model, tok, melody, request, seed=seed, top_p=top_p, max_new_tokens=max_tokens)
 
 
+def replace_bass(model, tok, score, seed: int, top_p: float, max_tokens: int):
+    """Bach's soprano, alto and tenor given, the bass rewritten by ``--replace-track Bass``."""
+    from midiforge.generate import infill
+
+    request = infill.Request(replace_track="Bass")
+    return infill.edit(model, tok, score, request, seed=seed, top_p=top_p, max_new_tokens=max_tokens)
+
+
 def summarise(counts: list[dict]) -> dict[str, str]:
     """The table's cells from raw counts summed over pieces."""
     tot = lambda k: sum(c[k] for c in counts)  # noqa: E731
@@ -123,6 +132,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--out", help="also write every piece's versions here")
     ap.add_argument("--free-harmony", action="store_true", help="add a row: the model without the chord rule")
+    ap.add_argument("--replace-bass", action="store_true",
+                    help="add a row: Bach's soprano, alto and tenor given, the bass by --replace-track Bass")  # fmt: skip
     ap.add_argument("--judge", default=str(TOOLS), help="voice_leading.py, the project's judge")
     args = ap.parse_args()
     vl = load_judge(Path(args.judge))
@@ -132,7 +143,8 @@ def main() -> None:
     pieces = satb_pieces(Path(args.val), args.pieces, set(filter(None, args.exclude.split(","))))
     out_dir = Path(args.out) if args.out else Path(__import__("tempfile").mkdtemp())
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = ["Bach", "model", *(["model, --free-harmony"] if args.free_harmony else []), "random-chord floor"]
+    names = ["Bach", "model", *(["model, --free-harmony"] if args.free_harmony else []),
+             *(["model, --replace-track Bass"] if args.replace_bass else []), "random-chord floor"]  # fmt: skip
     rows: dict[str, list] = {n: [] for n in names}
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
@@ -146,9 +158,14 @@ def main() -> None:
             made["model, --free-harmony"] = harmonize(
                 model, tok, mel, args.seed, args.top_p, args.max_tokens, True
             )
+        if args.replace_bass:
+            made["model, --replace-track Bass"] = replace_bass(model, tok, score, args.seed, args.top_p,
+                                                               args.max_tokens)  # fmt: skip
         made["random-chord floor"] = random_chords(mel, key, {v: vl.SATB[v[0]] for v in VOICES}, rng)
         for name, s in made.items():
             p = out_dir / f"{f.stem}.{name.replace(', --', '-').split()[0].lower()}.mid"
+            if name == "model, --replace-track Bass":
+                p = out_dir / f"{f.stem}.replace-bass.mid"
             s.dump_midi(str(p))
             c = vl.analyse(p, 0.5, key=key)
             c["named_ok"] = bool(c["order_ok"] and c["names"][1:] == list(VOICES[1:]))
