@@ -105,7 +105,7 @@ def bits_per_note(ckpt: Path, folders) -> float:
     from midiforge.measure import scoring
 
     model, tok = ck.load_inference(ckpt)
-    pieces, _, _ = read_pieces(_data_files([str(f) for f in folders]), tok)
+    pieces, _, _ = read_pieces(_data_files([Path(f) for f in folders], ckpt)[0], tok)
     with torch.no_grad():
         return scoring.score(model, tok, pieces, stride=model.config.max_seq_len // 2)["total"][
             "bits_per_note"
