@@ -78,7 +78,7 @@ def note_events(c: TokenizerConfig, v: Vocab, notes: NoteTable, transpose: int, 
     # 1 = key signature, 2 = tempo, 3 = pedal or note), time 37-62; a meta row holds its index among the metas
     # in bits 0-34 instead, which keeps them in their input order. Sorting the keys orders the rows by time, kind,
     # program, track, sub, velocity, duration, pitch; every column is then read back from the sorted key.
-    vel_bits, dur_bits = _key_tables(c, v)
+    vel_bits, dur_bits = _key_tables(v)
     hi = (1 << _TIME_BITS) - 1
     note_key = np.minimum(onset, hi)
     note_key <<= 37
@@ -101,12 +101,12 @@ def note_events(c: TokenizerConfig, v: Vocab, notes: NoteTable, transpose: int, 
     return _layout(c, v, key, meta_tok, tracks)
 
 
-def _key_tables(c: TokenizerConfig, v: Vocab) -> tuple[np.ndarray, np.ndarray]:
+def _key_tables(v: Vocab) -> tuple[np.ndarray, np.ndarray]:
     """(key bits of each velocity 0..127: kind 3, sub 2 and velocity bin + 1; key bits of each duration in
     steps: duration index + 1), made once per vocabulary: two lookups per note instead of eight operations."""
     tables = _TABLES.get(v)
     if tables is None:
-        vel_bin = (np.arange(128, dtype=np.int64) - 1) * c.velocity_bins // 127
+        vel_bin = (np.arange(128, dtype=np.int64) - 1) * v.c.velocity_bins // 127
         vel_bits = (3 << 35) | (2 << 22) | ((vel_bin + 1) << 16)
         tables = _TABLES[v] = (vel_bits, (v.duration_index.astype(np.int64) + 1) << 8)
     return tables
