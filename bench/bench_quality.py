@@ -22,7 +22,8 @@ and perplexity do not.
 A corpus folder with ``train/`` and ``val/`` inside (the demo's layout) is split that way; any other folder by
 name: the first ``--train`` files train, the next ``--test`` are held out. ``--results FILE`` keeps every
 (corpus, row, seed) result as a JSON line and reuses the ones already there, so seeds can run in separate
-processes and one last call prints the whole table. Needs MidiTok 3.1 (the dev extra).
+processes and one last call prints the whole table (``--report-only``: print it, train nothing). Needs MidiTok
+3.1 (the dev extra).
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def run_corpus(corpus: Path, args, saved: list[dict]) -> list[dict]:
             key = {"corpus": str(corpus.resolve()), "row": row, "seed": seed, "settings": here}
             got = [r for r in saved if all(r.get(k) == v for k, v in key.items())]
             out.append(got[-1]) if got else todo.append((seed, key))
-        if not todo:
+        if not todo or args.report_only:
             continue
         t0 = time.perf_counter()
         vocab, tr, te = tokenize(row, train, test, args.vocab)
@@ -227,8 +228,9 @@ def print_table(corpus: Path, results: list[dict], args) -> None:
         tpn = np.mean([r["tokens_per_note"] for r in by_seed.values()])
         bps = np.mean([r["bits_per_second"] for r in by_seed.values()])
         vs = f"{means[row] / means['remi'] - 1:+.1%}" if "remi" in means and row != "remi" else ""
+        n = "" if len(by_seed) == len(seeds) else f" ({len(by_seed)} of {len(seeds)} seeds)"
         print(
-            f"| {ROWS[row]} | {tpn:.2f} | {cells} | **{means[row]:.2f}** | {np.ptp(bits):.2f} | {bps:.1f} | {vs} |"
+            f"| {ROWS[row]} | {tpn:.2f} | {cells} | **{means[row]:.2f}**{n} | {np.ptp(bits):.2f} | {bps:.1f} | {vs} |"
         )
 
 
@@ -254,7 +256,13 @@ def main() -> None:
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--results", type=Path, help="JSON lines file: results appended, and reused when there")
+    p.add_argument(
+        "--report-only", action="store_true",
+        help="print the tables from --results and train nothing (a missing seed shows as –)",
+    )  # fmt: skip
     args = p.parse_args()
+    if args.report_only and args.results is None:
+        p.error("--report-only needs --results")
     if args.threads:
         torch.set_num_threads(args.threads)
     corpora = args.corpus or [ROOT.parent / "shared" / "corpus" / "pop909"]
