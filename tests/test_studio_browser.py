@@ -213,6 +213,9 @@ def test_dragged_bars_are_rewritten_and_everything_else_kept(browser, ckpt, tmp_
         bars = Piece.from_score(tok, source).bars
         kept = outside(result, tok, int(bars[1]), int(bars[3]))
         assert kept == outside(source, tok, int(bars[1]), int(bars[3])) and len(kept) > 700
+        page.reload()  # the tab's last job comes back: its result, its settings and its prompt, drawn
+        page.wait_for_selector("#prompt-roll canvas")
+        assert page.input_value("#opt-infill") == "2-3" and page.locator("#results .sample").count() == 1
     finally:
         served.close()
 
@@ -300,9 +303,12 @@ def test_cancel_frees_the_queue(browser, held):
 def test_the_cap_refuses_an_oversized_job_in_one_line(browser, ckpt, tmp_path):
     served = Served(Studio([ckpt], tmp_path / "out", max_tokens_per_job=4096, run=lambda args: 0))
     try:
+        served.studio.infos[0]["copies_off"] = "the checkpoint's training set is not here (gone/train)"
         page = open_page(browser, served.url)
         page.fill("#opt-max_tokens", "12000")
         page.click("#advanced summary")
+        assert page.is_disabled("#opt-check_copies")  # greyed out, with the reason beside it
+        assert "unavailable: the checkpoint's training set is not here" in page.inner_text("#advanced")
         page.check("#opt-ignore_eos")
         page.click("#generate")
         page.wait_for_selector("#error:not([hidden])")

@@ -130,6 +130,7 @@ def test_command_is_shell_quoted_and_history_names_the_edit(ckpt, tmp_path):
     _, up = call(url, "/api/upload", score.dumps_midi(), ctype="application/octet-stream",
                  headers={"X-Filename": "my%20song.mid"})  # fmt: skip
     assert up["roll"]["tracks"][0]["number"] == 1 and len(up["roll"]["bars"]) >= 2  # drawn at once
+    assert call(url, f"/api/roll/{up['id']}/prompt.mid") == (200, up["roll"])  # and again after a reload
     request = {"prompt": {"upload": up["id"]}, "options": {"infill": ["2-3"], "seed": 5, "max_tokens": 16}}
     status, job = call(url, "/api/generate", request)
     assert status == 200 and job["label"] == "infill bars 2-3 of upload my song.mid"
@@ -160,11 +161,17 @@ def test_studio_prunes_its_output_folder_after_each_job(ckpt, tmp_path):
 
     studio = Studio([ckpt], tmp_path / "out", run=fake_run, keep_jobs=2)
     try:
-        ids = [studio.submit({"options": {"seed": i}}, OWNER).id for i in range(4)]
-        for i in ids:
-            wait(studio, i)
-        time.sleep(0.2)  # the worker prunes after marking the job done
-        assert sorted(p.name for p in (tmp_path / "out" / "jobs").iterdir()) == sorted(ids[2:])
+        jobs = [studio.submit({"options": {"seed": i}}, OWNER) for i in range(4)]
+        ids = [j.id for j in jobs]
+        assert all(j.done.wait(JOB_GUARD_S) for j in jobs)  # (a pruned job has left studio.queue.jobs)
+        folders = lambda: sorted(p.name for p in (tmp_path / "out" / "jobs").iterdir())  # noqa: E731
+        deadline = time.monotonic() + 10
+        while (folders(), list(studio.queue.jobs)) != (
+            sorted(ids[2:]),
+            ids[2:],
+        ) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the worker prunes just after marking a job done
+        assert folders() == sorted(ids[2:])
         assert list(studio.queue.jobs) == ids[2:]  # pruned jobs leave the history too
     finally:
         studio.queue.close()

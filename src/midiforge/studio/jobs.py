@@ -214,10 +214,17 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def prune(folder: Path, keep: int, max_bytes: int | None, busy: set[str]) -> list[str]:
+def prune(
+    folder: Path, keep: int, max_bytes: int | None, busy: set[str], created: dict | None = None
+) -> list[str]:
     """Delete the oldest job folders under ``folder`` beyond the newest ``keep`` and until all of them hold at
-    most ``max_bytes``; folders named in ``busy`` (queued, running, just finished) stay. The names deleted."""
-    entries = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    most ``max_bytes``; folders named in ``busy`` (queued, running, just finished) stay. Age: ``created``
+    (name → submit time) for this session's jobs, the folder's modification time for older ones. The names
+    deleted."""
+    created = created or {}
+    entries = sorted(
+        (p for p in folder.iterdir() if p.is_dir()), key=lambda p: created.get(p.name, p.stat().st_mtime)
+    )
     sizes = {p.name: folder_bytes(p) for p in entries}
     total, count, gone = sum(sizes.values()), len(entries), []
     for p in entries:

@@ -7,7 +7,8 @@ jobs.py (options from generate's parser, the job queue); this module is the HTTP
 Endpoints: ``GET /`` the page, ``GET /static/NAME``, ``GET /api/config`` (checkpoints and generate's options as
 fields), ``POST /api/upload`` (raw MIDI bytes → an upload id), ``POST /api/generate`` (JSON → a queued job),
 ``GET /api/jobs`` (the caller's history), ``GET /api/jobs/ID``, ``POST /api/jobs/ID/cancel``, ``GET /files/JOB/NAME``
-(a job's files), ``GET /api/roll/JOB/NAME`` (a sample's notes for the page's piano roll).
+(a job's files), ``GET /api/roll/JOB/NAME`` (a sample's notes for the page's piano roll; an upload's as
+``/api/roll/UPLOAD/prompt.mid``).
 
 Each page sends its owner token (a random string it keeps in the tab's session storage) in ``X-Studio-Owner``:
 the job list, a job's status and Cancel answer only the jobs that token submitted. Every POST must carry it,
@@ -90,7 +91,8 @@ class Studio:
     def _after(self, job: Job) -> None:
         """After each job: keep the newest jobs and uploads within the limits (never a waiting or running one)."""
         busy = {j.id for j in self.queue.jobs.values() if j.state in ACTIVE} | {job.id}
-        for gone in prune(self.out / "jobs", self.keep_jobs, self.max_out_bytes, busy):
+        created = {j.id: j.created for j in list(self.queue.jobs.values())}
+        for gone in prune(self.out / "jobs", self.keep_jobs, self.max_out_bytes, busy, created):
             self.queue.jobs.pop(gone, None)
         uploads = list(self.uploads.items())  # oldest first (dicts keep insertion order)
         for uid, (path, _) in uploads[: max(0, len(uploads) - self.keep_jobs)]:
@@ -124,8 +126,11 @@ class Studio:
         return [j for j in reversed(list(self.queue.jobs.values())) if owner and j.owner == owner]
 
     def roll_of(self, job_id: str, name: str) -> dict | None:
+        """The piano roll of a job's MIDI file, or of an upload (``/api/roll/UPLOAD/prompt.mid``)."""
         job = self.queue.jobs.get(job_id)
         path = job.files.get(name) if job else None
+        if job is None and name == "prompt.mid" and job_id in self.uploads:
+            path = self.uploads[job_id][0]
         if path is None or path.suffix != ".mid" or not path.is_file():
             return None
         return roll(load_score(path))

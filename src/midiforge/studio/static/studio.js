@@ -142,6 +142,21 @@ async function sampleAsPrompt(job, s) {
   setPrompt({ sample: [job.id, s.index] }, `sample ${s.index} (seed ${job.seed})`, roll);
 }
 
+// A job's prompt back in the form (history, reload), drawn again when the studio still has it.
+async function restorePrompt(job) {
+  const p = job.request.prompt;
+  if (!p) { setPrompt(null); return; }
+  let url = p.upload ? `/api/roll/${p.upload}/prompt.mid` : null;
+  if (p.sample) {
+    const from = state.jobs.find((j) => j.id === p.sample[0]);
+    const s = from && from.samples.find((x) => x.index === p.sample[1]);
+    url = s ? s.roll : null;
+  }
+  let roll = null;
+  try { roll = url ? await api(url) : null; } catch (e) { roll = null; }
+  setPrompt(p, job.prompt, roll);
+}
+
 // --- generate, follow, cancel ---------------------------------------------------------------------------------
 
 async function generate(event) {
@@ -258,6 +273,7 @@ async function refreshHistory() {
       text: `${job.label} · seed ${job.seed} · ${what}` });
     b.addEventListener("click", () => {
       restoreForm(state.config, job.request);
+      restorePrompt(job);
       if (job.state === "queued" || job.state === "running") follow(job.id); else show(job);
     });
     if (job.id === state.current) b.classList.add("current");
@@ -290,6 +306,10 @@ async function main() {
   await refreshHistory();
   // After a reload: this tab's own latest job, followed while it runs; a new tab has none and starts idle.
   const latest = state.jobs[0];
+  if (latest && !state.busy) {
+    restoreForm(state.config, latest.request);
+    restorePrompt(latest);
+  }
   if (latest && (latest.state === "queued" || latest.state === "running")) follow(latest.id);
   else if (latest && !state.busy) show(latest);
   document.body.dataset.ready = "1";
