@@ -70,6 +70,7 @@ class Studio:
         self.max_samples = max_samples
         self.max_tokens_per_job = max_tokens_per_job
         self.keep_jobs, self.max_out_bytes = keep_jobs, max_out_bytes
+        self._files_lock = threading.Lock()  # submit/upload against pruning
         self.uploads: dict[str, tuple[Path, str]] = {}  # id → (path, shown name)
         self.fields = option_fields(generate_parser())
         self.queue = JobQueue(max_waiting, run, max_seconds=max_job_seconds, after=self._after)
@@ -89,15 +90,24 @@ class Studio:
         }
 
     def _after(self, job: Job) -> None:
-        """After each job: keep the newest jobs and uploads within the limits (never a waiting or running one)."""
-        busy = {j.id for j in self.queue.jobs.values() if j.state in ACTIVE} | {job.id}
-        created = {j.id: j.created for j in list(self.queue.jobs.values())}
-        for gone in prune(self.out / "jobs", self.keep_jobs, self.max_out_bytes, busy, created):
-            self.queue.jobs.pop(gone, None)
-        uploads = list(self.uploads.items())  # oldest first (dicts keep insertion order)
-        for uid, (path, _) in uploads[: max(0, len(uploads) - self.keep_jobs)]:
-            path.unlink(missing_ok=True)
-            del self.uploads[uid]
+        """After each job: keep the newest jobs and uploads within the limits, never a waiting or running job
+        or an upload one of them reads (under the lock that submit and upload take: no half-made job)."""
+        with self._files_lock:
+            active = [j for j in self.queue.jobs.values() if j.state in ACTIVE]
+            busy = {j.id for j in active} | {job.id}
+            busy |= {
+                str(p["sample"][0])
+                for j in active
+                if isinstance(p := j.request.get("prompt"), dict) and "sample" in p
+            }
+            created = {j.id: j.created for j in self.queue.jobs.values()}
+            for gone in prune(self.out / "jobs", self.keep_jobs, self.max_out_bytes, busy, created):
+                self.queue.jobs.pop(gone, None)
+            reading = {a for j in active for a in j.argv}
+            uploads = [(u, p) for u, (p, _) in self.uploads.items() if str(p) not in reading]  # oldest first
+            for uid, path in uploads[: max(0, len(self.uploads) - self.keep_jobs)]:
+                path.unlink(missing_ok=True)
+                del self.uploads[uid]
 
     def upload(self, data: bytes, name: str) -> dict:
         """Keep an uploaded MIDI prompt if it reads; UsageError (shown in the page) if it does not."""
@@ -109,9 +119,10 @@ class Studio:
             raise UsageError(f"not a readable MIDI file: {e}") from e
         uid = JobQueue.new_id()
         path = self.out / "uploads" / f"{uid}.mid"  # the client's name is only shown, never a path
-        atomic_write_bytes(path, data)
         shown = "".join(c for c in Path(name.replace("\\", "/")).name if c.isprintable())[:80] or "upload.mid"
-        self.uploads[uid] = (path, shown)
+        with self._files_lock:
+            atomic_write_bytes(path, data)
+            self.uploads[uid] = (path, shown)
         seconds = float(score.to("second").end()) if score.note_num() else 0.0
         return {
             "id": uid,
@@ -184,8 +195,13 @@ class Studio:
         shown += ["--prompt", "prompt.mid"] if prompt else []
         job = Job(job_id, self.names[index], server + user, shown, args.seed, folder, label,
                   {**request, "options": options}, owner, edit_label(args, label))  # fmt: skip
-        folder.mkdir()
-        self.queue.submit(job)
+        with self._files_lock:
+            folder.mkdir()
+            try:
+                self.queue.submit(job)
+            except UsageError:
+                folder.rmdir()  # the queue is full: no folder left behind
+                raise
         return job
 
     def _check_limits(self, args, info: dict) -> None:
