@@ -255,6 +255,9 @@ def test_the_page_recovers_when_the_server_dies(browser, held, ckpt, tmp_path):
         page.fill("#opt-seed", "2")
         page.click("#generate")
         status_has(page, "done in")
+        again.stop()  # an idle page notices too (its heartbeat), without a click
+        status_has(page, "the studio stopped (reconnect?)", 15)
+        assert page.is_enabled("#generate")
     finally:
         again.close()
 

@@ -12,6 +12,7 @@ import { buildForm, fillCheckpoint, readOptions, restoreForm, setField } from ".
 import { pianoRoll } from "./roll.js";
 
 const RETRY_MS = 2000;
+const HEARTBEAT_MS = 5000;  // while idle, how often the page checks that the studio still answers
 const state = { config: null, prompt: null, following: null, polling: null, lost: false, jobs: [], busy: false };
 
 function ownerToken() {
@@ -281,6 +282,12 @@ async function refreshHistory() {
   }));
 }
 
+// While no job is followed, a light request now and then: a studio that stopped shows at once, not at the next click.
+async function heartbeat() {
+  if (state.following || state.lost || !state.config) return;
+  try { await api("/api/jobs"); } catch (e) { if (e.lost) setLost(true, main); }
+}
+
 async function main() {
   try {
     state.config = await api("/api/config");
@@ -304,6 +311,9 @@ async function main() {
   fillCheckpoint(state.config.checkpoints[Number($("#checkpoint").value) || 0]);
   status("ready");
   await refreshHistory();
+  if (state.started) return;  // back after the studio was away: the form stays as the person left it
+  state.started = true;
+  setInterval(heartbeat, HEARTBEAT_MS);
   // After a reload: this tab's own latest job, followed while it runs; a new tab has none and starts idle.
   const latest = state.jobs[0];
   if (latest && !state.busy) {
