@@ -3,7 +3,8 @@
 For a checkpoint and a folder of reference pieces (the demo: its validation chorales), ``-n`` free samples with
 the grid mask off, on "positions" (any position of the quarter the training set uses) and on "pairs" (the
 default: a position only after the positions it follows in the training set), and the same from an untrained
-model of the same shape (the floor, grid mask off and pairs). Per set:
+model of the same shape (the floor, grid mask off and pairs); and the pair mask with ``--beat-strengths`` (extra
+notes at an onset favoured on a quarter, disfavoured off it: chords on the beat). Per set:
 
 - on-beat share: notes starting on a beat of their time signature, over all notes of the set (midiforge.measure.beat);
 - off-grid share: notes starting at a position of the quarter that the training set never uses;
@@ -62,8 +63,12 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--beat-strengths", type=lambda t: [float(x) for x in t.split(",") if x], default=[1.0],
+                    help="also the default pair mask with these --beat-strength values (chords on the beat)")  # fmt: skip
     args = ap.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)  # OMP_NUM_THREADS=1 on a shared machine
+    torch.set_num_threads(
+        int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1
+    )  # OMP_NUM_THREADS=1 on a shared machine
     model, tok = ck.load_inference(args.checkpoint)
     grid = tok.onset_grid
     used = grid.used() if grid is not None else np.ones(12, bool)
@@ -71,11 +76,14 @@ def main() -> int:
     floor = untrained_model(model, args.seed)
     lines = [row("reference pieces", ref, used)]
     kw = dict(max_new_tokens=args.max_tokens, num_samples=args.n, seed=args.seed, top_p=args.top_p)
-    for label, m, mode in (("model, grid mask off", model, "off"), ("model, positions", model, "positions"),
-                           ("model, pairs (default)", model, "pairs"), ("untrained floor, off", floor, "off"),
-                           ("untrained floor, pairs", floor, "pairs")):  # fmt: skip
+    beats = [(f"model, pairs, --beat-strength {x:g}", model, "pairs", x) for x in args.beat_strengths]
+    for label, m, mode, beat in (("model, grid mask off", model, "off", 0.0),
+                                 ("model, positions", model, "positions", 0.0),
+                                 ("model, pairs (default)", model, "pairs", 0.0), *beats,
+                                 ("untrained floor, off", floor, "off", 0.0),
+                                 ("untrained floor, pairs", floor, "pairs", 0.0)):  # fmt: skip
         t0 = time.perf_counter()
-        gens = generate(m, tok, grid=mode, **kw)
+        gens = generate(m, tok, grid=mode, beat_strength=beat, **kw)
         lines.append(row(label, [score_to_notes(g.score) for g in gens], used, time.perf_counter() - t0))
     print(f"# bench_beat ({time.strftime('%Y-%m-%d %H:%M')})\n")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__};"

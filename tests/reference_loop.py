@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from midiforge.generate.constraints import combine
+from midiforge.generate.constraints import combine, total_bias
 from midiforge.generate.sampling import MAX_SECONDS_CHECK_EVERY, WINDOW_KEEP, next_token, window_cut
 
 
@@ -47,8 +47,10 @@ def reference_loop(
             feed = torch.cat([pin, feed], dim=1)
         allowed = steer.allowed(ids, len(head), step) if steer is not None else None  # (B, V) or None
         allowed = combine(allowed, rules, banned_mask)
+        rb = total_bias(rules)  # (B, V) or None: the rules' logit biases
+        b = bias if rb is None else (rb if bias is None else bias + rb)
         tok = next_token(
-            model, feed.to(device), cache, banned=banned, allowed=allowed, bias=bias, **sampling
+            model, feed.to(device), cache, banned=banned, allowed=allowed, bias=b, **sampling
         )  # (B,)
         for rule in rules:
             rule.update(tok)

@@ -43,13 +43,13 @@ def eos_prone_model(tok, max_seq_len=64) -> Transformer:
 
 def both_loops(
     model, tok, *, prompt=None, B=3, n=120, max_seconds=None, kv=True, ignore_eos=False, steer=None,
-    controls=None, fast=decode, **s,
+    controls=None, fast=decode, beat=0.0, **s,
 ):  # fmt: skip
     banned = [tok.pad_id, tok.bos_id] + ([tok.eos_id] if ignore_eos else [])
     out = []
     for loop in (reference_loop, fast):
         g = torch.Generator().manual_seed(7)
-        st = None if steer is None else Steering.build(tok, controls, steer, None)
+        st = None if steer is None else Steering.build(tok, controls, steer, None, beat_strength=beat)
         head = prompt_ids(tok, prompt) if st is None else st.head(prompt_ids(tok, prompt))
         with torch.inference_mode():
             ids, stop = loop(model, tok, head, B, n, max_seconds, kv, banned, dict(s, generator=g), "cpu", st)
@@ -74,6 +74,7 @@ def both_loops(
             ignore_eos=True,
             controls={"instruments": "piano,violin", "tempo": 90, "key": "D minor", "time_sig": "3/4"},
         ),
+        dict(steer=0, n=100, B=2, ignore_eos=True, controls={"key": "A minor"}, beat=1.5),  # logit biases
     ],
 )
 def test_decode_gives_the_reference_tokens(tok, kw):

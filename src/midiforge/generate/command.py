@@ -154,6 +154,7 @@ def run(args) -> int:
         min_new_tokens=args.min_new_tokens,
         min_seconds=args.min_seconds,
         grid=args.grid_mask,
+        beat_strength=args.beat_strength,
         compile={"auto": None, "on": True, "off": False}[args.compile],
     )
     elapsed = time.perf_counter() - t0

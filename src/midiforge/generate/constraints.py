@@ -1,7 +1,8 @@
 """Token masks that follow each sample's state: the onset grid (keep the beat) and the opening of requested
 instruments. Both live on the model's device as small tensors, so the decode loop never waits on the host.
 
-Each constraint has ``mask() -> (B, V) bool`` (True = may be drawn next) and ``update(tok (B,))``. Per token they
+Each constraint has ``mask() -> (B, V) bool`` (True = may be drawn next) and ``update(tok (B,))``, and may have
+``bias() -> (B, V) float | None`` (added to the logits: the beat's texture, GridMask). Per token they
 read a few precomputed columns of its base events (:class:`TokenTable`): the time shift it starts with, whether
 it starts a note, and which programs it selects before and after its notes. BPE words begin at time shifts, so a
 token's shifts all come first (checked when the table is built).
@@ -23,7 +24,8 @@ class TokenTable:
     TIMESIG, ``entry_note`` (V,)
     a PITCH comes before any PROGRAM (a note of the program in force), ``first_program`` (V,) the program of
     its first PROGRAM event when that comes before any PITCH (-1: none), ``last_program`` (V,) of its last PROGRAM
-    event (-1: none), ``opens`` (V, 129) the programs a PROGRAM event of it gives a note to."""
+    event (-1: none), ``opens`` (V, 129) the programs a PROGRAM event of it gives a note to, ``notes`` (V,) its
+    PITCH events."""
 
     shift: np.ndarray
     note: np.ndarray
@@ -32,6 +34,7 @@ class TokenTable:
     first_program: np.ndarray
     last_program: np.ndarray
     opens: np.ndarray
+    notes: np.ndarray
 
     @classmethod
     def of(cls, tokenizer) -> TokenTable:
@@ -45,6 +48,7 @@ class TokenTable:
         first_program = np.full(V, -1, np.int64)
         last_program = np.full(V, -1, np.int64)
         opens = np.zeros((V, 129), bool)
+        notes = np.zeros(V, np.int64)
         for i in range(V):  # once per tokenizer (~1-2k tokens of a few events each)
             seq = tokenizer._flat[tokenizer._offs[i] : tokenizer._offs[i + 1]]
             kind, val = v.kind[seq], v.value[seq]
@@ -54,6 +58,7 @@ class TokenTable:
                     f"token {i} has a time shift after another event; constraints need leading shifts"
                 )
             shift[i] = val[is_shift].sum()
+            notes[i] = (kind == k_pitch).sum()
             timesig[i] = (kind == v.k("timesig")).any()
             prog = -1
             for kd, x in zip(kind.tolist(), val.tolist(), strict=True):
@@ -67,7 +72,7 @@ class TokenTable:
                         entry_note[i] = True
                     else:
                         opens[i, prog] = True
-        return cls(shift, note, timesig, entry_note, first_program, last_program, opens)
+        return cls(shift, note, timesig, entry_note, first_program, last_program, opens, notes)
 
 
 class GridMask:
@@ -83,8 +88,13 @@ class GridMask:
     """
 
     def __init__(self, table: TokenTable, allowed: np.ndarray, timesig_ok: np.ndarray, head: list[int], batch: int,
-                 device):  # fmt: skip
+                 device, texture: np.ndarray | None = None):  # fmt: skip
         spq = allowed.shape[1]
+        # (spq,) added to the logit per extra note a token puts at an onset at each position (None: nothing)
+        self.texture = (
+            None if texture is None else torch.as_tensor(texture, dtype=torch.float32, device=device)
+        )
+        self.notes = torch.as_tensor(table.notes, dtype=torch.float32, device=device)  # (V,) notes per token
         self.spq = spq
         self.allowed = torch.as_tensor(allowed, dtype=torch.bool, device=device)  # (spq + 1, spq)
         self.timesig_ok = torch.as_tensor(timesig_ok, dtype=torch.bool, device=device)  # (spq,)
@@ -110,6 +120,17 @@ class GridMask:
         chord = self.fresh[:, None] & ~self.moves[None, :]  # more notes at the onset just made
         ok = ok | chord | self.rest[None, :] | self.still[None, :]
         return ok & (~self.timesig[None, :] | self.timesig_ok[land])
+
+    def bias(self) -> torch.Tensor | None:
+        """(B, V) float: ``texture[b]`` x the notes a token adds to an onset at position b beyond its first
+        (a token that starts an onset: its notes but one; one that adds to the onset just made: all its notes);
+        None without a texture. The chorales attack ~3.9 notes at an onset on the beat and ~1.6 off it."""
+        if self.texture is None:
+            return None
+        land = (self.cur[:, None] + self.step[None, :]) % self.spq  # (B, V)
+        adds = self.fresh[:, None] & ~self.moves[None, :]  # (B, V) notes joining the onset just made
+        extra = torch.where(adds, self.notes[None, :], (self.notes[None, :] - 1).clamp(min=0))  # (B, V)
+        return self.texture[land] * extra
 
     def update(self, tok: torch.Tensor) -> None:
         moved = self.moves[tok]  # (B,)
@@ -186,6 +207,16 @@ class Later:
             self.wait -= 1
         else:
             self.rule.update(tok)
+
+
+def total_bias(rules: list) -> torch.Tensor | None:
+    """(B, V) float: the sum of the rules' logit biases (a rule without ``bias`` adds none), or None."""
+    out = None
+    for rule in rules:
+        b = rule.bias() if hasattr(rule, "bias") else None
+        if b is not None:
+            out = b if out is None else out + b
+    return out
 
 
 def combine(allowed: torch.Tensor | None, rules: list, banned: torch.Tensor) -> torch.Tensor | None:

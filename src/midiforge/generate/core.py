@@ -21,7 +21,7 @@ import torch
 from midiforge.data.fim import sentinel_ids
 from midiforge.errors import UsageError
 from midiforge.generate.decode import decode
-from midiforge.generate.steer import Steering
+from midiforge.generate.steer import DEFAULT_BEAT_STRENGTH, Steering
 from midiforge.generate.streams import RowStreams
 from midiforge.notes.midi import load_score
 from midiforge.notes.scoretime import clip_seconds
@@ -140,6 +140,7 @@ def generate(
     min_new_tokens: int | None = None,
     min_seconds: float | None = None,
     grid: str = "pairs",
+    beat_strength: float | None = None,
     compile: bool | None = None,
 ) -> list[Generation]:
     """Generate ``num_samples`` pieces together (one batch), each continuing ``prompt`` (see :func:`prompt_ids`).
@@ -147,7 +148,8 @@ def generate(
     A sample stops at EOS (unless ``ignore_eos``), after ``max_new_tokens``, or once its new music passes
     ``max_seconds`` after the prompt's end (checked every few tokens; the score is then clipped there: the prompt
     is never cut). ``grid``: the onset grid mask ("pairs", "positions" or "off"; steer.py, constraints.py), on
-    when the checkpoint recorded its training set's grid. Sample k draws from its own stream (seed, k). When the context
+    when the checkpoint recorded its training set's grid; ``beat_strength`` (with the mask) adds that many times
+    the training set's log frequency of each next onset position after the last one to the logits. Sample k draws from its own stream (seed, k). When the context
     fills the model's window (``model.config.max_seq_len``) the oldest tokens are dropped and the cache refilled.
     ``controls``: a Controls or a dict of the CLI spellings (``{"instruments": "piano,bass", "key": "D minor",
     "tempo": 90, "time_sig": "3/4", "density": "low", "polyphony": "high", "tag": "jazz"}``); see steer.py.
@@ -167,7 +169,10 @@ def generate(
     )
     if problems:
         raise UsageError("; ".join(problems))
-    steer = Steering.build(tokenizer, controls, min_new_tokens or 0, min_seconds, grid=grid)
+    beat = DEFAULT_BEAT_STRENGTH if beat_strength is None else beat_strength
+    steer = Steering.build(
+        tokenizer, controls, min_new_tokens or 0, min_seconds, grid=grid, beat_strength=beat
+    )
     steer = steer.with_defaults(prompt is not None, max_new_tokens)
     head = steer.head(prompt_ids(tokenizer, prompt, prompt_bars))
     head_score = tokenizer.decode(head)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from midiforge.generate import stopping
-from midiforge.generate.constraints import combine
+from midiforge.generate.constraints import combine, total_bias
 from midiforge.generate.sampling import MAX_SECONDS_CHECK_EVERY, WINDOW_KEEP, sample, uniforms, window_cut
 from midiforge.model import run_block
 
@@ -245,6 +245,8 @@ def decode(
                 feed = torch.cat([pin, feed], dim=1)
             logits = model(feed, cache, last_only=True)[:, -1, :].float()  # (B, V)
             ok = combine(st.allow, rules, banned_mask) if rules else None  # (B, V) or None
+            rb = total_bias(rules)  # (B, V) or None: the rules' logit biases (the beat's texture)
+            logits = logits if rb is None else logits + rb
             tok = finish_token(st, logits, tokenizer.pad_id, tokenizer.eos_id, **params, ok=ok)
             for rule in rules:
                 rule.update(tok)

@@ -75,7 +75,7 @@ def next_token(
 ) -> torch.Tensor:
     """The next token (B,) after ``idx`` (B, T): the new tokens when ``kv_cache`` holds the ones before.
     ``allowed``: (B, V) or (V,) bool, False = never drawn (steer.py: --instruments, EOS before the minimum);
-    ``bias``: (V,) float added to the logits first (steer.py: the requested key's pull)."""
+    ``bias``: (V,) or (B, V) float added to the logits first (steer.py: the key's pull; the beat's texture)."""
     logits = model(idx, kv_cache, last_only=True)[:, -1, :].float().cpu()  # (B, V), sampled on CPU
     if bias is not None:
         logits = logits + bias.cpu()

@@ -44,6 +44,7 @@ DEFAULT_PROMPT_MIN_TOKENS = (
     128  # with a prompt and no --min-new-tokens/--min-seconds: ~60 notes of continuation
 )
 DEFAULT_KEY_STRENGTH = 1.0  # bench/bench_controls.py --key-strengths measures the alternatives
+DEFAULT_BEAT_STRENGTH = 0.0  # chords on the beat (GridMask.bias; bench/bench_beat.py --beat-strengths)
 HEAD_ORDER = ("time_sig", "key", "tempo")  # the meta events a training piece starts with, in its order
 HEAD_ORDER_KIND = {"time_sig": "timesig", "key": "keysig", "tempo": "tempo"}
 
@@ -90,13 +91,13 @@ def key_bias(tokenizer, key: int, strength: float) -> np.ndarray:
     return (strength * out).astype(np.float32)
 
 
-def parse_strength(value) -> float:
+def parse_strength(value, flag: str = "--key-strength") -> float:
     try:
         x = float(value)
     except (TypeError, ValueError):
         x = float("nan")
     if not (x >= 0 and np.isfinite(x)):
-        raise UsageError(f"--key-strength must be a number >= 0 (got {value!r})")
+        raise UsageError(f"{flag} must be a number >= 0 (got {value!r})")
     return x
 
 
@@ -151,6 +152,7 @@ class Steering:
     base_mask: torch.Tensor | None = None  # (V,) bool, True = may be sampled
     qpm: float | None = None  # the tempo asked for, exactly (controls hold a bin)
     grid: str = "pairs"  # the onset grid mask: "pairs", "positions" or "off" (constraints.GridMask)
+    beat_strength: float = DEFAULT_BEAT_STRENGTH  # logit per extra note at an onset: + on the beat, - off it
     pinned: list[int] = field(default_factory=list)  # the control prefix: kept in the context when it slides
     key_strength: float = DEFAULT_KEY_STRENGTH  # the key's pull on the notes (key_bias); 0 = none
     script: list[torch.Tensor] = field(default_factory=list)  # (V,) bool: the tokens allowed at new token i
@@ -158,9 +160,10 @@ class Steering:
 
     @classmethod
     def build(cls, tokenizer, controls=None, min_new_tokens: int = 0, min_seconds: float | None = None,
-              grid: str = "pairs"):  # fmt: skip
+              grid: str = "pairs", beat_strength: float = DEFAULT_BEAT_STRENGTH):  # fmt: skip
         if grid not in GRID_MODES:
             raise UsageError(f"grid mask must be one of {', '.join(GRID_MODES)} (got {grid!r})")
+        beat_strength = parse_strength(beat_strength, "--beat-strength")
         strength = DEFAULT_KEY_STRENGTH
         if isinstance(controls, dict) and "key_strength" in controls:
             controls = dict(controls)
@@ -173,7 +176,8 @@ class Steering:
                 "this checkpoint was trained before controls existed: generate without --instruments, --tempo,"
                 " --time-sig, --key, --density, --polyphony and --tag (or train a new model)"
             )
-        s = cls(tokenizer, c, int(min_new_tokens or 0), min_seconds, grid=grid, key_strength=strength)
+        s = cls(tokenizer, c, int(min_new_tokens or 0), min_seconds, grid=grid, key_strength=strength,
+                beat_strength=beat_strength)  # fmt: skip
         s.qpm = exact_qpm(controls, c)
         if tokenizer.has_controls:  # control events are the user's to give, never the model's to sample
             masks = token_kind_masks(tokenizer)
@@ -262,7 +266,12 @@ class Steering:
         table = TokenTable.of(self.tokenizer)
         out = []
         if grid is not None and self.grid != "off":
-            out.append(GridMask(table, grid.allowed(self.grid), grid.timesig_allowed(), head, batch, device))
+            texture = None
+            if self.beat_strength:  # chords on the beat, single notes off it
+                texture = np.where(np.arange(grid.steps_per_quarter) == 0, 1.0, -1.0) * self.beat_strength
+            out.append(
+                GridMask(table, grid.allowed(self.grid), grid.timesig_allowed(), head, batch, device, texture)
+            )
         if opening:
             opener = OpenInstruments(
                 table, c.instruments, c.instruments[0], batch, self.tokenizer.eos_id, device
@@ -338,6 +347,14 @@ def add_arguments(p) -> None:
         help="start notes only where the training set does: 'pairs' (default) allows a position of the quarter"
         " only after the positions it follows in the training set, 'positions' any position it uses; 'off'"
         " allows all (checkpoints that recorded no grid: always off)",
+    )
+    g.add_argument(
+        "--beat-strength",
+        type=float,
+        default=DEFAULT_BEAT_STRENGTH,
+        metavar="X",
+        help="with the grid mask: chords on the beat, single notes off it (X added to the logit per extra note at"
+        f" an onset on a quarter, taken off elsewhere; 0: none; default {DEFAULT_BEAT_STRENGTH:g})",
     )
     g.add_argument(
         "--min-new-tokens",
