@@ -8,7 +8,8 @@ notes at an onset favoured on a quarter, disfavoured off it: chords on the beat)
 
 - on-beat share: notes starting on a beat of their time signature, over all notes of the set (midiforge.measure.beat);
 - off-grid share: notes starting at a position of the quarter that the training set never uses;
-- beatless: pieces with a stretch of at least a quarter of their beats with no note starting on a beat.
+- beatless: pieces with a stretch of at least a quarter of their beats with no note starting on a beat;
+- notes per onset, on and off the beat (the chorales attack chords on the beat, single notes off it).
 
     .venv/bin/python bench/bench_beat.py demo/ckpt demo/json/val -n 20 --seed 1
 
@@ -43,16 +44,21 @@ GOALS = {"on_beat": ">= 0.75", "off_grid": "<= 0.01"}
 
 def row(name: str, tables: list, used: np.ndarray, seconds: float | None = None) -> str:
     on = total = off = beatless = 0
+    onsets = np.zeros(2, np.int64)  # onsets off / on a beat (an onset is on a beat when its notes are)
     for n in tables:
         if len(n) == 0:
             continue
-        on += int(on_beat(n).sum())
+        b = on_beat(n)
+        on += int(b.sum())
         off += int((~used[note_steps(n) % 12]).sum())
         total += len(n)
         beatless += longest_beatless(n) >= 0.25
+        _, first = np.unique(note_steps(n), return_index=True)
+        onsets += np.bincount(b[first].astype(np.int64), minlength=2)
     t = "" if seconds is None else f"{seconds:.0f}"
+    per = f"{on / max(onsets[1], 1):.2f} / {(total - on) / max(onsets[0], 1):.2f}"
     return (f"| {name} | {len(tables)} | {total} | {on / max(total, 1):.2f} | {off / max(total, 1):.3f} |"
-            f" {beatless} of {len(tables)} | {t} |")  # fmt: skip
+            f" {beatless} of {len(tables)} | {per} | {t} |")  # fmt: skip
 
 
 def main() -> int:
@@ -92,9 +98,10 @@ def main() -> int:
           f" set, --seed {args.seed}, --max-tokens {args.max_tokens}, top-p {args.top_p}; training-set positions"
           f" of the quarter (of 12): {np.flatnonzero(used).tolist()}\n")  # fmt: skip
     print(
-        "| set | pieces | notes | on-beat share | off-grid share | beatless >= 1/4 of the piece | seconds |"
+        "| set | pieces | notes | on-beat share | off-grid share | beatless >= 1/4 of the piece | notes per onset"
+        " on / off the beat | seconds |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(lines))
     print(f"\ngoals (issue 18): on-beat share {GOALS['on_beat']}, off-grid share {GOALS['off_grid']}")
     return 0
