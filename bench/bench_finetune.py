@@ -274,9 +274,10 @@ def report(args, runs: dict, mem: list[dict]) -> None:
         print(f"| {r['group']}{mark} | {lr:g} | {r['folk']:.3f} | {r['folk'] / scratch - 1:+.1%} |"
               f" {r['folk'] / full - 1:+.1%} | {r['pre']:.3f} ({r['pre'] - base_pre:+.3f}) |"
               f" {n:,} ({n / total:.2%}) | {r['peak_mb']:.0f} MB |")  # fmt: skip
-    print(f"\nPeak training memory (bench/finetune_memory.py: ru_maxrss during {3} AdamW steps on 8 x"
-          f" {args.window} tokens minus the resident size before them; rank {args.rank} on"
-          f" {'+'.join(lora.DEFAULT_TARGETS)}):\n")  # fmt: skip
+    print(f"\nPeak training memory (bench/finetune_memory.py, a fresh process each: peak resident size (VmHWM)"
+          f" during 3 AdamW steps on 8 x {args.window} tokens minus the resident size before them; rank"
+          f" {args.rank} on {'+'.join(lora.DEFAULT_TARGETS)}). The `train` column above is wait4's ru_maxrss of"
+          " the whole process (interpreter, data, model), which is never below the bench's own size at the fork.\n")  # fmt: skip
     print("| preset | parameters | full fine-tune | LoRA | LoRA trains |\n|---|---|---|---|---|")
     by = {(m["preset"], m["variant"]): m for m in mem}
     for preset in dict.fromkeys(m["preset"] for m in mem):

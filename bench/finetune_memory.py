@@ -6,10 +6,11 @@ Prints one JSON line. The model is built at the preset (the weights' values do n
 trainable as the variant would be (``full``: every parameter; ``lora``: :func:`midiforge.lora.attach`, the base
 frozen), and trained for a few optimizer steps by our :class:`~midiforge.train.trainer.Trainer` (AdamW, gradient
 clipping) on a fixed batch the shape of the bench's (8 windows of 256 tokens). The figure is the peak resident
-set size (``getrusage`` ru_maxrss, the kernel's high-water mark) during those steps minus the resident size just
+set size during those steps (the kernel's high-water mark, VmHWM, reset just before them) minus the resident size
 before them (after one tiny forward and backward pass that loads what torch loads lazily): what training adds
 on top of the model and the interpreter -- activations kept for backward, gradients, optimizer state. tracemalloc cannot see torch's CPU tensors and torch has no CPU allocator
-statistics, so the kernel's count is the one that sees everything.
+statistics, so the kernel's count is the one that sees everything. Not ``getrusage``'s ru_maxrss: a process keeps
+the ru_maxrss of the process it was forked from (the bench, several hundred MB after scoring) across exec.
 """
 
 from __future__ import annotations
@@ -18,18 +19,21 @@ import argparse
 import gc
 import json
 import os
-import resource
 
 import torch
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def status_mb(field: str) -> float:
+    """A ``/proc/self/status`` figure (VmRSS: resident now; VmHWM: the peak since exec or the last reset)."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith(field + ":"))
+    return int(line.split()[1]) / 1024  # kB
 
 
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def reset_peak() -> None:
+    """Set VmHWM back to the current resident size (``clear_refs`` 5, Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def main() -> None:
@@ -68,17 +72,19 @@ def main() -> None:
     trainer.model(x[:1, :8]).sum().backward()
     model.zero_grad(set_to_none=True)
     gc.collect()
-    before = rss_mb()
+    before = status_mb("VmRSS")
+    reset_peak()
     for _ in range(args.steps):
         trainer.train_step(x, y, float(x.numel()))
+    peak = status_mb("VmHWM")
     out = {
         "preset": args.preset,
         "variant": args.variant,
         "parameters": total,
         "trains": trains,
         "rss_before_mb": round(before, 1),
-        "peak_mb": round(peak_mb(), 1),
-        "training_peak_mb": round(peak_mb() - before, 1),
+        "peak_mb": round(peak, 1),
+        "training_peak_mb": round(peak - before, 1),
     }
     print(json.dumps(out))
 

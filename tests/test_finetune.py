@@ -134,6 +134,13 @@ def test_freeze_keeps_the_embedding_and_the_first_blocks(base, tmp_path):
         else:
             assert torch.equal(w[k], b[k]), k
     assert not torch.equal(w["blocks.1.mlp.up.weight"], b["blocks.1.mlp.up.weight"])
+    # --freeze 0: the embedding (and the tied head) only
+    assert _finetune(base, tmp_path / "fz0", "--freeze", "0", "-l", "1e-2", "--max-steps", "1", epochs=1) == 0
+    w0 = ck.load(tmp_path / "fz0").model
+    keep = torch.ones(len(b["tok_emb.weight"]), dtype=torch.bool)
+    keep[new_row] = False
+    assert torch.equal(w0["tok_emb.weight"][keep], b["tok_emb.weight"][keep])
+    assert not torch.equal(w0["blocks.0.mlp.up.weight"], b["blocks.0.mlp.up.weight"])
 
 
 def test_lora_trains_only_adapters_and_merges_to_the_same_logits(base, tmp_path, capsys):

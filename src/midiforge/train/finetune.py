@@ -153,7 +153,7 @@ def prepare(model: torch.nn.Module, setup, tok) -> str:
         lora.attach(model, rec["rank"], rec["alpha"], rec["targets"])
         n, total = lora.trainable_parameters(model), sum(p.numel() for p in model.parameters())
         line += f"; LoRA rank {rec['rank']}: {n:,} trainable parameters ({n / total:.2%})"
-    if cfg.freeze:
+    if cfg.freeze is not None:  # --freeze 0: the embedding (and tied head) only
         freeze(model, cfg.freeze)
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         line += f"; embedding and {cfg.freeze} blocks frozen, {n:,} parameters train"
