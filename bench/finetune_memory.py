@@ -8,9 +8,10 @@ frozen), and trained for a few optimizer steps by our :class:`~midiforge.train.t
 clipping) on a fixed batch the shape of the bench's (8 windows of 256 tokens). The figure is the peak resident
 set size during those steps (the kernel's high-water mark, VmHWM, reset just before them) minus the resident size
 before them (after one tiny forward and backward pass that loads what torch loads lazily): what training adds
-on top of the model and the interpreter -- activations kept for backward, gradients, optimizer state. tracemalloc cannot see torch's CPU tensors and torch has no CPU allocator
-statistics, so the kernel's count is the one that sees everything. Not ``getrusage``'s ru_maxrss: a process keeps
-the ru_maxrss of the process it was forked from (the bench, several hundred MB after scoring) across exec.
+on top of the model and the interpreter -- activations kept for backward, gradients, optimizer state.
+tracemalloc cannot see torch's CPU tensors and torch has no CPU allocator statistics, so the kernel's count is the
+one that sees everything. Not ``getrusage``'s ru_maxrss: a process keeps the ru_maxrss of the process it was
+forked from (the bench, several hundred MB after scoring) across exec.
 """
 
 from __future__ import annotations
