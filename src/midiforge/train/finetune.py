@@ -98,7 +98,9 @@ def option_problems(cfg, n_layer: int | None, errors: list[str]) -> None:
             errors.append("--lora and --freeze exclude each other (LoRA keeps every base weight fixed)")
     if cfg.lora_alpha is not None and not cfg.lora_alpha > 0:
         errors.append(f"--lora-alpha must be positive, got {cfg.lora_alpha}")
-    bad = [str(t) for t in cfg.lora_targets or () if str(t) not in lora.TARGETS]  # list options parse as paths
+    bad = [
+        str(t) for t in cfg.lora_targets or () if str(t) not in lora.TARGETS
+    ]  # list options parse as paths
     if bad:
         errors.append(f"--lora-targets: unknown {', '.join(bad)}; choose from {', '.join(lora.TARGETS)}")
     if cfg.freeze is not None and not 0 <= cfg.freeze <= (n_layer if n_layer is not None else cfg.freeze):
