@@ -33,6 +33,8 @@ const LABELS = {
   min_new_tokens: ["At least this many tokens", "advanced"],
   min_seconds: ["At least this many seconds", "advanced"],
   grid_mask: ["Onset grid", "advanced"],
+  beat_strength: ["Chords on the beat (strength)", "advanced"],
+  key_strength: ["Pull of the key on the notes", "advanced"],
   check_copies: ["Check for copies of the training set", "advanced"],
   copy_threshold: ["Copy threshold (notes)", "advanced"],
   dtype: ["Precision", "advanced"],
