@@ -120,6 +120,20 @@ def close_last_note(tokenizer, ids: list[int]) -> list[int]:
 
 
 @torch.inference_mode()
+def _seconds_limit(tokenizer, head: list[int], max_seconds: float | None) -> float | None:
+    """Where ``max_seconds`` of new music end, in seconds from the start: the prompt's own seconds don't count."""
+    if max_seconds is None:
+        return None
+    head_score = tokenizer.decode(head)
+    return (float(head_score.to("second").end()) if head_score.note_num() else 0.0) + max_seconds
+
+
+def _banned_ids(tokenizer, ignore_eos: bool) -> list[int]:
+    """Tokens never drawn: PAD, BOS, EOS with ``ignore_eos``, and the infilling sentinels (infill.py's inputs only)."""
+    banned = [tokenizer.pad_id, tokenizer.bos_id] + ([tokenizer.eos_id] if ignore_eos else [])
+    return banned + sentinel_ids(tokenizer).tolist()
+
+
 def generate(
     model: torch.nn.Module,
     tokenizer,
@@ -149,8 +163,8 @@ def generate(
     ``max_seconds`` after the prompt's end (checked every few tokens; the score is then clipped there: the prompt
     is never cut). ``grid``: the onset grid mask ("pairs", "positions" or "off"; steer.py, constraints.py), on
     when the checkpoint recorded its training set's grid; ``beat_strength`` (with the mask) adds that many times
-    the training set's log frequency of each next onset position after the last one to the logits. Sample k draws from its own stream (seed, k). When the context
-    fills the model's window (``model.config.max_seq_len``) the oldest tokens are dropped and the cache refilled.
+    the training set's log frequency of each next onset position after the last one to the logits. Sample k
+    draws from its own stream (seed, k). When the context fills the model's window (``model.config.max_seq_len``) the oldest tokens are dropped and the cache refilled.
     ``controls``: a Controls or a dict of the CLI spellings (``{"instruments": "piano,bass", "key": "D minor",
     "tempo": 90, "time_sig": "3/4", "density": "low", "polyphony": "high", "tag": "jazz"}``); see steer.py.
     ``compile`` (CUDA): compile the captured token step first (default: yes on CUDA; see decode.py).
@@ -175,31 +189,18 @@ def generate(
     )
     steer = steer.with_defaults(prompt is not None, max_new_tokens)
     head = steer.head(prompt_ids(tokenizer, prompt, prompt_bars))
-    head_score = tokenizer.decode(head)
-    head_end = float(head_score.to("second").end()) if head_score.note_num() else 0.0
-    limit = None if max_seconds is None else head_end + max_seconds  # the prompt's own seconds don't count
+    limit = _seconds_limit(tokenizer, head, max_seconds)
     generator = RowStreams(int(torch.seed()) if seed is None else seed)  # sample k: stream (seed, k)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    banned = [tokenizer.pad_id, tokenizer.bos_id] + ([tokenizer.eos_id] if ignore_eos else [])
-    banned += sentinel_ids(tokenizer).tolist()  # the infilling sentinels belong to infill.py's inputs only
+    banned = _banned_ids(tokenizer, ignore_eos)
     B = num_samples
     was_training = model.training
     model.eval()
     try:
         ids, stop = decode(
-            model,
-            tokenizer,
-            head,
-            B,
-            max_new_tokens,
-            limit,
-            use_kv_cache,
-            banned,
-            sampling,
-            device,
-            steer,
+            model, tokenizer, head, B, max_new_tokens, limit, use_kv_cache, banned, sampling, device, steer,
             compile=compile,
-        )
+        )  # fmt: skip
     finally:
         model.train(was_training)
 
