@@ -64,22 +64,10 @@ def hf_llama(config, device: torch.device, dtype=None):
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:
         return None
+    from midiforge.export import llama_shape
+
     cfg = LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.d_model,
-        intermediate_size=config.d_ff,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head,
-        num_key_value_heads=config.n_head,
-        max_position_embeddings=config.max_seq_len,
-        rms_norm_eps=1e-6,
-        rope_theta=config.rope_base,
-        tie_word_embeddings=True,
-        attention_dropout=0.0,
-        attn_implementation="sdpa",
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        **llama_shape(config), attn_implementation="sdpa", bos_token_id=1, eos_token_id=2, pad_token_id=0
     )
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 

@@ -60,11 +60,10 @@ def hf_state_dict(model) -> dict:
     return {k: t.detach().to("cpu").contiguous().clone() for k, t in out.items()}
 
 
-def hf_config(model_cfg, tok, provenance: dict) -> dict:
-    """config.json of a LlamaForCausalLM of our shape (no grouped-query attention, no biases)."""
+def llama_shape(model_cfg) -> dict:
+    """LlamaConfig fields of our shape (no grouped-query attention, no biases, tied head): the one mapping that
+    the export and the benches' Hugging Face twin (bench/benchlib.hf_llama) both use."""
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
         "vocab_size": model_cfg.vocab_size,
         "hidden_size": model_cfg.d_model,
         "intermediate_size": model_cfg.d_ff,
@@ -81,6 +80,15 @@ def hf_config(model_cfg, tok, provenance: dict) -> dict:
         "mlp_bias": False,
         "attention_dropout": 0.0,
         "tie_word_embeddings": True,
+    }
+
+
+def hf_config(model_cfg, tok, provenance: dict) -> dict:
+    """config.json of a LlamaForCausalLM of our shape."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **llama_shape(model_cfg),
         "initializer_range": 0.02,
         "use_cache": True,
         "bos_token_id": tok.bos_id,
