@@ -132,6 +132,22 @@ def tiny_model(tok, max_seq_len: int, seed: int = 0, n_layer: int = 1):
     return Transformer(cfg).eval()
 
 
+@pytest.fixture(scope="module")
+def bpe_tok(tmp_path_factory):
+    """A BPE tokenizer whose merged tokens carry PROGRAM events of several programs (0, 33, 40, drums)."""
+    from midiforge.tokens.tokenizer import MidiTokenizer
+
+    root = tmp_path_factory.mktemp("bpe")
+    paths = []
+    for i in range(4):
+        p = root / f"p{i}.mid"
+        make_score(seed=i, num_notes=150, programs=(0, 33, 40)).dump_midi(str(p))
+        paths.append(str(p))
+    tok = MidiTokenizer()
+    tok.train_bpe(paths, len(tok) + 300)
+    return tok
+
+
 @pytest.fixture(scope="session")
 def studio_ckpt(tmp_path_factory) -> Path:
     """The studio tests' tiny checkpoint (test_studio.train_tiny), trained once for all three studio files."""

@@ -12,6 +12,7 @@ import symusic
 import torch
 from conftest import corpus_dir
 from conftest import tiny_model as _tiny_model
+from favouring import Favouring
 
 from midiforge.cli import main
 from midiforge.generate import infill
@@ -28,25 +29,11 @@ def tok():
     return MidiTokenizer()
 
 
-class Favouring(torch.nn.Module):
+def favouring(tok, pick, seed=0, max_seq_len=64) -> Favouring:
     """An untrained model whose logits favour the tokens whose base events pass ``pick`` by +50."""
-
-    def __init__(self, tok, pick, seed=0, max_seq_len=64):
-        super().__init__()
-        self.model = tiny_model(tok, seed=seed, max_seq_len=max_seq_len)
-        self.config = self.model.config
-        v = tok.vocab
-        self.ids = [
-            i for i in range(len(tok)) if any(pick(v.kind[e], v.value[e], v) for e in _events(tok, i))
-        ]
-
-    def new_kv_cache(self, *a, **k):
-        return self.model.new_kv_cache(*a, **k)
-
-    def forward(self, idx, kv_cache=None, last_only=False):
-        logits = self.model(idx, kv_cache, last_only=last_only).clone()
-        logits[..., self.ids] += 50.0
-        return logits
+    v = tok.vocab
+    ids = [i for i in range(len(tok)) if any(pick(v.kind[e], v.value[e], v) for e in _events(tok, i))]
+    return Favouring(tiny_model(tok, seed=seed, max_seq_len=max_seq_len), ids)
 
 
 def _events(tok, i):
@@ -123,7 +110,7 @@ SATB = [(55, 74), (48, 67), (40, 60)]
 
 @pytest.mark.parametrize("pick", [None, high_pitches, long_notes, chord_tokens])
 def test_voices_keep_the_rules_whatever_the_model(tok, pick):
-    model = tiny_model(tok) if pick is None else Favouring(tok, pick)
+    model = tiny_model(tok) if pick is None else favouring(tok, pick)
     given = melody()
     for seed in range(2):
         out = infill.edit(model, tok, given, infill.Request(harmonize="3"), seed=seed, max_new_tokens=300)
@@ -133,7 +120,7 @@ def test_voices_keep_the_rules_whatever_the_model(tok, pick):
 def test_voice_ranges_and_count_are_the_users(tok):
     given = melody(24)
     request = infill.Request(harmonize="2", voice_ranges="C4-A4,40-52")
-    out = infill.edit(Favouring(tok, high_pitches), tok, given, request, seed=0, max_new_tokens=200)
+    out = infill.edit(favouring(tok, high_pitches), tok, given, request, seed=0, max_new_tokens=200)
     check_voices(out, given, ["Tenor", "Bass"], [(60, 69), (40, 52)])
 
 
@@ -224,7 +211,7 @@ def test_a_continued_prompt_comes_back_as_stored(tok):
     v = tok.vocab
     assert v.kind[tok.base_events(plain)[-1]] == v.k("pitch")  # the case: the prompt ends on a bare PITCH
     ref = tok.decode([tok.bos_id, *plain])
-    model = Favouring(tok, lambda k, x, v: k == v.k("duration") and v.durations[x] >= 60)
+    model = favouring(tok, lambda k, x, v: k == v.k("duration") and v.durations[x] >= 60)
     for g in generate(model, tok, score, prompt_bars=8, max_new_tokens=6, num_samples=3, seed=0):
         assert tok.base_events(g.ids[len(head) :]).size and g.ids[: len(head)] == head
         kept = tok.decode(head)
@@ -246,7 +233,7 @@ def test_infilled_notes_end_by_the_span_end(tok):
             or (k == v.k("duration") and v.durations[x] == 96)
         )
 
-    model = Favouring(tok, pick, max_seq_len=256)
+    model = favouring(tok, pick, max_seq_len=256)
     out = infill.edit(model, tok, given, infill.Request(infill=["5-8"]), seed=0, max_new_tokens=120)
     new = [n for t in out.tracks for n in t.notes if lo <= n.time < hi]
     assert new and all(n.time + n.duration <= hi for n in new)

@@ -13,6 +13,7 @@ import symusic
 import torch
 from conftest import corpus_dir
 from conftest import tiny_model as _tiny_model
+from favouring import Favouring
 
 from midiforge.cli import main
 from midiforge.data import fim
@@ -33,22 +34,6 @@ def tok() -> MidiTokenizer:
 
 
 tiny_model = functools.partial(_tiny_model, max_seq_len=96)
-
-
-class Favouring(torch.nn.Module):
-    """A model whose logits favour some token ids by far (+50) at every position."""
-
-    def __init__(self, model, ids):
-        super().__init__()
-        self.model, self.config, self.ids = model, model.config, list(ids)
-
-    def new_kv_cache(self, *a, **k):
-        return self.model.new_kv_cache(*a, **k)
-
-    def forward(self, idx, kv_cache=None, last_only=False):
-        logits = self.model(idx, kv_cache, last_only=last_only).clone()
-        logits[..., self.ids] += 50.0
-        return logits
 
 
 def pop(name="001.mid"):

@@ -14,24 +14,9 @@ from conftest import tiny_model as _tiny_model
 from midiforge.generate import generate
 from midiforge.notes.midi import score_to_notes
 from midiforge.tokens.controls import measure, signature_of_key
-from midiforge.tokens.tokenizer import MidiTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 tiny_model = functools.partial(_tiny_model, max_seq_len=96)
-
-
-@pytest.fixture(scope="module")
-def bpe_tok(tmp_path_factory) -> MidiTokenizer:
-    """A BPE tokenizer whose merged tokens carry PROGRAM events of several programs (0, 33, 40, drums)."""
-    root = tmp_path_factory.mktemp("bpe")
-    paths = []
-    for i in range(4):
-        p = root / f"p{i}.mid"
-        make_score(seed=i, num_notes=150, programs=(0, 33, 40)).dump_midi(str(p))
-        paths.append(str(p))
-    tok = MidiTokenizer()
-    tok.train_bpe(paths, len(tok) + 300)
-    return tok
 
 
 def programs_of(score) -> dict[int, int]:

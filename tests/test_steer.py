@@ -28,20 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ckpt_v1"
 
 
-@pytest.fixture(scope="module")
-def bpe_tok(tmp_path_factory) -> MidiTokenizer:
-    """A BPE tokenizer whose merged tokens carry PROGRAM events of several programs (0, 33, 40, drums)."""
-    root = tmp_path_factory.mktemp("bpe")
-    paths = []
-    for i in range(4):
-        p = root / f"p{i}.mid"
-        make_score(seed=i, num_notes=150, programs=(0, 33, 40)).dump_midi(str(p))
-        paths.append(str(p))
-    tok = MidiTokenizer()
-    tok.train_bpe(paths, len(tok) + 300)
-    return tok
-
-
 tiny_model = functools.partial(_tiny_model, max_seq_len=96)
 
 
