@@ -16,11 +16,18 @@ bits per second (total negative log-likelihood over the notes of the source file
 over their length in seconds) per seed, their mean and spread. Those compare across tokenizers; bits per token
 and perplexity do not.
 
+Two tables per corpus: the held-out bits at the end of training, and at the step where the run's validation
+pieces (never the held-out ones) scored best, checked every ``--check-every`` steps. On a small corpus such as
+the 328 training chorales, 300 steps are ~15 passes over a short stream, and a stream that writes the same music
+in fewer tokens passes over it more often and overfits sooner: the end-of-training figure then measures
+overfitting, and early stopping, which anyone training would use, measures the stream.
+
     .venv/bin/python bench/bench_quality.py --seeds 0 1 2                      # POP909, ~45 min on 2 cores
     .venv/bin/python bench/bench_quality.py --seeds 0 1 2 --corpus demo/midi   # the demo's chorales
 
-A corpus folder with ``train/`` and ``val/`` inside (the demo's layout) is split that way; any other folder by
-name: the first ``--train`` files train, the next ``--test`` are held out. ``--results FILE`` keeps every
+A corpus folder with ``train/`` and ``val/`` inside (the demo's layout) trains on ``train/`` and deals ``val/``
+alternately into held-out and validation pieces; any other folder by name: the first ``--train`` files train,
+the next ``--test`` are held out, the next ``--val`` validate. ``--results FILE`` keeps every
 (corpus, row, seed) result as a JSON line and reuses the ones already there, so seeds can run in separate
 processes and one last call prints the whole table (``--report-only``: print it, train nothing). Needs MidiTok
 3.1 (the dev extra).
@@ -98,7 +105,12 @@ def full(ids: np.ndarray) -> np.ndarray:
     return np.concatenate([[1], ids, [2]])  # BOS ... EOS (ids 1 and 2 in both vocabularies)
 
 
-def train_model(seqs: list[np.ndarray], vocab: int, args, seed: int) -> tuple[Transformer, float]:
+def train_model(seqs: list[np.ndarray], vocab: int, args, seed: int, check=None) -> tuple[Transformer, dict]:
+    """Train; every ``--check-every`` steps (and at the end) ``check(model)`` gives validation bits per note.
+
+    Returns the model as it ends and what the checks found: the curve, the best step and the weights at that step
+    (a copy of the state dict, the size of the tiny model), so that a stream that overfits a small corpus is
+    also judged where it was best, as anyone training it would stop it."""
     torch.manual_seed(seed)
     shape = dict(PRESETS[args.preset])
     model = Transformer(ModelConfig(vocab_size=vocab, max_seq_len=args.context, dropout=0.0, **shape))
@@ -114,6 +126,7 @@ def train_model(seqs: list[np.ndarray], vocab: int, args, seed: int) -> tuple[Tr
     pieces = [full(s) for s in seqs]
     weights = np.asarray([max(1, len(p) - args.context) for p in pieces], np.float64)
     rng = np.random.default_rng(seed)
+    found = {"curve": [], "best_step": None, "best_val": math.inf, "best_state": None, "check_s": 0.0}
     model.train()
     t0 = time.perf_counter()
     for step in range(args.steps):
@@ -133,7 +146,19 @@ def train_model(seqs: list[np.ndarray], vocab: int, args, seed: int) -> tuple[Tr
         sched.step()
         if (step + 1) % max(1, args.steps // 5) == 0:
             print(f"  step {step + 1}/{args.steps}: loss {loss.item():.3f}", file=sys.stderr, flush=True)
-    return model.eval(), time.perf_counter() - t0
+        if check is not None and ((step + 1) % args.check_every == 0 or step + 1 == args.steps):
+            # Scoring needs no gradient and draws no random number (no dropout, its own windows): the run's
+            # batches and weights are the same with or without checks, so its end figures are too.
+            t = time.perf_counter()
+            val = check(model.eval())
+            model.train()
+            found["check_s"] += time.perf_counter() - t
+            found["curve"].append([step + 1, val])
+            if val < found["best_val"]:
+                found["best_val"], found["best_step"] = val, step + 1
+                found["best_state"] = {k: v.clone() for k, v in model.state_dict().items()}
+    found["train_s"] = time.perf_counter() - t0 - found["check_s"]
+    return model.eval(), found
 
 
 def held_out(model, seqs: list[np.ndarray], notes: list[int], seconds: list[float], context: int) -> dict:
@@ -151,19 +176,27 @@ def held_out(model, seqs: list[np.ndarray], notes: list[int], seconds: list[floa
     }
 
 
-def split(corpus: Path, n_train: int, n_test: int) -> tuple[list[Path], list[Path]]:
-    """(training files, held-out files): the demo's train/ and val/ folders, or a fixed split by name."""
+def split(corpus: Path, args) -> tuple[list[Path], list[Path], list[Path]]:
+    """(training, held-out, validation) files. The demo's layout: train/, and its val/ folder (split by tune from
+    train/) dealt alternately into held-out and validation pieces; any other folder by name: the first ``--train``
+    files, the next ``--test``, the next ``--val``. The validation pieces only choose the early-stopping step."""
     if (corpus / "train").is_dir() and (corpus / "val").is_dir():
-        return sorted((corpus / "train").glob("*.mid")), sorted((corpus / "val").glob("*.mid"))
+        held = sorted((corpus / "val").glob("*.mid"))
+        return sorted((corpus / "train").glob("*.mid")), held[0::2], held[1::2]
     files = sorted(corpus.glob("*.mid"))
-    if len(files) < n_train + n_test:
-        sys.exit(f"{corpus}: {len(files)} MIDI files, need {n_train + n_test}")
-    return files[:n_train], files[n_train : n_train + n_test]
+    n_train, n_test, n_val = args.train, args.test, args.val
+    if len(files) < n_train + n_test + n_val:
+        sys.exit(f"{corpus}: {len(files)} MIDI files, need {n_train + n_test + n_val}")
+    return (
+        files[:n_train],
+        files[n_train : n_train + n_test],
+        files[n_train + n_test : n_train + n_test + n_val],
+    )
 
 
 def settings(args) -> dict:
     """What a result depends on besides corpus, row and seed: a saved result is reused only when these match."""
-    keys = ("train", "test", "vocab", "preset", "context", "batch", "steps", "lr")
+    keys = ("train", "test", "val", "check_every", "vocab", "preset", "context", "batch", "steps", "lr")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -174,14 +207,16 @@ def load_results(path: Path | None) -> list[dict]:
 
 
 def run_corpus(corpus: Path, args, saved: list[dict]) -> list[dict]:
-    train, test = split(corpus, args.train, args.test)
+    train, test, val = split(corpus, args)
     tables = [read_notes(f) for f in test]
     notes, seconds = [len(t) for t in tables], [piece_seconds(t) for t in tables]
+    val_tables = [read_notes(f) for f in val]
+    val_notes, val_seconds = [len(t) for t in val_tables], [piece_seconds(t) for t in val_tables]
     print(
         f"{corpus.name}: {len(train)} training pieces ({train[0].name}..{train[-1].name}), {len(test)} held out"
-        f" ({sum(notes)} notes, {sum(seconds) / 60:.1f} min); preset {args.preset}, context {args.context},"
-        f" {args.steps} steps x {args.batch} windows = {args.steps * args.batch * args.context:,} tokens each,"
-        f" lr {args.lr}, vocabulary {args.vocab}",
+        f" ({sum(notes)} notes, {sum(seconds) / 60:.1f} min), {len(val)} for validation ({sum(val_notes)} notes);"
+        f" preset {args.preset}, context {args.context}, {args.steps} steps x {args.batch} windows ="
+        f" {args.steps * args.batch * args.context:,} tokens each, lr {args.lr}, vocabulary {args.vocab}",
         file=sys.stderr,
     )
     here = settings(args)
@@ -195,14 +230,28 @@ def run_corpus(corpus: Path, args, saved: list[dict]) -> list[dict]:
         if not todo or args.report_only:
             continue
         t0 = time.perf_counter()
-        vocab, tr, te = tokenize(row, train, test, args.vocab)
+        vocab, tr, held = tokenize(row, train, test + val, args.vocab)
+        te, va = held[: len(test)], held[len(test) :]
         print(
             f"{ROWS[row]}: vocabulary {vocab}, tokenized in {time.perf_counter() - t0:.0f} s", file=sys.stderr
         )
+
+        def check(model, va=va):
+            return held_out(model, va, val_notes, val_seconds, args.context)["bits_per_note"]
+
         for seed, key in todo:
-            model, t_train = train_model(tr, vocab, args, seed)
-            rec = {**key, "vocab": vocab, "train_tokens": sum(int(s.size) for s in tr), "train_s": t_train}
-            rec |= held_out(model, te, notes, seconds, args.context)
+            model, found = train_model(tr, vocab, args, seed, check)
+            rec = {
+                **key,
+                "vocab": vocab,
+                "train_tokens": sum(int(s.size) for s in tr),
+                "train_s": found["train_s"],
+            }
+            rec |= held_out(model, te, notes, seconds, args.context)  # at the end of training
+            model.load_state_dict(found["best_state"])
+            best = held_out(model, te, notes, seconds, args.context)  # at the best validation step
+            rec |= {f"best_{k}": v for k, v in best.items()}
+            rec |= {"best_step": found["best_step"], "val_curve": found["curve"]}
             if args.results is not None:
                 with open(args.results, "a") as f:  # one line per result: a crash keeps what was done
                     f.write(json.dumps(rec) + "\n")
@@ -210,27 +259,40 @@ def run_corpus(corpus: Path, args, saved: list[dict]) -> list[dict]:
     return out
 
 
-def print_table(corpus: Path, results: list[dict], args) -> None:
-    seeds = list(args.seeds)
-    print(f"\n{corpus.name}: bits per note on the held-out pieces, seeds {', '.join(map(str, seeds))}\n")
+def print_table(corpus: Path, results: list[dict], args, best: bool = False) -> None:
+    """One table: bits per note at the end of training, or (``best``) at each run's best validation step."""
+    seeds, pre = list(args.seeds), "best_" if best else ""
+    when = "at the step with the lowest validation bits/note" if best else f"after {args.steps} steps"
+    print(
+        f"\n{corpus.name}: bits per note on the held-out pieces {when}, seeds {', '.join(map(str, seeds))}\n"
+    )
     head = " | ".join(f"seed {s}" for s in seeds)
-    print(f"| token stream | tokens/note | {head} | mean | spread (max − min) | bits/s (mean) | vs REMI |")
-    print("|---|---|" + "---|" * len(seeds) + "---|---|---|---|")
+    extra = " best steps |" if best else ""
+    print(
+        f"| token stream | tokens/note | {head} | mean | spread (max − min) | bits/s (mean) |{extra} vs REMI |"
+    )
+    print("|---|---|" + "---|" * len(seeds) + "---|---|---|" + ("---|" if best else "") + "---|")
     rows = {}
     for row in args.rows:
-        by_seed = {r["seed"]: r for r in results if r["row"] == row and r["seed"] in seeds}
+        by_seed = {
+            r["seed"]: r
+            for r in results
+            if r["row"] == row and r["seed"] in seeds and pre + "bits_per_note" in r
+        }
         if by_seed:
             rows[row] = by_seed
-    means = {row: np.mean([r["bits_per_note"] for r in rs.values()]) for row, rs in rows.items()}
+    means = {row: np.mean([r[pre + "bits_per_note"] for r in rs.values()]) for row, rs in rows.items()}
     for row, by_seed in rows.items():
-        bits = np.array([r["bits_per_note"] for r in by_seed.values()])
-        cells = " | ".join(f"{by_seed[s]['bits_per_note']:.2f}" if s in by_seed else "–" for s in seeds)
+        bits = np.array([r[pre + "bits_per_note"] for r in by_seed.values()])
+        cells = " | ".join(f"{by_seed[s][pre + 'bits_per_note']:.2f}" if s in by_seed else "–" for s in seeds)
         tpn = np.mean([r["tokens_per_note"] for r in by_seed.values()])
-        bps = np.mean([r["bits_per_second"] for r in by_seed.values()])
+        bps = np.mean([r[pre + "bits_per_second"] for r in by_seed.values()])
+        steps = " " + ", ".join(str(by_seed[s]["best_step"]) if s in by_seed else "–" for s in seeds) + " |"
         vs = f"{means[row] / means['remi'] - 1:+.1%}" if "remi" in means and row != "remi" else ""
         n = "" if len(by_seed) == len(seeds) else f" ({len(by_seed)} of {len(seeds)} seeds)"
         print(
-            f"| {ROWS[row]} | {tpn:.2f} | {cells} | **{means[row]:.2f}**{n} | {np.ptp(bits):.2f} | {bps:.1f} | {vs} |"
+            f"| {ROWS[row]} | {tpn:.2f} | {cells} | **{means[row]:.2f}**{n} | {np.ptp(bits):.2f} | {bps:.1f} |"
+            f"{steps if best else ''} {vs} |"
         )
 
 
@@ -242,6 +304,13 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--train", type=int, default=100, help="training pieces (default %(default)s)")
     p.add_argument("--test", type=int, default=20, help="held-out pieces (default %(default)s)")
+    p.add_argument(
+        "--val", type=int, default=10,
+        help="validation pieces after the held-out ones, to choose the early-stopping step (default %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--check-every", type=int, default=60, help="steps between validation checks (default %(default)s)"
+    )
     p.add_argument(
         "--vocab", type=int, default=2048, help="vocabulary size of every row (default %(default)s)"
     )
@@ -269,7 +338,9 @@ def main() -> None:
     print(f"machine: {machine()}")
     saved = load_results(args.results)
     for corpus in corpora:
-        print_table(corpus, run_corpus(corpus, args, saved), args)
+        results = run_corpus(corpus, args, saved)
+        print_table(corpus, results, args)
+        print_table(corpus, results, args, best=True)
     print(f"\nmachine at the end: {machine()}")
 
 
