@@ -1,11 +1,18 @@
-"""Low-rank adapters (LoRA) on our Transformer, through ``peft``, and the rows of new style tags.
+"""Low-rank adapters (LoRA) on our Transformer, and the rows of new style tags.
 
-``peft.inject_adapter_in_model`` replaces each targeted ``nn.Linear`` in place by a LoRA layer that keeps the
-original as ``base_layer`` (frozen) and adds ``lora_B @ lora_A`` scaled by ``alpha / rank``; every other
-parameter is frozen. The model stays our :class:`~midiforge.model.Transformer` (same forward, same KV cache),
-so training and generation need nothing else. A LoRA checkpoint's ``model.pth`` holds the adapter tensors
-only (``get_peft_model_state_dict`` names, without the adapter name); ``config.json["lora"]`` says which base
-it adapts (path and fingerprint, checked on load) and how.
+:func:`attach` replaces each targeted ``nn.Linear`` in place by a :class:`LoraLinear` that keeps the original as
+``base_layer`` (frozen) and adds ``alpha / rank * B @ A``; every other parameter is frozen. The model stays our
+:class:`~midiforge.model.Transformer` (same forward, same KV cache), so training and generation need nothing
+else. A LoRA checkpoint's ``model.pth`` holds the adapter tensors only (``blocks.0.attn.qkv.lora_A.weight``
+...: the names ``peft``'s ``get_peft_model_state_dict`` gives, so checkpoints written through peft load
+unchanged); ``config.json["lora"]`` says which base it adapts (path and fingerprint, checked on load) and how.
+
+Why not peft's layer (the first version used it): its forward adds the adapter's output to the base's as
+separate tensors (``base(x) + B(A(x)) * scale``), so every adapted projection allocates three more
+activation-sized tensors in the forward pass and two more in the backward pass than a plain ``nn.Linear``; with
+the import of ``transformers`` that peft pulls in, a LoRA step took *more* memory than full fine-tuning at
+every preset (bench/finetune_memory.py). :class:`LoraFunction` does the same arithmetic with exactly one
+output and one input gradient per projection, as the frozen ``nn.Linear`` alone would.
 
 New style tags: the vocabulary reserves MAX_TAGS CTL_TAG rows, and a base model only ever read the rows of
 its own tags. A fine-tuning run that brings new tags gives each new slot a fresh row (:func:`new_tag_rows`),
@@ -15,9 +22,11 @@ back when it is loaded.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from midiforge.errors import UsageError
 
@@ -26,48 +35,140 @@ DEFAULT_TARGETS = TARGETS
 DEFAULT_ALPHA_PER_RANK = 2.0  # alpha = 2 x rank when not given: the adapter's update is scaled by 2
 
 
-def lora_config(rank: int, alpha: float, targets):
-    from peft import LoraConfig
-
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
-
-
-def attach(model: torch.nn.Module, rank: int, alpha: float, targets) -> torch.nn.Module:
-    """Add adapters to ``model`` in place (peft freezes everything else); returns the same model."""
-    from peft import inject_adapter_in_model
-
-    return inject_adapter_in_model(lora_config(rank, alpha, targets), model)
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a linear layer in here (``x``'s own outside autocast)."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
-def adapter_state(model: torch.nn.Module) -> dict:
+class LoraFunction(torch.autograd.Function):
+    """``y = x W^T + scale (x A^T) B^T`` with one activation-sized output and, backward, one input gradient.
+
+    Shapes: x (N, i), W (o, i), A (r, i), B (o, r), y (N, o). Saved for backward: x (which a plain linear
+    layer saves too) and x A^T (N, r: small). Runs in autocast's dtype when autocast is on (an in-place
+    ``addmm_`` is not autocast, so the casts are explicit) and returns gradients in each input's own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, a, b, scale: float):
+        dt, ctx.x_dtype = _compute_dtype(x), x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x, w, a_, b_ = (t.to(dt) for t in (x, weight, a, b))
+            xa = x @ a_.t()  # (N, r)
+            y = (x @ w.t()).addmm_(xa, b_.t(), alpha=scale)  # (N, o)
+        ctx.save_for_backward(x, weight, a, b, xa)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, a, b, xa = ctx.saved_tensors
+        dt, scale = g.dtype, ctx.scale
+        w, a_, b_ = (t.to(dt) for t in (weight, a, b))
+        x, xa = x.to(dt), xa.to(dt)
+        gxa = (g @ b_).mul_(scale)  # (N, r)
+        gx = gw = ga = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = (g @ w).addmm_(gxa, a_).to(ctx.x_dtype)  # (N, i): the base's and the adapter's paths in one
+        if ctx.needs_input_grad[1]:
+            gw = (g.t() @ x).to(weight.dtype)  # (o, i): only when the base is not frozen
+        if ctx.needs_input_grad[2]:
+            ga = (gxa.t() @ x).to(a.dtype)  # (r, i)
+        if ctx.needs_input_grad[3]:
+            gb = (g.t() @ xa).mul_(scale).to(b.dtype)  # (o, r)
+        return gx, gw, ga, gb, None
+
+
+class LoraLinear(nn.Module):
+    """A frozen ``nn.Linear`` (``base_layer``) plus ``scale * lora_B(lora_A(x))``; B starts at zero, so the
+    layer starts as the base. ``lora_A``/``lora_B`` are bias-free ``nn.Linear`` so that the adapter tensors are
+    named ``lora_A.weight`` and ``lora_B.weight``."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        if base.bias is not None:
+            raise ValueError("LoRA here adapts bias-free projections only")
+        self.base_layer = base
+        kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Linear(base.in_features, rank, **kw)
+        self.lora_B = nn.Linear(rank, base.out_features, **kw)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own init, as peft's
+        nn.init.zeros_(self.lora_B.weight)
+        self.scale = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = LoraFunction.apply(
+            x.reshape(-1, x.size(-1)),
+            self.base_layer.weight,
+            self.lora_A.weight,
+            self.lora_B.weight,
+            self.scale,
+        )  # (N, out)
+        return y.view(*lead, y.size(-1))  # (..., out)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """The base layer with ``scale * B @ A`` added to its weight (in place; returned)."""
+        delta = self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scale  # (out, in)
+        self.base_layer.weight += delta.to(self.base_layer.weight.dtype)
+        return self.base_layer
+
+
+def attach(model: nn.Module, rank: int, alpha: float, targets) -> nn.Module:
+    """Add adapters to ``model`` in place and freeze everything else; returns the same model."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    found = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.rpartition(".")[2] in set(targets) and ".lora_" not in name
+    ]
+    if not found:
+        raise ValueError(f"no projection named {list(targets)} to adapt")
+    for name in found:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, LoraLinear(getattr(owner, child), rank, alpha))
+    return model
+
+
+def _layers(model: nn.Module):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLinear)]
+
+
+def adapter_state(model: nn.Module) -> dict:
     """The adapter tensors only (what a LoRA checkpoint's model.pth holds)."""
-    from peft import get_peft_model_state_dict
+    out = {}
+    for name, m in _layers(model):
+        for part in ("lora_A", "lora_B"):
+            out[f"{name}.{part}.weight"] = getattr(m, part).weight.detach().clone()
+    return out
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
-
-def load_adapter(model: torch.nn.Module, state: dict) -> None:
+@torch.no_grad()
+def load_adapter(model: nn.Module, state: dict) -> None:
     """Load adapter tensors into an attached model; KeyError/RuntimeError when they do not fit it."""
-    from peft import set_peft_model_state_dict
-
     want = set(adapter_state(model))
     if set(state) != want:
         extra, missing = sorted(set(state) - want), sorted(want - set(state))
         raise KeyError(f"adapter tensors do not match: unexpected {extra[:3]}, missing {missing[:3]}")
-    result = set_peft_model_state_dict(model, state)
-    if getattr(result, "unexpected_keys", None):
-        raise KeyError(f"unexpected adapter tensors {result.unexpected_keys[:3]}")
+    for name, t in state.items():
+        target = model.get_parameter(name)
+        if target.shape != t.shape:
+            raise RuntimeError(
+                f"adapter tensor {name}: shape {tuple(t.shape)}, the model wants {tuple(target.shape)}"
+            )
+        target.copy_(t)
 
 
-def merge(model: torch.nn.Module) -> torch.nn.Module:
+def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put the plain ``nn.Linear`` back; returns the model."""
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+    for name, m in _layers(model):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, m.merged())
     for p in model.parameters():
         p.requires_grad_(True)
     return model

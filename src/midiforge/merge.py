@@ -1,6 +1,6 @@
 """`midiforge merge CKPT -o OUT`: fold a LoRA checkpoint's adapters into a plain model directory.
 
-OUT gets ``model.pth`` (base weights + ``alpha/rank * B @ A`` per adapted projection, peft's merge),
+OUT gets ``model.pth`` (base weights + ``alpha/rank * B @ A`` per adapted projection),
 ``tokenizer.json`` and ``config.json``, whose ``merged_from`` names the LoRA checkpoint and ``init_from`` its
 base. It holds no training state: `generate`, `evaluate`, `studio`, `export` and ``train --init-from`` read it;
 training does not resume into it.

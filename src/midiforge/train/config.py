@@ -315,7 +315,7 @@ class RunConfig:
         type=int,
         group="finetune",
         metavar="RANK",
-        help="with --init-from: train low-rank adapters of this rank only (peft); the checkpoint holds the"
+        help="with --init-from: train low-rank adapters of this rank only; the checkpoint holds the"
         " adapters and refers to CKPT, which must stay where it is (midiforge merge folds them in). Adapters"
         " usually want a higher -l than full fine-tuning (about 3-10x; docs/results.md)",
     )
