@@ -194,22 +194,50 @@ def val_bits(ckpt: Path) -> float:
     return json.loads((ckpt / "metrics.json").read_text())["epochs"][-1]["val_bits_per_note"]
 
 
+MEMORY_VARIANTS = ("full", "lora", "lora-peft")  # full fine-tuning, our LoRA layer, peft's (the alternative)
+
+
 def memory(work: Path, args, budget: Budget) -> list[dict]:
-    """Peak training memory of full fine-tuning and LoRA at each preset of --memory-presets
-    (bench/finetune_memory.py, a fresh process each)."""
+    """Peak training memory of full fine-tuning, LoRA and LoRA through peft at each preset of
+    --memory-presets, with glibc's allocator as it is and with exact accounting (bench/finetune_memory.py,
+    a fresh process each)."""
     rows = []
     for preset in args.memory_presets:
-        for variant in ("full", "lora"):
+        for malloc in ("glibc", "exact"):
+            for variant in MEMORY_VARIANTS:
 
-            def probe(preset=preset, variant=variant):
-                budget.check(f"the memory probe {preset} {variant}")
-                cmd = [sys.executable, str(ROOT / "bench" / "finetune_memory.py"), "--preset", preset,
-                       "--variant", variant, "--rank", str(args.rank), "--window", str(args.window)]  # fmt: skip
-                out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-                return json.loads(out.stdout.strip().splitlines()[-1])
+                def probe(preset=preset, variant=variant, malloc=malloc):
+                    budget.check(f"the memory probe {preset} {variant} {malloc}")
+                    cmd = [sys.executable, str(ROOT / "bench" / "finetune_memory.py"), "--preset", preset,
+                           "--variant", variant, "--rank", str(args.rank), "--window", str(args.window),
+                           "--malloc", malloc]  # fmt: skip
+                    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+                    return json.loads(out.stdout.strip().splitlines()[-1])
 
-            rows.append(_record(work, "memory", f"{preset}:{variant}", probe))
+                rows.append(_record(work, "memory2", f"{preset}:{variant}:{malloc}", probe))
     return rows
+
+
+def memory_table(args, mem: list[dict]) -> None:
+    from midiforge import lora
+
+    print(f"\nPeak training memory (bench/finetune_memory.py, a fresh process each: peak resident size (VmHWM)"
+          f" during 3 AdamW steps on 8 x {args.window} tokens minus the resident size before them; rank"
+          f" {args.rank} on {'+'.join(lora.DEFAULT_TARGETS)}; `exact`: glibc told to give every freed tensor"
+          " back at once, so the figure is the live tensors' peak). In brackets: the whole process's peak.\n")  # fmt: skip
+    print("| preset | parameters | allocator | full fine-tune | LoRA | LoRA through peft | LoRA trains |")
+    print("|---|---|---|---|---|---|---|")
+    by = {(m["preset"], m["variant"], m["malloc"]): m for m in mem}
+    for preset, malloc in dict.fromkeys((m["preset"], m["malloc"]) for m in mem):
+        f = by[preset, "full", malloc]
+        cells = [f"{f['training_peak_mb']:.0f} MB ({f['peak_mb']:.0f})"]
+        for v in MEMORY_VARIANTS[1:]:
+            m = by[preset, v, malloc]
+            cells.append(f"{m['training_peak_mb']:.0f} MB ({m['peak_mb']:.0f}),"
+                         f" {m['training_peak_mb'] / f['training_peak_mb'] - 1:+.0%}")  # fmt: skip
+        lo = by[preset, "lora", malloc]
+        print(f"| {preset} | {f['parameters']:,} | {malloc} | " + " | ".join(cells)
+              + f" | {lo['trains'] / lo['parameters']:.2%} |")  # fmt: skip
 
 
 def run_all(args, work: Path, data: dict, budget: Budget) -> dict[str, dict]:
@@ -274,16 +302,7 @@ def report(args, runs: dict, mem: list[dict]) -> None:
         print(f"| {r['group']}{mark} | {lr:g} | {r['folk']:.3f} | {r['folk'] / scratch - 1:+.1%} |"
               f" {r['folk'] / full - 1:+.1%} | {r['pre']:.3f} ({r['pre'] - base_pre:+.3f}) |"
               f" {n:,} ({n / total:.2%}) | {r['peak_mb']:.0f} MB |")  # fmt: skip
-    print(f"\nPeak training memory (bench/finetune_memory.py, a fresh process each: peak resident size (VmHWM)"
-          f" during 3 AdamW steps on 8 x {args.window} tokens minus the resident size before them; rank"
-          f" {args.rank} on {'+'.join(lora.DEFAULT_TARGETS)}). The `train` column above is wait4's ru_maxrss of"
-          " the whole process (interpreter, data, model), which is never below the bench's own size at the fork.\n")  # fmt: skip
-    print("| preset | parameters | full fine-tune | LoRA | LoRA trains |\n|---|---|---|---|---|")
-    by = {(m["preset"], m["variant"]): m for m in mem}
-    for preset in dict.fromkeys(m["preset"] for m in mem):
-        f, lo = by[preset, "full"], by[preset, "lora"]
-        print(f"| {preset} | {f['parameters']:,} | {f['training_peak_mb']:.0f} MB | {lo['training_peak_mb']:.0f} MB"
-              f" ({lo['training_peak_mb'] / f['training_peak_mb'] - 1:+.0%}) | {lo['trains'] / lo['parameters']:.2%} |")  # fmt: skip
+    memory_table(args, mem)
     print(f"\nRank-{args.rank} adapters as a share of the model's parameters (counted):\n")
     print("| targets | " + " | ".join(PRESET_NAMES) + " |\n|---|" + "---|" * len(PRESET_NAMES))
     for targets in (lora.TARGETS, args.other_targets):
@@ -318,12 +337,16 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--other-targets", nargs="+", default=["qkv", "proj"], help="a second LoRA group")
     p.add_argument("--memory-presets", nargs="+", default=["tiny", "small", "base"])
+    p.add_argument("--memory-only", action="store_true", help="only the memory table (no data, no training)")
     p.add_argument(
         "--max-minutes", type=float, default=1e9, help="start no new work after this (rerun goes on)"
     )
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     budget = Budget(args.max_minutes)
+    if args.memory_only:
+        memory_table(args, memory(args.work, args, budget))
+        return
     data = build_data(args.work, args)
     runs = run_all(args, args.work, data, budget)
     report(args, runs, memory(args.work, args, budget))
