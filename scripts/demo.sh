@@ -9,27 +9,34 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO_DIR=${DEMO_DIR:-demo}
 EPOCHS=${EPOCHS:-20}
+LR=${LR:-3e-3}
 start=$(date +%s)
+# Seconds since the start after each step, so that a slow step shows (the whole must stay under 10 minutes).
+lap() { echo "[demo] $(( $(date +%s) - start )) s: $1"; }
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.13.0   # the CPU wheel on this project's machines, never a CUDA download
 .venv/bin/pip install -q -e ".[demo,audio]"
 mf=.venv/bin/midiforge
+lap "installed"
 
 $mf demo-data "$DEMO_DIR/midi"
+lap "chorales converted"
 $mf prepare "$DEMO_DIR/midi/train" -o "$DEMO_DIR/json/train"
 $mf prepare "$DEMO_DIR/midi/val" -o "$DEMO_DIR/json/val"
 # --vocab-size: the base vocabulary is 961 since events v4 (tracks, keys, pedals, controls, infilling
 # sentinels); 1,344 leaves BPE about as many merges as 1,024 did over the old 669 base events.
 .venv/bin/python train.py "$EPOCHS" "$DEMO_DIR/ckpt" -t "$DEMO_DIR/json/train" -v "$DEMO_DIR/json/val" \
-    --preset tiny --vocab-size 1344 -e 512 -b $((4 * 512 * 512)) --device cpu
+    --preset tiny --vocab-size 1344 -e 512 -b $((4 * 512 * 512)) -l "$LR" --device cpu
+lap "trained"
 $mf generate "$DEMO_DIR/ckpt" -o "$DEMO_DIR/samples/chorale.mid" -n 3 --max-seconds 45 --top-p 0.95 \
     --seed 0 --wav --pianoroll
 # Harmonisation (generate/harmonize.py): a validation chorale's soprano; alto, tenor, bass by the model, beside Bach's.
 .venv/bin/python scripts/chorale_melody.py "$DEMO_DIR/midi/val" "$DEMO_DIR/samples"
 $mf generate "$DEMO_DIR/ckpt" --prompt "$DEMO_DIR/samples/melody.mid" --harmonize \
     -o "$DEMO_DIR/samples/harmonized.mid" --top-p 0.95 --seed 0 --wav --pianoroll
+lap "samples and harmonisation written"
 
 echo
 echo "  training curves : $DEMO_DIR/ckpt/training.png   (metrics: $DEMO_DIR/ckpt/metrics.json)"
@@ -41,6 +48,7 @@ echo
 # sample statistics against the validation set (ceiling: half vs half; floor: an untrained model), copy check.
 $mf evaluate "$DEMO_DIR/ckpt" -v "$DEMO_DIR/json/val" -o "$DEMO_DIR/report.json" --samples 8 \
     --max-seconds 30 --top-p 0.95 --seed 0
+lap "evaluated"
 # The harmonisation measured: 10 held-out chorales' sopranos harmonised, against Bach's and a random-chord floor,
 # by the project's judge (../shared/tools/voice_leading.py beside the repository; skipped where it is absent).
 judge=../shared/tools/voice_leading.py
