@@ -3,8 +3,9 @@
 For a checkpoint and a folder of reference pieces (the demo: its validation chorales), ``-n`` free samples with
 the grid mask off, on "positions" (any position of the quarter the training set uses) and on "pairs" (the
 default: a position only after the positions it follows in the training set), and the same from an untrained
-model of the same shape (the floor, grid mask off and pairs); and the pair mask with ``--beat-strengths`` (extra
-notes at an onset favoured on a quarter, disfavoured off it: chords on the beat). Per set:
+model of the same shape (the floor, grid mask off and pairs at the default strength); and the pair mask at
+``--beat-strength`` 0, at generate's default and at each of ``--beat-strengths`` (extra notes at an onset favoured on
+a quarter, disfavoured off it: chords on the beat). Per set:
 
 - on-beat share: notes starting on a beat of their time signature, over all notes of the set (midiforge.measure.beat);
 - off-grid share: notes starting at a position of the quarter that the training set never uses;
@@ -35,6 +36,7 @@ import torch  # noqa: E402
 from midiforge import checkpoint as ck  # noqa: E402
 from midiforge.evaluate import untrained_model  # noqa: E402
 from midiforge.generate import generate  # noqa: E402
+from midiforge.generate.steer import DEFAULT_BEAT_STRENGTH  # noqa: E402
 from midiforge.measure.beat import longest_beatless, note_steps, on_beat  # noqa: E402
 from midiforge.notes.midi import find_files, score_to_notes  # noqa: E402
 from midiforge.notes.read import read_notes  # noqa: E402
@@ -82,12 +84,14 @@ def main() -> int:
     floor = untrained_model(model, args.seed)
     lines = [row("reference pieces", ref, used)]
     kw = dict(max_new_tokens=args.max_tokens, num_samples=args.n, seed=args.seed, top_p=args.top_p)
-    beats = [(f"model, pairs, --beat-strength {x:g}", model, "pairs", x) for x in args.beat_strengths]
+    # The pair mask without the texture bias, at generate's default strength and at each one asked for.
+    strengths = sorted({0.0, DEFAULT_BEAT_STRENGTH, *args.beat_strengths})
+    beats = [(f"model, pairs, --beat-strength {x:g}" + (" (default)" if x == DEFAULT_BEAT_STRENGTH else ""),
+              model, "pairs", x) for x in strengths]  # fmt: skip
     for label, m, mode, beat in (("model, grid mask off", model, "off", 0.0),
-                                 ("model, positions", model, "positions", 0.0),
-                                 ("model, pairs (default)", model, "pairs", 0.0), *beats,
+                                 ("model, positions", model, "positions", 0.0), *beats,
                                  ("untrained floor, off", floor, "off", 0.0),
-                                 ("untrained floor, pairs", floor, "pairs", 0.0)):  # fmt: skip
+                                 ("untrained floor, pairs", floor, "pairs", DEFAULT_BEAT_STRENGTH)):  # fmt: skip
         t0 = time.perf_counter()
         gens = generate(m, tok, grid=mode, beat_strength=beat, **kw)
         lines.append(row(label, [score_to_notes(g.score) for g in gens], used, time.perf_counter() - t0))

@@ -24,7 +24,8 @@ Prints markdown: machine, settings, the table. Sampling: temperature 1, top-k --
 does by default: ``--instruments piano,violin`` (both have notes, and no other instrument or second track),
 ``--tempo 90`` and ``--time-sig 3/4`` (every tempo / time signature event of the file is the one asked for) and
 ``--key "D minor"`` (the Krumhansl-Kessler estimate of the notes, controls.estimate_key, says D minor; at the
-default ``--key-strength`` and at each of ``--key-strengths``, 0 being the key signature alone)::
+default ``--key-strength`` and at each of ``--key-strengths``, 0 being the key signature alone); ``--beat-strength X``
+samples every set with that chords-on-the-beat bias instead of generate's default::
 
     .venv/bin/python bench/bench_controls.py --checkpoint demo/ckpt --samples 20 --seed 1
 """
@@ -169,12 +170,14 @@ def requests_table(args) -> int:
     """The issue-18 requests on a trained checkpoint: adherence against the same samples without the request."""
     model, tok = ck.load_inference(args.checkpoint)
     t0 = time.perf_counter()
-    plain = [g.score for g in generate(model, tok, num_samples=args.samples, seed=args.seed)]
+    # --beat-strength: the same requests with another chords-on-the-beat bias (None: generate's default)
+    beat = {} if args.beat_strength is None else {"beat_strength": args.beat_strength}
+    plain = [g.score for g in generate(model, tok, num_samples=args.samples, seed=args.seed, **beat)]
     rows = []
     keyed = [(f'--key "D minor" --key-strength {x:g}', {"key": "D minor", "key_strength": x}, ">= 70%")
              for x in args.key_strengths]  # fmt: skip
     for label, controls, goal in (*REQUESTS, *keyed):
-        gens = generate(model, tok, num_samples=args.samples, seed=args.seed, controls=controls)
+        gens = generate(model, tok, num_samples=args.samples, seed=args.seed, controls=controls, **beat)
         hit = np.mean([obeyed(controls, g.score) for g in gens])
         base = np.mean([obeyed(controls, s) for s in plain])
         rows.append(f"| `{label}` | {hit:.0%} | {base:.0%} | {goal} |")
@@ -182,7 +185,9 @@ def requests_table(args) -> int:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__};"
           f" load average {os.getloadavg()[0]:.1f}\n")  # fmt: skip
     print(f"checkpoint {args.checkpoint}: {args.samples} samples per request, --seed {args.seed}, generate's"
-          f" defaults (1024 new tokens, temperature 1); {time.perf_counter() - t0:.0f} s\n")  # fmt: skip
+          f" defaults (1024 new tokens, temperature 1), --beat-strength"
+          f" {'default' if args.beat_strength is None else f'{args.beat_strength:g}'};"
+          f" {time.perf_counter() - t0:.0f} s\n")  # fmt: skip
     print("| request | obeyed | without the request (baseline) | goal |")
     print("|---|---|---|---|")
     print("\n".join(rows))
@@ -192,9 +197,11 @@ def requests_table(args) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, help="measure issue 18's requests on this checkpoint instead")
-    ap.add_argument("--key-strengths", type=lambda t: [float(x) for x in t.split(",")], default=[0.0, 2.0, 4.0],
+    ap.add_argument("--key-strengths", type=lambda t: [float(x) for x in t.split(",") if x], default=[0.0, 2.0, 4.0],
                     help="--checkpoint: also the key request at these --key-strength values (the plain row: the"
                          " default)")  # fmt: skip
+    ap.add_argument("--beat-strength", type=float, default=None,
+                    help="--checkpoint: every set sampled at this --beat-strength (default: generate's)")  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_controls"))
     ap.add_argument("--styles", default="bach,palestrina,monteverdi,trecento,folk")
     ap.add_argument("--per-style", type=int, default=40)
