@@ -22,7 +22,7 @@ the 328 training chorales, 300 steps are ~15 passes over a short stream, and a s
 in fewer tokens passes over it more often and overfits sooner: the end-of-training figure then measures
 overfitting, and early stopping, which anyone training would use, measures the stream.
 
-    .venv/bin/python bench/bench_quality.py --seeds 0 1 2                      # POP909, ~45 min on 2 cores
+    .venv/bin/python bench/bench_quality.py --seeds 0 1 2                      # POP909: 9 runs, ~10 min each
     .venv/bin/python bench/bench_quality.py --seeds 0 1 2 --corpus demo/midi   # the demo's chorales
 
 A corpus folder with ``train/`` and ``val/`` inside (the demo's layout) trains on ``train/`` and deals ``val/``
