@@ -2,14 +2,18 @@
 # The main job of the README: from a fresh clone to music that this project trained, on the CPU.
 #   1. a virtual environment with midiforge (torch from the CPU wheel, music21 for the corpus)
 #   2. Bach's chorales from music21's corpus → MIDI, split 80/20 into train/val
-#   3. prepare them as JSON, train the tiny preset for a few epochs, generate three samples
+#   3. prepare them as JSON, train the tiny preset for 9 epochs, generate three samples
 #   4. evaluate: held-out bits per note and per second, sample statistics, copy check
 # Everything goes under ./demo (override with DEMO_DIR); re-running reuses what is there and resumes training.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO_DIR=${DEMO_DIR:-demo}
-EPOCHS=${EPOCHS:-20}
+# 9 epochs without dropout: the training step is the demo's time (its matrix products and attention, nothing
+# around them), so the whole must stay under 10 minutes on 2 cores by training less; every harmonisation and
+# beat goal still holds (docs/results.md, "The demo in 9 epochs"). EPOCHS=20 DROPOUT=0.1 trains the former one.
+EPOCHS=${EPOCHS:-9}
 LR=${LR:-3e-3}
+DROPOUT=${DROPOUT:-0}
 start=$(date +%s)
 # Seconds since the start after each step, so that a slow step shows (the whole must stay under 10 minutes).
 lap() { echo "[demo] $(( $(date +%s) - start )) s: $1"; }
@@ -28,7 +32,7 @@ $mf prepare "$DEMO_DIR/midi/val" -o "$DEMO_DIR/json/val"
 # --vocab-size: the base vocabulary is 961 since events v4 (tracks, keys, pedals, controls, infilling
 # sentinels); 1,344 leaves BPE about as many merges as 1,024 did over the old 669 base events.
 .venv/bin/python train.py "$EPOCHS" "$DEMO_DIR/ckpt" -t "$DEMO_DIR/json/train" -v "$DEMO_DIR/json/val" \
-    --preset tiny --vocab-size 1344 -e 512 -b $((4 * 512 * 512)) -l "$LR" --device cpu
+    --preset tiny --vocab-size 1344 -e 512 -b $((4 * 512 * 512)) -l "$LR" --dropout "$DROPOUT" --device cpu
 lap "trained"
 $mf generate "$DEMO_DIR/ckpt" -o "$DEMO_DIR/samples/chorale.mid" -n 3 --max-seconds 45 --top-p 0.95 \
     --seed 0 --wav --pianoroll

@@ -152,7 +152,8 @@ def test_bad_key_strength_is_one_clear_error(bpe_tok, asked):
 
 def test_beat_strength_puts_chords_on_the_beat(bpe_tok):
     """--beat-strength: extra notes at an onset on a quarter are favoured, off it disfavoured (a logit bias
-    through the grid mask's state); 0 changes nothing."""
+    through the grid mask's state); no value given is DEFAULT_BEAT_STRENGTH."""
+    from midiforge.generate.steer import DEFAULT_BEAT_STRENGTH
     from midiforge.measure.beat import note_steps
     from midiforge.tokens.onsetgrid import OnsetGrid
 
@@ -162,11 +163,13 @@ def test_beat_strength_puts_chords_on_the_beat(bpe_tok):
     try:
         model = tiny_model(bpe_tok, seed=7)
         kw = dict(max_new_tokens=150, num_samples=4, seed=0, ignore_eos=True)
-        runs = {x: generate(model, bpe_tok, beat_strength=x, **kw) for x in (0.0, 3.0)}
+        runs = {x: generate(model, bpe_tok, beat_strength=x, **kw) for x in (0.0, DEFAULT_BEAT_STRENGTH, 3.0)}
         plain = generate(model, bpe_tok, **kw)
     finally:
         bpe_tok.onset_grid = None
-    assert [r.ids for r in runs[0.0]] == [r.ids for r in plain]
+    assert DEFAULT_BEAT_STRENGTH > 0  # on by default: chords on the beat
+    assert [r.ids for r in runs[DEFAULT_BEAT_STRENGTH]] == [r.ids for r in plain]
+    assert [r.ids for r in runs[0.0]] != [r.ids for r in plain]
 
     def per_onset(rs):
         on, off = [], []

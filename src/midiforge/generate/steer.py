@@ -44,7 +44,10 @@ DEFAULT_PROMPT_MIN_TOKENS = (
     128  # with a prompt and no --min-new-tokens/--min-seconds: ~60 notes of continuation
 )
 DEFAULT_KEY_STRENGTH = 1.0  # bench/bench_controls.py --key-strengths measures the alternatives
-DEFAULT_BEAT_STRENGTH = 0.0  # chords on the beat (GridMask.bias; bench/bench_beat.py --beat-strengths)
+# Chords on the beat (GridMask.bias): the demo's chorales attack 3.9 notes per onset on a quarter and 1.6 off it,
+# the demo's model without the bias 3.2 and 2.4; at 1 its on-beat share reaches the chorales' (bench/bench_beat.py
+# --beat-strengths; the costs measured are in docs/results.md). 0 turns it off, for music that is not built so.
+DEFAULT_BEAT_STRENGTH = 1.0
 HEAD_ORDER = ("time_sig", "key", "tempo")  # the meta events a training piece starts with, in its order
 HEAD_ORDER_KIND = {"time_sig": "timesig", "key": "keysig", "tempo": "tempo"}
 
