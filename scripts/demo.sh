@@ -2,18 +2,18 @@
 # The main job of the README: from a fresh clone to music that this project trained, on the CPU.
 #   1. a virtual environment with midiforge (torch from the CPU wheel, music21 for the corpus)
 #   2. Bach's chorales from music21's corpus → MIDI, split 80/20 into train/val
-#   3. prepare them as JSON, train the tiny preset for 9 epochs, generate three samples
+#   3. prepare them as JSON, train the tiny preset for 20 epochs, generate three samples
 #   4. evaluate: held-out bits per note and per second, sample statistics, copy check
 # Everything goes under ./demo (override with DEMO_DIR); re-running reuses what is there and resumes training.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO_DIR=${DEMO_DIR:-demo}
-# 9 epochs without dropout: the training step is the demo's time (its matrix products and attention, nothing
-# around them), so the whole must stay under 10 minutes on 2 cores by training less; every harmonisation and
-# beat goal still holds (docs/results.md, "The demo in 9 epochs"). EPOCHS=20 DROPOUT=0.1 trains the former one.
-EPOCHS=${EPOCHS:-9}
+# 20 epochs with dropout 0.1: 16 minutes on a quiet 2-core CPU, 12 of them training. EPOCHS=9 DROPOUT=0 fits
+# in ~9 minutes, but that model asks for D minor and gets it in 30% of samples (90% here) and needs 4.62 bits per
+# note (3.78 here): the README says why the longer run stays the default (docs/results.md, "The demo in 9 epochs").
+EPOCHS=${EPOCHS:-20}
 LR=${LR:-3e-3}
-DROPOUT=${DROPOUT:-0}
+DROPOUT=${DROPOUT:-0.1}
 start=$(date +%s)
 # Seconds since the start after each step, so that a slow step shows (the whole must stay under 10 minutes).
 lap() { echo "[demo] $(( $(date +%s) - start )) s: $1"; }
