@@ -5,8 +5,8 @@ definition gives, token by token: a token is allowed when the automaton accepts 
 import numpy as np
 import pytest
 import symusic
-import torch
 from conftest import corpus_dir, tiny_model
+from favouring import Favouring
 
 from midiforge.generate.harmonize import melody_line
 from midiforge.generate.infill import Piece
@@ -72,28 +72,14 @@ def test_allowed_tokens_are_those_of_the_definition(tok, rules):
     assert seen > 40
 
 
-class Favouring(torch.nn.Module):
+def favouring(tok, kinds) -> Favouring:
     """An untrained model whose logits favour tokens holding an event of one of ``kinds`` by +50."""
-
-    def __init__(self, tok, kinds):
-        super().__init__()
-        self.model = tiny_model(tok, max_seq_len=128)
-        self.config = self.model.config
-        v = tok.vocab
-        want = [v.k(k) for k in kinds]
-        self.ids = [
-            i
-            for i in range(len(tok))
-            if np.isin(v.kind[tok._flat[tok._offs[i] : tok._offs[i + 1]]], want).any()
-        ]
-
-    def new_kv_cache(self, *a, **k):
-        return self.model.new_kv_cache(*a, **k)
-
-    def forward(self, idx, kv_cache=None, last_only=False):
-        logits = self.model(idx, kv_cache, last_only=last_only).clone()
-        logits[..., self.ids] += 50.0
-        return logits
+    v = tok.vocab
+    want = [v.k(k) for k in kinds]
+    ids = [
+        i for i in range(len(tok)) if np.isin(v.kind[tok._flat[tok._offs[i] : tok._offs[i + 1]]], want).any()
+    ]
+    return Favouring(tiny_model(tok, max_seq_len=128), ids)
 
 
 def two_parts(n=32) -> symusic.Score:
@@ -118,7 +104,7 @@ def test_added_tracks_are_written_jointly_and_heard(tok, kinds):
     from midiforge.generate.joint import MAX_CHORD
 
     given = two_parts()
-    model = tiny_model(tok, max_seq_len=128) if kinds is None else Favouring(tok, kinds)
+    model = tiny_model(tok, max_seq_len=128) if kinds is None else favouring(tok, kinds)
     first = min(n.time for t in given.tracks for n in t.notes)
     step = given.ticks_per_quarter // tok.config.steps_per_quarter  # the piece ends on the grid
     for seed in range(2):
