@@ -139,24 +139,29 @@ def _layers(model: nn.Module):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLinear)]
 
 
+def _adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapter parameters by their checkpoint names (``blocks.0.attn.qkv.lora_A.weight`` ...)."""
+    return {
+        f"{name}.{part}.weight": getattr(m, part).weight
+        for name, m in _layers(model)
+        for part in ("lora_A", "lora_B")
+    }
+
+
 def adapter_state(model: nn.Module) -> dict:
     """The adapter tensors only (what a LoRA checkpoint's model.pth holds)."""
-    out = {}
-    for name, m in _layers(model):
-        for part in ("lora_A", "lora_B"):
-            out[f"{name}.{part}.weight"] = getattr(m, part).weight.detach().clone()
-    return out
+    return {k: p.detach().clone() for k, p in _adapter_params(model).items()}
 
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, state: dict) -> None:
     """Load adapter tensors into an attached model; KeyError/RuntimeError when they do not fit it."""
-    want = set(adapter_state(model))
-    if set(state) != want:
-        extra, missing = sorted(set(state) - want), sorted(want - set(state))
+    params = _adapter_params(model)
+    if set(state) != set(params):
+        extra, missing = sorted(set(state) - set(params)), sorted(set(params) - set(state))
         raise KeyError(f"adapter tensors do not match: unexpected {extra[:3]}, missing {missing[:3]}")
     for name, t in state.items():
-        target = model.get_parameter(name)
+        target = params[name]
         if target.shape != t.shape:
             raise RuntimeError(
                 f"adapter tensor {name}: shape {tuple(t.shape)}, the model wants {tuple(target.shape)}"
