@@ -50,12 +50,12 @@ def row(name: str, tables: list, used: np.ndarray, seconds: float | None = None)
     for n in tables:
         if len(n) == 0:
             continue
-        b = on_beat(n)
+        b, steps = on_beat(n), note_steps(n)
         on += int(b.sum())
-        off += int((~used[note_steps(n) % 12]).sum())
+        off += int((~used[steps % 12]).sum())
         total += len(n)
         beatless += longest_beatless(n) >= 0.25
-        _, first = np.unique(note_steps(n), return_index=True)
+        _, first = np.unique(steps, return_index=True)
         onsets += np.bincount(b[first].astype(np.int64), minlength=2)
     t = "" if seconds is None else f"{seconds:.0f}"
     per = f"{on / max(onsets[1], 1):.2f} / {(total - on) / max(onsets[0], 1):.2f}"
