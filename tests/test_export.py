@@ -81,3 +81,25 @@ def test_export_refuses_a_bad_checkpoint_in_one_line(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path / "nothing"), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no such checkpoint directory" in err
+
+
+def test_a_lora_checkpoint_with_a_head_adapter_exports_an_untied_head(trained, tmp_path):
+    """A head adapter, merged, gives the head weights of its own: the folder says tie_word_embeddings false and
+    holds lm_head, and transformers' logits still equal ours."""
+    transformers = _transformers()
+    lora_ckpt = tmp_path / "lora"
+    args = ["1", str(lora_ckpt), "-t", f"pop={trained / 'train'}", "-b", "262144", "-e", "256",
+            "--init-from", str(trained / "ckpt"), "--lora", "4", "--lora-targets", "qkv", "head", "-l", "1e-2"]  # fmt: skip
+    assert tr.main(args) == 0
+    out = tmp_path / "hf"
+    assert cli.main(["export", str(lora_ckpt), "-o", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert not torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight)
+    ours, tok = ck.load_inference(lora_ckpt)
+    assert ours.config.tie_head is False
+    assert torch.equal(hf.model.embed_tokens.weight, ck.read_weights(trained / "ckpt")[0]["tok_emb.weight"])
+    for f in sorted((trained / "heldout").iterdir())[:2]:
+        ids = torch.tensor([[tok.bos_id, *tok.encode(f)][: ours.config.max_seq_len]])
+        with torch.no_grad():
+            assert (hf(input_ids=ids).logits - ours(ids)).abs().max().item() <= 1e-4, f.name

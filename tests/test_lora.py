@@ -129,3 +129,42 @@ def test_an_adapted_projection_allocates_no_more_activations_than_the_frozen_lin
     assert plain == 2
     wrapped = lora.attach(nn.Sequential(nn.Linear(64, 96, bias=False)), 8, 16.0, ["0"])
     assert _activation_sized(wrapped) == plain
+
+
+def test_a_head_adapter_trains_alone_and_merges_into_an_untied_head():
+    """The head is tied to the embedding: its adapter changes the output side only. Training moves the
+    adapter and nothing of the base (the embedding included); merging gives the head weights of its own
+    (config.tie_head False) and leaves the embedding as it was, with the adapted model's logits."""
+    model = _model()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    lora.attach(model, 4, 8.0, ["head"])
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "head.lora_A.weight",
+        "head.lora_B.weight",
+    }
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randint(0, CFG["vocab_size"], (2, 20))  # (B, T)
+    for _ in range(3):
+        opt.zero_grad()
+        logits = model(x[:, :-1])  # (B, T-1, V)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+        opt.step()
+    state = model.state_dict()
+    for name, t in before.items():  # the base, bit-identical: the embedding (and tied head weight) too
+        assert torch.equal(state[name.replace("head.weight", "head.base_layer.weight")], t), name
+    assert lora.adapter_state(model)["head.lora_B.weight"].any()
+    with torch.no_grad():
+        adapted = model(x)
+        lora.merge(model)
+        merged = model(x)
+    assert model.config.tie_head is False and model.head.weight is not model.tok_emb.weight
+    assert torch.equal(model.tok_emb.weight, before["tok_emb.weight"])  # the input side as it was
+    assert not torch.equal(model.head.weight, before["tok_emb.weight"])
+    assert torch.allclose(adapted, merged, atol=1e-5)
+    # a merged model is saved and loaded as a plain one: its config says the head is its own
+    assert model.config.to_dict()["tie_head"] is False and "tie_head" not in _model().config.to_dict()
+    again = Transformer(ModelConfig.from_dict(model.config.to_dict()))
+    again.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again(x), merged)
+

@@ -7,6 +7,7 @@ the embedding), so the conversion is renaming and splitting, checked to the last
 ours                           Hugging Face Llama
 =============================  ===========================================================================
 ``tok_emb`` (tied ``head``)    ``model.embed_tokens`` with ``tie_word_embeddings: true`` (stored once)
+``head`` when untied           ``lm_head`` with ``tie_word_embeddings: false`` (a merged head adapter)
 ``blocks.i.attn.qkv`` (3C, C)  ``q_proj``, ``k_proj``, ``v_proj``: its three row blocks, in that order
 ``attn.proj`` / ``mlp.*``      ``o_proj`` / ``gate_proj``, ``up_proj``, ``down_proj``
 ``norm1`` / ``norm2``          ``input_layernorm`` / ``post_attention_layernorm`` (eps 1e-6)
@@ -38,9 +39,11 @@ MIDIFORGE_TOKENIZER = "midiforge_tokenizer.json"  # ours; "tokenizer.json" is th
 
 
 def hf_state_dict(model) -> dict:
-    """Our Transformer's weights under Hugging Face Llama names (the tied head is stored once)."""
+    """Our Transformer's weights under Hugging Face Llama names (a tied head is stored once)."""
     c, sd = model.config, model.state_dict()
     out = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm.weight"]}
+    if not c.tie_head:
+        out["lm_head.weight"] = sd["head.weight"]
     for i in range(c.n_layer):
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
         q, k, v = sd[ours + "attn.qkv.weight"].split(c.d_model, dim=0)  # (C, C) each
@@ -61,8 +64,9 @@ def hf_state_dict(model) -> dict:
 
 
 def llama_shape(model_cfg) -> dict:
-    """LlamaConfig fields of our shape (no grouped-query attention, no biases, tied head): the one mapping that
-    the export and the benches' Hugging Face twin (bench/benchlib.hf_llama) both use."""
+    """LlamaConfig fields of our shape (no grouped-query attention, no biases, head tied unless a head adapter
+    was merged): the one mapping that the export and the benches' Hugging Face twin (bench/benchlib.hf_llama)
+    both use."""
     return {
         "vocab_size": model_cfg.vocab_size,
         "hidden_size": model_cfg.d_model,
@@ -79,7 +83,7 @@ def llama_shape(model_cfg) -> dict:
         "attention_bias": False,
         "mlp_bias": False,
         "attention_dropout": 0.0,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": model_cfg.tie_head,
     }
 
 
@@ -128,6 +132,11 @@ def hf_tokenizer_files(tok) -> dict[str, bytes]:
 
 def readme(ckpt: Path, model_cfg, tok, provenance: dict) -> str:
     tags = ", ".join(f"{t}" for t in tok.tags) or "none"
+    head = (
+        "tied to the embedding"
+        if model_cfg.tie_head
+        else "`lm_head`, untied (a LoRA adapter of it was merged)"
+    )
     return f"""# A midiforge model in the Hugging Face Llama format
 
 Exported from `{ckpt}` (model fingerprint {provenance["fingerprint"]}, step {provenance["step"]}):
@@ -157,8 +166,8 @@ beyond that, Hugging Face keeps counting positions the model never saw in traini
 ## What was converted
 
 The fused `qkv` projection was split into `q_proj`, `k_proj`, `v_proj`; the rotary embeddings need no
-permutation (both rotate the first half of a head against the second); the output head is tied to the
-embedding. The logits equal midiforge's to float32 rounding.
+permutation (both rotate the first half of a head against the second); the output head is {head}.
+The logits equal midiforge's to float32 rounding.
 """
 
 

@@ -30,8 +30,10 @@ import torch.nn as nn
 
 from midiforge.errors import UsageError
 
-TARGETS = ("qkv", "proj", "gate", "up", "down")  # attention in/out, SwiGLU gate/up/down projections
-DEFAULT_TARGETS = TARGETS
+# attention in/out, SwiGLU gate/up/down projections, and the output head (tied to the embedding: its adapter
+# changes the output side only; merged, the head gets its own weights and the embedding stays as it was)
+TARGETS = ("qkv", "proj", "gate", "up", "down", "head")
+DEFAULT_TARGETS = ("qkv", "proj", "gate", "up", "down")  # the blocks' projections; the head on request
 DEFAULT_ALPHA_PER_RANK = 2.0  # alpha = 2 x rank when not given: the adapter's update is scaled by 2
 
 
@@ -109,9 +111,11 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        """The base layer with ``scale * B @ A`` added to its weight (in place; returned)."""
+        """The base layer with ``scale * B @ A`` added to its weight (returned). The weight is a new tensor,
+        not changed in place: the head's is the token embedding's as well, which must stay as it was."""
+        w = self.base_layer.weight
         delta = self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scale  # (out, in)
-        self.base_layer.weight += delta.to(self.base_layer.weight.dtype)
+        self.base_layer.weight = nn.Parameter(w + delta.to(w.dtype), requires_grad=w.requires_grad)
         return self.base_layer
 
 
@@ -170,12 +174,16 @@ def load_adapter(model: nn.Module, state: dict) -> None:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and put the plain ``nn.Linear`` back; returns the model."""
+    """Fold every adapter into its base weight and put the plain ``nn.Linear`` back; returns the model. A
+    merged head adapter unties the head from the embedding (``model.config.tie_head`` follows)."""
     for name, m in _layers(model):
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, m.merged())
     for p in model.parameters():
         p.requires_grad_(True)
+    config = getattr(model, "config", None)
+    if hasattr(config, "tie_head"):
+        config.tie_head = model.head.weight is model.tok_emb.weight
     return model
 
 

@@ -1,6 +1,7 @@
 """`midiforge merge CKPT -o OUT`: fold a LoRA checkpoint's adapters into a plain model directory.
 
-OUT gets ``model.pth`` (base weights + ``alpha/rank * B @ A`` per adapted projection),
+OUT gets ``model.pth`` (base weights + ``alpha/rank * B @ A`` per adapted projection; an adapted head gets
+weights of its own, the embedding stays the base's),
 ``tokenizer.json`` and ``config.json``, whose ``merged_from`` names the LoRA checkpoint and ``init_from`` its
 base. It holds no training state: `generate`, `evaluate`, `studio`, `export` and ``train --init-from`` read it;
 training does not resume into it.
@@ -30,7 +31,7 @@ def merge(ckpt: str | Path, out: str | Path) -> dict:
     source = ckpt_io.provenance(ckpt)
     lora = {k: cfg["lora"][k] for k in ("rank", "alpha", "targets")}
     config = {
-        "model": cfg["model"],
+        "model": model.config.to_dict(),  # a merged head adapter unties the head (tie_head: false)
         "train": cfg.get("train", {}),
         "tokenizer": cfg["tokenizer"],
         "init_from": cfg["lora"]["base"],

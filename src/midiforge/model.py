@@ -2,7 +2,8 @@
 
 Pre-norm blocks (RMSNorm → attention / SwiGLU MLP → residual add), rotary position embeddings, attention through
 ``F.scaled_dot_product_attention`` (flash/memory-efficient kernels on GPU), output head tied to the token
-embedding. Generation passes a :class:`KVCache` so that each new token costs one position, not the whole window.
+embedding (untied only by merging a LoRA adapter of the head). Generation passes a :class:`KVCache` so that
+each new token costs one position, not the whole window.
 
 Shapes in comments: B batch, T new positions, S attended positions (cache + new), C d_model, nh heads,
 hd head size (C // nh), V vocabulary.
@@ -38,6 +39,9 @@ class ModelConfig:
     """Longest sequence the model sees: the training window, and the sliding window of generation."""
     rope_base: float = 10000.0
     """Base of the rotary position embedding frequencies."""
+    tie_head: bool = True
+    """The output head shares the token embedding's weights; False once a LoRA adapter of the head is merged
+    (``midiforge merge``): the head then has its own weights and the embedding is left as it was."""
 
     def __post_init__(self) -> None:
         if (
@@ -60,7 +64,12 @@ class ModelConfig:
         return self.d_model // self.n_head
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as config.json stores them; ``tie_head`` only when False, so that a tied model's
+        config.json is what it always was."""
+        d = asdict(self)
+        if d["tie_head"]:
+            del d["tie_head"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -249,9 +258,8 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.head.weight = (
-            self.tok_emb.weight
-        )  # weight tying: fewer parameters, no loss in quality at this size
+        if config.tie_head:  # weight tying: fewer parameters, no loss in quality at this size
+            self.head.weight = self.tok_emb.weight
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_base)
         # Not persistent: derived from the config, so model.pth holds learned tensors only.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -273,7 +281,7 @@ class Transformer(nn.Module):
             nn.init.ones_(module.weight)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Number of distinct parameters (the tied head counts once)."""
+        """Number of distinct parameters (a tied head counts once)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_emb.weight.numel() if exclude_embeddings else n
 

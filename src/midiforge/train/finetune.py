@@ -112,7 +112,7 @@ def lora_record(cfg, base: Base) -> dict:
     return {
         "rank": cfg.lora,
         "alpha": alpha,
-        "targets": list(dict.fromkeys(str(t) for t in cfg.lora_targets or lora.TARGETS)),
+        "targets": list(dict.fromkeys(str(t) for t in cfg.lora_targets or lora.DEFAULT_TARGETS)),
         "base": base.record(),
     }
 
@@ -130,7 +130,7 @@ def init_weights(model: torch.nn.Module, base: Base, tok) -> None:
 
 
 def freeze(model: torch.nn.Module, n: int) -> None:
-    """Fix the embedding (and with it the tied head) and the first ``n`` blocks."""
+    """Fix the embedding (and with it the head, when tied) and the first ``n`` blocks."""
     model.tok_emb.weight.requires_grad_(False)
     for block in model.blocks[:n]:
         for p in block.parameters():
