@@ -154,12 +154,21 @@ def test_lora_trains_only_adapters_and_merges_to_the_same_logits(base, tmp_path,
     adapted, tok = ck.load_inference(ckpt, merged=False)
     base_sd = ck.read_weights(base / "base")[0]
     for name, t in adapted.state_dict().items():
-        if ".base_layer." in name:  # the base weights, bit-identical after training
+        if name == "head.base_layer.weight":  # the embedding, tied: the base's but for the new tag's row
+            assert t.data_ptr() == adapted.tok_emb.weight.data_ptr()
+            keep = torch.ones(len(t), dtype=torch.bool)
+            keep[_rows(tok)[2]] = False
+            assert torch.equal(t[keep], base_sd["tok_emb.weight"][keep])
+        elif ".base_layer." in name:  # the base weights, bit-identical after training
             assert torch.equal(t, base_sd[name.replace(".base_layer", "")]), name
     x = torch.tensor(
         [[tok.bos_id, *MidiTokenizer.load(ckpt / "tokenizer.json").encode(base / "val" / "p4.mid")[:60]]]
     )
+    rec = ck.read_config(ckpt)["lora"]  # the defaults: the head adapted too, LoRA+
+    assert rec["targets"] == list(lora.DEFAULT_TARGETS) and "head" in rec["targets"]
+    assert rec["b_lr_ratio"] == lora.DEFAULT_B_LR_RATIO
     assert cli.main(["merge", str(ckpt), "-o", str(tmp_path / "merged")]) == 0
+    assert ck.read_config(tmp_path / "merged")["model"]["tie_head"] is False  # the head has its own weights
     merged, _ = ck.load_inference(tmp_path / "merged")
     with torch.no_grad():
         assert torch.allclose(merged(x), adapted(x), atol=1e-5)

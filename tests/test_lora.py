@@ -168,3 +168,41 @@ def test_a_head_adapter_trains_alone_and_merges_into_an_untied_head():
     with torch.no_grad():
         assert torch.equal(again(x), merged)
 
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "base"])
+def test_default_rank_8_adapters_are_at_most_3_percent_of_the_model(preset):
+    """Counted on the real models, at the bench's vocabulary (1,024) and train's default (2,048)."""
+    from midiforge.model import PRESETS
+    from midiforge.train.config import DEFAULT_VOCAB
+
+    for vocab in (1024, DEFAULT_VOCAB):
+        model = Transformer(ModelConfig(vocab_size=vocab, **PRESETS[preset]))
+        total = sum(p.numel() for p in model.parameters())
+        lora.attach(model, 8, 16.0, lora.DEFAULT_TARGETS)
+        assert lora.trainable_parameters(model) <= 0.03 * total, (preset, vocab)
+
+
+def test_lora_plus_gives_the_b_matrices_their_own_learning_rate():
+    """LoRA+: the Trainer puts every B matrix (and nothing else) in a group at ``b_lr_ratio`` x the rate, through
+    warmup and decay; at ratio 1 the optimizer has the two groups it always had (older checkpoints resume)."""
+    from midiforge.train.distributed import DistInfo
+    from midiforge.train.trainer import Trainer
+
+    def trainer(ratio):
+        model = lora.attach(_model(), 4, 8.0, ["qkv", "head"])
+        t = Trainer(model, torch.device("cpu"), DistInfo(), learning_rate=1e-3, weight_decay=0.01,
+                    adapters_only=True, b_lr_ratio=ratio)  # fmt: skip
+        t.set_schedule(0, 10)
+        return model, t
+
+    assert len(trainer(1.0)[1].optimizer.param_groups) == 2
+    model, t = trainer(16.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = t.optimizer.param_groups
+    grouped = [sorted(names[id(p)] for p in g["params"]) for g in groups]
+    assert grouped[2] == sorted(n for n in names.values() if ".lora_B." in n) and len(grouped[2]) == 3
+    assert all(".lora_A." in n for n in grouped[0] + grouped[1])
+    x = torch.randint(0, CFG["vocab_size"], (2, 16))  # (B, T)
+    for _ in range(4):  # through warmup into the decay
+        assert groups[2]["lr"] == pytest.approx(16 * groups[0]["lr"]) and groups[0]["lr"] > 0
+        t.train_step(x, torch.roll(x, -1, 1), float(x.numel()))

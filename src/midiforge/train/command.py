@@ -250,9 +250,10 @@ def _build_trainer(setup, model_cfg, tok, info: dist.DistInfo):
         # The same init everywhere (drawn above), different dropout masks from here on.
         torch.manual_seed(cfg.seed + 1_000_003 * info.rank)
     compiled = accel.compile_enabled(cfg.compile, device)
+    rec = finetune.records(setup).get("lora")
     trainer = Trainer(model, device, info, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                      amp=setup.amp, compile=compiled,
-                      adapters_only="lora" in finetune.records(setup))  # fmt: skip
+                      amp=setup.amp, compile=compiled, adapters_only=rec is not None,
+                      b_lr_ratio=(rec or {}).get("b_lr_ratio", 1.0))  # fmt: skip
     return trainer, compiled
 
 

@@ -327,12 +327,21 @@ class RunConfig:
         metavar="A",
         help="LoRA scaling numerator: updates are scaled by A/RANK (default: 2*RANK)",
     )
+    lora_plus: float | None = opt(
+        None,
+        "--lora-plus",
+        type=float,
+        group="finetune",
+        metavar="RATIO",
+        help="LoRA+: the adapters' B matrices learn at RATIO x -l (Hayou et al. 2024; default: 16; 1: plain LoRA)",
+    )
     lora_targets: list[str] | None = opt(
         None,
         "--lora-targets",
         group="finetune",
         metavar="NAME",
-        help="projections that get adapters: qkv, proj (attention), gate, up, down (MLP) (default: all)",
+        help="projections that get adapters: qkv, proj (attention), gate, up, down (MLP), head (the output"
+        " head, tied to the embedding: its adapter adapts the output side only) (default: qkv head)",
     )
     freeze: int | None = opt(
         None,

@@ -88,7 +88,8 @@ def base_problems(base: Base, cfg, own_tok, errors: list[str], notes: list[str])
 
 
 def option_problems(cfg, n_layer: int | None, errors: list[str]) -> None:
-    """--lora/--lora-alpha/--lora-targets/--freeze on their own and together (n_layer: the model's, when known)."""
+    """--lora/--lora-alpha/--lora-plus/--lora-targets/--freeze on their own and together (n_layer: the
+    model's, when known)."""
     if cfg.lora is not None:
         if cfg.lora < 1:
             errors.append(f"--lora must be a positive rank, got {cfg.lora}")
@@ -98,6 +99,8 @@ def option_problems(cfg, n_layer: int | None, errors: list[str]) -> None:
             errors.append("--lora and --freeze exclude each other (LoRA keeps every base weight fixed)")
     if cfg.lora_alpha is not None and not cfg.lora_alpha > 0:
         errors.append(f"--lora-alpha must be positive, got {cfg.lora_alpha}")
+    if cfg.lora_plus is not None and not cfg.lora_plus > 0:
+        errors.append(f"--lora-plus must be positive, got {cfg.lora_plus}")
     bad = [
         str(t) for t in cfg.lora_targets or () if str(t) not in lora.TARGETS
     ]  # list options parse as paths
@@ -113,6 +116,7 @@ def lora_record(cfg, base: Base) -> dict:
         "rank": cfg.lora,
         "alpha": alpha,
         "targets": list(dict.fromkeys(str(t) for t in cfg.lora_targets or lora.DEFAULT_TARGETS)),
+        "b_lr_ratio": cfg.lora_plus if cfg.lora_plus is not None else lora.DEFAULT_B_LR_RATIO,
         "base": base.record(),
     }
 

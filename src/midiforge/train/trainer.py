@@ -134,6 +134,7 @@ class Trainer:
         compile: bool = False,
         fused: bool | None = None,
         adapters_only: bool = False,
+        b_lr_ratio: float = 1.0,
     ):
         self.device, self.info = device, info
         # fused AdamW + device-side step outcome (accel.finish_step); default on CUDA only, so that the CPU
@@ -156,17 +157,19 @@ class Trainer:
         self.adapters_only = adapters_only
         # Weight decay only on matrices of the blocks: not norms, biases or the (tied) embedding. Frozen
         # parameters (--freeze, LoRA's base weights) get no optimizer state at all.
-        decay, no_decay = [], []
+        # LoRA+ (``b_lr_ratio`` != 1): the adapters' B matrices in a third group, at that multiple of the rate.
+        decay, no_decay, fast = [], [], []
         for name, p in self.raw.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim < 2 or name.startswith("tok_emb") else decay).append(p)
-        self.optimizer = accel.adamw(
-            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            learning_rate,
-            BETAS,
-            self.fused,
-        )
+            if b_lr_ratio != 1.0 and ".lora_B." in name:
+                fast.append(p)
+            else:
+                (no_decay if p.ndim < 2 or name.startswith("tok_emb") else decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if fast:
+            groups.append({"params": fast, "weight_decay": weight_decay, "lr_ratio": b_lr_ratio})
+        self.optimizer = accel.adamw(groups, learning_rate, BETAS, self.fused)
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.scheduler = None
@@ -202,8 +205,9 @@ class Trainer:
         runs get a warmup of at most 10% of their steps (they must not stay in warmup).
         """
         self.warmup_steps = min(WARMUP_STEPS, max(1, total_steps // 10))
-        for group, wd in zip(self.optimizer.param_groups, (self.weight_decay, 0.0), strict=True):
-            group["initial_lr"] = self.learning_rate
+        groups = self.optimizer.param_groups  # decay, no decay (and LoRA+'s B matrices, which decay)
+        for group, wd in zip(groups, (self.weight_decay, 0.0, self.weight_decay)[: len(groups)], strict=True):
+            group["initial_lr"] = self.learning_rate * group.get("lr_ratio", 1.0)
             group["weight_decay"] = wd
         warmup = self.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
