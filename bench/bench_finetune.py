@@ -1,16 +1,18 @@
 """Fine-tuning against training from scratch, LoRA against full fine-tuning, and what the base forgets.
 
     flock /work/cpu.lock .venv/bin/python bench/bench_finetune.py [--work DIR] [--preset tiny]
-        [--pretrain-epochs 3] [--epochs 10] [--max-minutes 15]
+        [--pretrain-epochs 4] [--epochs 4] [--max-minutes 15]
 
 1. Pre-train a model on POP909 songs (../shared/corpus) and music21's multi-style corpus (Bach chorales,
    Palestrina, Monteverdi, trecento pieces; built by `midiforge demo-data --styles`), each folder a style tag.
 2. From it, on 40 folk tunes (music21's Ryan's Mammoth Collection, tag ``folk``): full fine-tuning
-   (``--init-from``) at two learning rates; LoRA rank 8 (``--lora 8``) on the default targets and on attention
-   only, at three learning rates (LoRA is usually run at about ten times the full fine-tune's); ``--freeze 2``;
-   and the usual alternative, the same model trained from scratch on the same 40 tunes for the same steps (same
-   tokenizer, so that only the starting weights differ). Of each group's learning rates, the one with the lowest
-   validation bits/note (its own split of the 40 tunes) stands for the group.
+   (``--init-from``) at two learning rates; LoRA rank 8 (``--lora 8``) at three learning rates each: the
+   default (targets qkv+head, LoRA+ ratio 16), the same with proj, the default targets as plain LoRA
+   (``--lora-plus 1``), and plain LoRA on the five projections of the blocks (the first default, no head);
+   ``--freeze 2``; and the usual alternative, the same model trained from scratch on the same 40 tunes for the
+   same steps at three learning rates (same tokenizer, so that only the starting weights differ). Of each
+   group's learning rates, the one with the lowest validation bits/note (its own split of the 40 tunes) stands
+   for the group.
 3. Held-out bits per note (midiforge.measure.scoring, as `midiforge evaluate` reports it) on other folk tunes,
    in neither training set, and on the pre-training held-out set (forgetting); trainable parameters; peak
    resident memory of each `train` process (``wait4``'s ru_maxrss), and peak training memory of full
@@ -116,8 +118,8 @@ def parameters(ckpt: Path) -> tuple[int, int]:
     """(trainable parameters, parameters of the model) of a run, from its checkpoint."""
     from midiforge import checkpoint as ck
 
-    model, _ = ck.load_inference(ckpt)
-    total = sum(p.numel() for p in model.parameters())
+    model, _ = ck.load_inference(ckpt, merged=False)  # merged, a head adapter would untie the head
+    total = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
     cfg = ck.read_config(ckpt)
     if "lora" in cfg:
         return sum(t.numel() for t in ck.load(ckpt).model.values()), total
@@ -169,23 +171,39 @@ def _record(work: Path, name: str, key: str, compute):
     return done[name][key]
 
 
-def variants(args, base: Path) -> dict[str, tuple[str, list[str]]]:
-    """Fine-tuning runs: directory name -> (group, options). Every group but scratch and freeze is tried at
-    each learning rate of its list, and the one with the lowest validation bits/note (the runs' own split of
-    the 40 tunes, never the held-out tunes) stands for the group."""
+FIVE = ("qkv", "proj", "gate", "up", "down")  # every projection of the blocks: the first default
+
+
+def lora_groups(args) -> dict[str, tuple[list[str], float, list[float]]]:
+    """LoRA groups: name -> (targets, LoRA+ ratio, learning rates). The default (targets and LoRA+), the same
+    with the attention's output projection too, the default targets as plain LoRA (ratio 1), and the first
+    default: plain LoRA on the five projections of the blocks, no head."""
     from midiforge import lora
 
-    out = {"scratch": ("scratch", ["--preset", args.preset, "-l", str(args.lr)])}
+    plus, more = lora.DEFAULT_B_LR_RATIO, ["qkv", "proj", "head"]
+    return {
+        f"LoRA r{args.rank}, {'+'.join(lora.DEFAULT_TARGETS)}, LoRA+ {plus:g} (default)": (
+            list(lora.DEFAULT_TARGETS), plus, args.lora_plus_lrs),
+        f"LoRA r{args.rank}, {'+'.join(more)}, LoRA+ {plus:g}": (more, plus, args.lora_plus_lrs),
+        f"LoRA r{args.rank}, {'+'.join(lora.DEFAULT_TARGETS)}, plain": (list(lora.DEFAULT_TARGETS), 1.0, args.lora_lrs),
+        f"LoRA r{args.rank}, {'+'.join(FIVE)}, plain": (list(FIVE), 1.0, args.lora_lrs),
+    }  # fmt: skip
+
+
+def variants(args, base: Path) -> dict[str, tuple[str, list[str]]]:
+    """Fine-tuning runs: directory name -> (group, options). Every group but freeze is tried at each learning
+    rate of its list, and the one with the lowest validation bits/note (the runs' own split of the 40 tunes,
+    never the held-out tunes) stands for the group."""
+    out = {
+        f"scratch-{lr:g}": ("scratch", ["--preset", args.preset, "-l", str(lr)]) for lr in args.scratch_lrs
+    }
     for lr in args.full_lrs:
         out[f"full-{lr:g}"] = ("full fine-tune", ["--init-from", str(base), "-l", str(lr)])
-    groups = {
-        f"LoRA r{args.rank}, {'+'.join(lora.DEFAULT_TARGETS)} (default)": list(lora.DEFAULT_TARGETS),
-        f"LoRA r{args.rank}, {'+'.join(args.other_targets)}": list(args.other_targets),
-    }
-    for group, targets in groups.items():
-        for lr in args.lora_lrs:
+    for group, (targets, plus, lrs) in lora_groups(args).items():
+        for lr in lrs:
             opts = ["--init-from", str(base), "--lora", str(args.rank), "--lora-targets", *targets]
-            out[f"lora-{'-'.join(targets)}-{lr:g}"] = (group, [*opts, "-l", str(lr)])
+            name = f"lora-{'-'.join(targets)}-plus{plus:g}-{lr:g}"
+            out[name] = (group, [*opts, "--lora-plus", str(plus), "-l", str(lr)])
     out["freeze2"] = ("--freeze 2", ["--init-from", str(base), "--freeze", "2", "-l", str(args.full_lrs[0])])
     return out
 
@@ -214,7 +232,7 @@ def memory(work: Path, args, budget: Budget) -> list[dict]:
                     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
                     return json.loads(out.stdout.strip().splitlines()[-1])
 
-                rows.append(_record(work, "memory2", f"{preset}:{variant}:{malloc}", probe))
+                rows.append(_record(work, "memory3", f"{preset}:{variant}:{malloc}", probe))
     return rows
 
 
@@ -242,7 +260,8 @@ def memory_table(args, mem: list[dict]) -> None:
 
 def run_all(args, work: Path, data: dict, budget: Budget) -> dict[str, dict]:
     """Pre-train the base, then every variant; name -> its train record plus group, ckpt and scores."""
-    common = ["-e", str(args.window), "-b", str(8 * args.window**2), "--num-workers", "0", "--seed", "0"]
+    common = ["-e", str(args.window), "-b", str(8 * args.window**2), "--num-workers", "0",
+              "--seed", str(args.seed)]  # fmt: skip
     base = work / "base"
     pre = [x for t in data["pre_train"] for x in ("-t", t)] + [x for v in data["pre_val"] for x in ("-v", v)]
     train("base", [str(args.pretrain_epochs), str(base), *pre, "--preset", args.preset,
@@ -253,7 +272,7 @@ def run_all(args, work: Path, data: dict, budget: Budget) -> dict[str, dict]:
     runs = {}
     for name, (group, extra) in variants(args, base).items():
         ckpt = work / name
-        if name == "scratch" and not (ckpt / "tokenizer.json").exists():
+        if name.startswith("scratch") and not (ckpt / "tokenizer.json").exists():
             ckpt.mkdir(exist_ok=True)  # the base's tokenizer: only the starting weights differ
             (ckpt / "tokenizer.json").write_bytes((base / "tokenizer.json").read_bytes())
         budget.check(f"training {name}")
@@ -284,9 +303,9 @@ def report(args, runs: dict, mem: list[dict]) -> None:
     from midiforge import lora
 
     pick = chosen(runs)
-    scratch, full = runs["scratch"]["folk"], runs[pick["full fine-tune"]]["folk"]
+    scratch, full = runs[pick["scratch"]]["folk"], runs[pick["full fine-tune"]]["folk"]
     base_pre = runs["base"]["pre"]
-    steps = json.loads((runs["scratch"]["ckpt"] / "metrics.json").read_text())["epochs"][-1]["step"]
+    steps = json.loads((runs[pick["scratch"]]["ckpt"] / "metrics.json").read_text())["epochs"][-1]["step"]
     print(f"\n{args.preset} model, {steps} fine-tuning steps each; bits per note (lower is better); 2-core CPU,"
           " no GPU. Each group's row marked * is its learning rate with the lowest validation bits/note.\n")  # fmt: skip
     print("| run | lr | folk held-out | vs scratch | vs full FT | pre-training held-out (forgetting) | trains |"
@@ -298,19 +317,25 @@ def report(args, runs: dict, mem: list[dict]) -> None:
             continue
         n, total = parameters(r["ckpt"])
         lr = json.loads((r["ckpt"] / "config.json").read_text())["train"]["learning_rate"]
-        mark = " *" if pick.get(r["group"]) == name and r["group"] != "scratch" else ""
+        mark = " *" if pick.get(r["group"]) == name else ""
         print(f"| {r['group']}{mark} | {lr:g} | {r['folk']:.3f} | {r['folk'] / scratch - 1:+.1%} |"
               f" {r['folk'] / full - 1:+.1%} | {r['pre']:.3f} ({r['pre'] - base_pre:+.3f}) |"
               f" {n:,} ({n / total:.2%}) | {r['peak_mb']:.0f} MB |")  # fmt: skip
     memory_table(args, mem)
-    print(f"\nRank-{args.rank} adapters as a share of the model's parameters (counted):\n")
-    print("| targets | " + " | ".join(PRESET_NAMES) + " |\n|---|" + "---|" * len(PRESET_NAMES))
-    for targets in (lora.TARGETS, args.other_targets):
-        shares = [f"{adapter_share(p, 1024, args.rank, targets):.2%}" for p in PRESET_NAMES]
-        print(f"| {'+'.join(targets)} | " + " | ".join(shares) + " |")
+    print(f"\nRank-{args.rank} adapters as a share of the model's parameters (counted; vocabulary 1,024 as here,"
+          " and 2,048, train's default):\n")  # fmt: skip
+    print(
+        "| targets | vocabulary | " + " | ".join(PRESET_NAMES) + " |\n|---|---|" + "---|" * len(PRESET_NAMES)
+    )
+    for targets in (lora.DEFAULT_TARGETS, ("qkv", "proj", "head"), FIVE, lora.TARGETS):
+        for vocab in (1024, 2048):
+            shares = [f"{adapter_share(p, vocab, args.rank, targets):.2%}" for p in PRESET_NAMES]
+            print(f"| {'+'.join(targets)} | {vocab:,} | " + " | ".join(shares) + " |")
     default = runs[pick[next(g for g in pick if g.endswith("(default)"))]]
-    print(f"\nGoals: fine-tune vs scratch {full / scratch - 1:+.1%} (goal <= -10%); LoRA (default targets)"
-          f" vs full fine-tune {default['folk'] / full - 1:+.1%} (goal within 3%)")  # fmt: skip
+    n, total = parameters(default["ckpt"])
+    print(f"\nGoals: fine-tune vs scratch {full / scratch - 1:+.1%} (goal <= -10%); LoRA (default)"
+          f" vs full fine-tune {default['folk'] / full - 1:+.1%} (goal within 3%); its adapter"
+          f" {n / total:.2%} of the model (goal <= 3%)")  # fmt: skip
 
 
 def main() -> None:
@@ -325,17 +350,20 @@ def main() -> None:
     )
     p.add_argument("--folk-train", type=int, default=40)
     p.add_argument("--folk-heldout", type=int, default=20)
-    p.add_argument("--pretrain-epochs", type=int, default=3)
+    p.add_argument("--pretrain-epochs", type=int, default=4)
     p.add_argument("--pretrain-only", action="store_true", help="stop after the base (a piece of the bench)")
     p.add_argument(
-        "--epochs", type=int, default=10, help="fine-tuning epochs (every variant: the same steps)"
+        "--epochs", type=int, default=4, help="fine-tuning epochs (every variant: the same steps)"
     )
     p.add_argument("--window", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3, help="the scratch run's learning rate")
+    p.add_argument("--scratch-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--full-lrs", type=float, nargs="+", default=[1e-3, 3e-3])
-    p.add_argument("--lora-lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2])
+    p.add_argument("--lora-lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2], help="plain LoRA's")
+    p.add_argument(
+        "--lora-plus-lrs", type=float, nargs="+", default=[2e-3, 3e-3, 5e-3], help="LoRA+'s (A's rate)"
+    )
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--other-targets", nargs="+", default=["qkv", "proj"], help="a second LoRA group")
+    p.add_argument("--seed", type=int, default=0, help="of every run, the base's too (a replicate: a new --work)")
     p.add_argument("--memory-presets", nargs="+", default=["tiny", "small", "base"])
     p.add_argument("--memory-only", action="store_true", help="only the memory table (no data, no training)")
     p.add_argument(
