@@ -316,8 +316,8 @@ class RunConfig:
         group="finetune",
         metavar="RANK",
         help="with --init-from: train low-rank adapters of this rank only; the checkpoint holds the"
-        " adapters and refers to CKPT, which must stay where it is (midiforge merge folds them in). Adapters"
-        " usually want a higher -l than full fine-tuning (about 3-10x; docs/results.md)",
+        " adapters and refers to CKPT, which must stay where it is (midiforge merge folds them in). With"
+        " LoRA+ (the default) -l about 1-2x full fine-tuning's; plain LoRA about 3x (docs/results.md)",
     )
     lora_alpha: float | None = opt(
         None,
