@@ -173,6 +173,13 @@ def test_lora_trains_only_adapters_and_merges_to_the_same_logits(base, tmp_path,
     with torch.no_grad():
         assert torch.allclose(merged(x), adapted(x), atol=1e-5)
         assert torch.equal(ck.load_inference(ckpt)[0](x), merged(x))  # load_inference merges the same way
+    # --freeze from the merged base keeps its untied head as well as its embedding
+    fz = tmp_path / "fz-merged"
+    argv = ["1", str(fz), "-t", f"new={base / 'new'}", "-v", str(base / "val"), *RUN, "--max-steps", "1"]
+    assert tr.main([*argv, "--init-from", str(tmp_path / "merged"), "--freeze", "0", "-l", "1e-2"]) == 0
+    w, m = ck.load(fz).model, ck.read_weights(tmp_path / "merged")[0]
+    assert torch.equal(w["head.weight"], m["head.weight"])
+    assert not torch.equal(w["blocks.0.mlp.up.weight"], m["blocks.0.mlp.up.weight"])
     # generate and evaluate take the LoRA checkpoint like any other
     out = tmp_path / "g.mid"
     assert cli.main(["generate", str(ckpt), "-o", str(out), "--max-tokens", "30", "--seed", "1"]) == 0

@@ -128,14 +128,18 @@ def init_weights(model: torch.nn.Module, base: Base, tok) -> None:
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise UsageError(f"--init-from {base.path}: its weights do not fit ({first})") from e
+    # An untied head (a merged head adapter) keeps its rows of the new tags: the base pushed them down as outputs,
+    # which is what a tag's output row should be (tags are read, never written).
     lora.new_tag_rows(
         model.tok_emb.weight.data, lora.tag_token_ids(tok), len(base.tokenizer.tags), len(tok.tags)
     )
 
 
 def freeze(model: torch.nn.Module, n: int) -> None:
-    """Fix the embedding (and with it the head, when tied) and the first ``n`` blocks."""
+    """Fix the embedding, the output head (the same tensor unless a merged head adapter untied them) and the
+    first ``n`` blocks."""
     model.tok_emb.weight.requires_grad_(False)
+    model.head.weight.requires_grad_(False)
     for block in model.blocks[:n]:
         for p in block.parameters():
             p.requires_grad_(False)
