@@ -480,3 +480,32 @@ def test_tokenizer_left_by_an_interrupted_first_run_is_reused_with_a_note(
     err = capsys.readouterr().err
     assert f"reusing {ckpt / 'tokenizer.json'} ({size} tokens); delete {ckpt}" in err
     assert f"--vocab-size {size + 1} ignored" in err
+
+
+def test_no_pedal_makes_a_tokenizer_without_the_pedal(tmp_path, capsys):
+    """--no-pedal: a new tokenizer writes no PEDAL (tracks stay) and its model's music has none; a tokenizer that
+    already exists keeps its own layout, and the run says the option was ignored."""
+    from midiforge import cli
+
+    train_dir = tmp_path / "train"
+    train_dir.mkdir()
+    shutil.copy(corpus_dir("pop909", "001.mid"), train_dir)  # a pedalled piano track, three tracks
+    ckpt = tmp_path / "ckpt"
+    argv = ["1", str(ckpt), "-t", str(train_dir), *TINY, "--vocab-size", str(VOCAB), "--max-steps", "2"]
+    assert tr.main([*argv, "--no-pedal"]) == 0
+    tok = MidiTokenizer.load(ckpt / "tokenizer.json")
+    assert tok.config.pedals is False and tok.config.tracks is True
+    events = tok.base_events(tok.encode(corpus_dir("pop909", "001.mid")))
+    kinds = set(tok.vocab.kind[events].tolist())
+    assert tok.vocab.k("pedal") not in kinds and tok.vocab.k("track") in kinds
+    out = tmp_path / "g.mid"
+    assert cli.main(["generate", str(ckpt), "-o", str(out), "--max-tokens", "200", "--seed", "0"]) == 0
+    assert sum(len(t.pedals) for t in symusic.Score(str(out)).tracks) == 0
+    # A run with a pedalled tokenizer already in its folder keeps it and says so.
+    other = tmp_path / "other"
+    other.mkdir()
+    MidiTokenizer().save(other / "tokenizer.json")
+    capsys.readouterr()
+    assert tr.main(["1", str(other), "-t", str(train_dir), *TINY, "--max-steps", "1", "--no-pedal"]) == 0
+    assert "--no-pedal ignored" in capsys.readouterr().err
+    assert MidiTokenizer.load(other / "tokenizer.json").config.pedals is True

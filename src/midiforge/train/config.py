@@ -156,6 +156,13 @@ class RunConfig:
         help=f"BPE vocabulary size when the checkpoint has no tokenizer.json yet (default {DEFAULT_VOCAB};"
         " fewer when the data has no more merges to offer)",
     )
+    pedals: bool = opt(
+        True,
+        "--no-pedal",
+        group="model",
+        help="a new tokenizer writes no sustain pedal (tracks and key signatures stay): fewer bits per note to"
+        " learn on pedalled piano, and music without pedal (docs/tokenizer-levers.md)",
+    )
     bpe_sample_events: int = opt(
         DEFAULT_BPE_SAMPLE_EVENTS,
         "--bpe-sample-events",

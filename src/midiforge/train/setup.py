@@ -31,6 +31,7 @@ from midiforge.notes.midi import find_files
 from midiforge.notes.shards import expand_pieces
 from midiforge.tokens.bpe_sample import SampleStats
 from midiforge.tokens.tokenizer import MidiTokenizer
+from midiforge.tokens.vocab import TokenizerConfig
 from midiforge.train import distributed as dist
 from midiforge.train import finetune, sizing
 from midiforge.train.config import (
@@ -237,12 +238,16 @@ def build_tokenizer(setup: Setup, info: dist.DistInfo):
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
                 tok.save(ckpt_dir / ckpt_io.TOKENIZER_FILE)
             dist.print0(f"tokenizer: {len(tok)} tokens, from {setup.base.path}")
+            if not setup.cfg.pedals and tok.config.pedals:
+                dist.note0(f"--no-pedal ignored: the tokenizer of {setup.base.path} writes the pedal")
         elif setup.resume_state is None:  # e.g. left by a first run interrupted before its first checkpoint
             path = ckpt_dir / ckpt_io.TOKENIZER_FILE
             dist.note0(f"reusing {path} ({len(tok)} tokens); delete {ckpt_dir} to start afresh")
             asked = setup.cfg.vocab_size
             if asked is not None and asked != len(tok):
                 dist.note0(f"--vocab-size {asked} ignored: {path} has {len(tok)} tokens")
+            if not setup.cfg.pedals and tok.config.pedals:
+                dist.note0(f"--no-pedal ignored: {path} writes the pedal")
         if setup.cfg.controls == "on":  # new tag names take the next slots (rank 0 writes tokenizer.json)
             path = ckpt_dir / ckpt_io.TOKENIZER_FILE
             tagging.apply_tags(tok, setup.tag_names, path, dist.note0, write=info.is_main)
@@ -250,7 +255,7 @@ def build_tokenizer(setup: Setup, info: dist.DistInfo):
     if info.is_main:
         size = setup.cfg.vocab_size or DEFAULT_VOCAB
         dist.print0(f"training a BPE tokenizer of up to {size} tokens on {len(setup.train_files)} files")
-        tok = MidiTokenizer()
+        tok = MidiTokenizer(TokenizerConfig(pedals=setup.cfg.pedals))
 
         stats, budget = SampleStats(), setup.cfg.bpe_sample_events or None
         sources = expand_pieces(setup.train_files)  # a shard → its pieces, so the sample draws pieces
