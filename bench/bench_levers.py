@@ -171,10 +171,6 @@ def pedq(notes):
     return dataclasses.replace(notes, pedal_time=on.astype(np.int64), pedal_duration=(off - on).astype(np.int64))
 
 
-def _words(ev: np.ndarray) -> np.ndarray:
-    return TOK.word_starts_of_events(ev)  # at onsets, as the tokenizer's words
-
-
 def lever_tokens(row: str, train, test, vocab: int):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -191,7 +187,7 @@ def lever_tokens(row: str, train, test, vocab: int):
     bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     trainer = trainers.BpeTrainer(vocab_size=vocab, min_frequency=2, special_tokens=list(SPECIALS),
                                   initial_alphabet=alphabet, limit_alphabet=len(alphabet), show_progress=False)  # fmt: skip
-    texts = [MidiTokenizer._to_text(e, _words(e)) for e in events]
+    texts = [MidiTokenizer._to_text(e, TOK.word_starts_of_events(e)) for e in events]  # the tokenizer's words
     bpe.train_from_iterator(texts[: len(train)], trainer)
     ids = [np.asarray(bpe.encode(t).ids, np.int64) for t in texts]
     return bpe.get_vocab_size(), ids[: len(train)], ids[len(train) :]

@@ -233,21 +233,19 @@ def build_tokenizer(setup: Setup, info: dist.DistInfo):
     """The checkpoint's tokenizer; a new run without one trains BPE on the training set (rank 0) first."""
     tok, ckpt_dir = setup.tokenizer, setup.ckpt_dir
     if tok is not None:
+        if not setup.cfg.pedals and tok.config.pedals:  # the layout belongs to the tokenizer, not to the run
+            dist.note0("--no-pedal ignored: the tokenizer this run continues with writes the pedal")
         if setup.base is not None and setup.resume_state is None:
             if info.is_main:  # a copy of the base's tokenizer.json; this run's new tags are added below
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
                 tok.save(ckpt_dir / ckpt_io.TOKENIZER_FILE)
             dist.print0(f"tokenizer: {len(tok)} tokens, from {setup.base.path}")
-            if not setup.cfg.pedals and tok.config.pedals:
-                dist.note0(f"--no-pedal ignored: the tokenizer of {setup.base.path} writes the pedal")
         elif setup.resume_state is None:  # e.g. left by a first run interrupted before its first checkpoint
             path = ckpt_dir / ckpt_io.TOKENIZER_FILE
             dist.note0(f"reusing {path} ({len(tok)} tokens); delete {ckpt_dir} to start afresh")
             asked = setup.cfg.vocab_size
             if asked is not None and asked != len(tok):
                 dist.note0(f"--vocab-size {asked} ignored: {path} has {len(tok)} tokens")
-            if not setup.cfg.pedals and tok.config.pedals:
-                dist.note0(f"--no-pedal ignored: {path} writes the pedal")
         if setup.cfg.controls == "on":  # new tag names take the next slots (rank 0 writes tokenizer.json)
             path = ckpt_dir / ckpt_io.TOKENIZER_FILE
             tagging.apply_tags(tok, setup.tag_names, path, dist.note0, write=info.is_main)

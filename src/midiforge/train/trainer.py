@@ -119,6 +119,9 @@ def token_loss_sum(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.T
     )
 
 
+NO_DECAY_GROUP = 1  # the optimizer's second parameter group: norms, biases, the embedding
+
+
 class Trainer:
     """Model + AdamW + warmup/cosine LambdaLR + AMP (autocast, GradScaler) + one optimizer step."""
 
@@ -205,10 +208,11 @@ class Trainer:
         runs get a warmup of at most 10% of their steps (they must not stay in warmup).
         """
         self.warmup_steps = min(WARMUP_STEPS, max(1, total_steps // 10))
-        groups = self.optimizer.param_groups  # decay, no decay (and LoRA+'s B matrices, which decay)
-        for group, wd in zip(groups, (self.weight_decay, 0.0, self.weight_decay)[: len(groups)], strict=True):
+        # Groups by position (loading an optimizer state keeps only the saved groups' keys): decay, no decay,
+        # and with LoRA+ the B matrices, which decay; their rate ratio ("lr_ratio") is saved with them.
+        for i, group in enumerate(self.optimizer.param_groups):
             group["initial_lr"] = self.learning_rate * group.get("lr_ratio", 1.0)
-            group["weight_decay"] = wd
+            group["weight_decay"] = 0.0 if i == NO_DECAY_GROUP else self.weight_decay
         warmup = self.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total_steps, warmup, MIN_LR_RATIO), last_epoch=step - 1
